@@ -1,0 +1,14 @@
+"""kvjax: a JAX research framework for KV-cache compression in LLMs.
+
+    import kvjax
+    lm = kvjax.load("smollm2-135m")
+    out = lm.generate("The capital of France is", max_new_tokens=16)
+    kvjax.cache_nbytes(out.cache)
+"""
+from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
+from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache, kept_positions
+from kvjax.lm import LM, Generation, load
+
+__all__ = ["load", "LM", "Generation", "DenseKV", "KVCache", "cache_nbytes", "init_cache", "kept_positions",
+           "DEFAULT_MODEL", "KNOWN_MODELS"]
+__version__ = "0.1.0"

@@ -1,0 +1,217 @@
+"""`LM`: the public entry point. A loaded model, its tokenizer, and prefill / generate / logits.
+
+    lm = kvjax.load("smollm2-135m")
+    out = lm.generate("The capital of France is", max_new_tokens=16)
+    print(out.text, out.cache_bytes)
+
+Inputs are validated on the host, before anything is compiled; bad input raises `ValueError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import generation
+from kvjax.generation import Sampler, bucket
+from kvjax.hub import DEFAULT_MODEL, load_checkpoint
+from kvjax.kv_state import KVCache, cache_nbytes, init_cache
+from kvjax.models.config import LlamaConfig
+from kvjax.tokenizer import Tokenizer
+
+STREAM_EVERY = 8  # tokens per decode call when streaming
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of `LM.generate`. For a single prompt `ids`/`text` are one list/str, else one per row."""
+
+    ids: list
+    text: str | list[str]
+    prompt_tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    cache: KVCache
+    cache_bytes: int
+
+    @property
+    def new_tokens(self) -> int:
+        rows = self.ids if self.ids and isinstance(self.ids[0], list) else [self.ids]
+        return sum(len(r) for r in rows)
+
+
+class LM:
+    """A language model ready to run: config, params (a plain pytree) and tokenizer."""
+
+    def __init__(self, cfg: LlamaConfig, params: Mapping, tokenizer: Tokenizer, name: str = ""):
+        self.cfg, self.params, self.tokenizer, self.name = cfg, params, tokenizer, name
+
+    def __repr__(self):
+        c = self.cfg
+        return (f"LM({self.name!r}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads / "
+                f"{c.n_kv_heads} KV heads x {c.head_dim}, vocab {c.vocab_size}, {c.dtype})")
+
+    # ----------------------------------------------------------------------------------- text
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode([int(i) for i in ids if int(i) >= 0], skip_special_tokens)
+
+    def chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.tokenizer.chat(list(messages), add_generation_prompt)
+
+    # ------------------------------------------------------------------------------- forward
+    def logits(self, ids_bt) -> np.ndarray:
+        """Full-cache logits float32 [B, T, V] for int ids [B, T] (or [T])."""
+        rows, _ = self._as_rows(ids_bt)
+        tokens, lengths = self._pad(rows)
+        cache = self._empty_cache(len(rows), bucket(tokens.shape[1]))
+        logits, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache, all_logits=True)
+        out = np.asarray(logits)[:, : lengths.max()]
+        return out[0] if np.ndim(ids_bt) == 1 else out
+
+    def prefill(self, ids, capacity: int | None = None) -> KVCache:
+        """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
+
+        `capacity`: slots to allocate (default: the prompt's bucket); `generate` grows it as needed.
+        """
+        rows, _ = self._as_rows(ids)
+        return self._prefill(rows, capacity or 0)[1]
+
+    def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None):
+        """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length."""
+        tokens, lengths = self._pad(rows)
+        used = 0 if cache is None else int(np.max(np.asarray(cache.layers[0].length)))
+        need = bucket(used + max(tokens.shape[1], extra))
+        if cache is None:
+            cache = self._empty_cache(len(rows), need)
+        else:
+            if cache.batch != len(rows):
+                raise ValueError(f"cache holds {cache.batch} rows but {len(rows)} prompts were given")
+            cache = cache.with_capacity(max(cache.capacity, need))
+        self._check_positions(cache, lengths)
+        return generation.prefill(self.params, self.cfg, tokens, lengths, cache)
+
+    # ------------------------------------------------------------------------------ generate
+    def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
+                 stop_at_eos: bool = True) -> Generation:
+        """Generate up to `max_new_tokens` per prompt (greedy by default).
+
+        `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
+        lengths. With `cache` (from `prefill`), the ids are fed on top of it and continue its positions.
+        """
+        chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
+                                  stop_at_eos, every=None))
+        return chunks[-1]
+
+    def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None, stop_at_eos: bool = True,
+               every: int | None = STREAM_EVERY) -> Iterator[Generation]:
+        """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        sampler = Sampler(float(temperature), int(top_k), float(top_p))
+        rows, single = self._as_rows(ids_or_text)
+        longest = max(len(r) for r in rows) + (int(np.max(np.asarray(cache.next_pos))) if cache else 0)
+        if longest + max_new_tokens > self.cfg.max_positions:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's maximum positions ({self.cfg.max_positions})")
+        t0 = time.perf_counter()
+        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache)
+        logits.block_until_ready()
+        prefill_s = time.perf_counter() - t0
+        n_buffer = bucket(max_new_tokens) if every is None else every
+        eos = tuple(self.tokenizer.eos_ids) if stop_at_eos else ()
+        done = jnp.zeros((len(rows),), bool)
+        key = jax.random.key(seed)
+        new: list[list[int]] = [[] for _ in rows]
+        t1 = time.perf_counter()
+        remaining = max_new_tokens
+        while True:
+            if remaining > 0:
+                out, state = generation.decode(self.params, cache, logits, done, key, jnp.int32(remaining),
+                                               cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer)
+                out = np.asarray(out)
+                cache, logits, done, key = state.cache, state.logits, state.done, state.key
+                for r, row in enumerate(out):
+                    new[r].extend(int(t) for t in row if t >= 0)
+                remaining -= int(state.step)
+                finished = int(state.step) == 0 or bool(np.all(np.asarray(done)))
+            else:
+                finished = True
+            if finished or every is not None:
+                ids = new[0] if single else new
+                text = [self.decode(r, skip_special_tokens=True) for r in new]
+                yield Generation(ids=list(ids), text=text[0] if single else text,
+                                 prompt_tokens=[len(r) for r in rows], prefill_s=prefill_s,
+                                 decode_s=time.perf_counter() - t1, cache=cache,
+                                 cache_bytes=cache_nbytes(cache))
+            if finished:
+                return
+
+    # ---------------------------------------------------------------------------- validation
+    def _as_rows(self, x) -> tuple[list[list[int]], bool]:
+        """Normalize text / ids input to a list of id rows; True if the input was a single prompt."""
+        if isinstance(x, str):
+            rows, single = [self.encode(x)], True
+        elif isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
+            arr = np.asarray(x)
+            if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"ids must be an integer array [T] or [B, T], got {arr.dtype} {arr.shape}")
+            rows, single = ([arr.tolist()] if arr.ndim == 1 else arr.tolist()), arr.ndim == 1
+        elif isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
+            rows, single = [self.encode(s) for s in x], False
+        elif isinstance(x, (list, tuple)) and x and all(isinstance(r, (list, tuple, np.ndarray)) for r in x):
+            rows, single = [list(r) for r in x], False
+        elif isinstance(x, (list, tuple)):
+            rows, single = [list(x)], True
+        else:
+            raise ValueError(f"expected text, a list of texts, or token ids; got {type(x).__name__}")
+        for r in rows:
+            if not r:
+                raise ValueError("empty prompt: give at least one token")
+            for t in r:
+                if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                    raise ValueError(f"token ids must be integers, got {t!r} ({type(t).__name__})")
+                if not 0 <= t < self.cfg.vocab_size:
+                    raise ValueError(f"token id {t} outside the vocabulary [0, {self.cfg.vocab_size})")
+        return [[int(t) for t in r] for r in rows], single
+
+    def _pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        lengths = np.array([len(r) for r in rows], np.int32)
+        if lengths.max() > self.cfg.max_positions:
+            raise ValueError(f"prompt of {lengths.max()} tokens exceeds the model's maximum positions "
+                             f"({self.cfg.max_positions})")
+        tokens = np.zeros((len(rows), bucket(int(lengths.max()))), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+        return tokens, lengths
+
+    def _empty_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.cfg
+        return init_cache(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, c.jnp_dtype)
+
+    def _check_positions(self, cache: KVCache, lengths: np.ndarray) -> None:
+        end = np.asarray(cache.next_pos) + lengths
+        if end.max() > self.cfg.max_positions:
+            raise ValueError(f"cache + prompt reach position {end.max()}, beyond the model's maximum "
+                             f"positions ({self.cfg.max_positions})")
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
+    """Load a model: a known name ("smollm2-135m"), a .gguf file, or an HF checkpoint directory.
+
+    dtype defaults to float32 on CPU and bfloat16 on accelerators.
+    """
+    if dtype is None:
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    cfg, params, tokenizer = load_checkpoint(name_or_path, dtype)
+    return LM(cfg, params, tokenizer, name=str(name_or_path))

@@ -1,0 +1,146 @@
+"""`LlamaConfig`: the static description of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM).
+
+Frozen and hashable, so it can be a static argument of `jax.jit` and part of the compile-cache key.
+Built from a Hugging Face `config.json` (`from_hf_config`) or from GGUF metadata (`from_gguf_metadata`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # ("linear", factor) or ("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions)
+    rope_scaling: tuple | None = None
+    max_positions: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, list):  # from JSON
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA group size G)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def jnp_dtype(self):
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.dtype)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token occupies in a full-precision cache, over all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * np.dtype(self.jnp_dtype).itemsize
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ----------------------------------------------------------------------------------- builders
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], dtype: str = "float32") -> "LlamaConfig":
+        arch = (hf.get("architectures") or ["?"])[0]
+        if arch not in HF_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r} in config.json; supported: {HF_ARCHITECTURES}")
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            d_ff=hf["intermediate_size"],
+            rms_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", 10000.0),
+            rope_scaling=_hf_rope_scaling(hf.get("rope_scaling")),
+            max_positions=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], has_output: bool, has_qkv_bias: bool,
+                           dtype: str = "float32") -> "LlamaConfig":
+        arch = meta.get("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {GGUF_ARCHITECTURES}")
+        p = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+        d_model, n_heads = int(p("embedding_length")), int(p("attention.head_count"))
+        scaling = None
+        if p("rope.scaling.type") == "linear":
+            scaling = ("linear", float(p("rope.scaling.factor")))
+        elif p("rope.scaling.type") not in (None, "none"):
+            raise ValueError(f"unsupported RoPE scaling {p('rope.scaling.type')!r} in GGUF")
+        vocab = p("vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        return cls(
+            vocab_size=int(vocab),
+            d_model=d_model,
+            n_layers=int(p("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(p("attention.head_count_kv", n_heads)),
+            head_dim=int(p("attention.key_length", d_model // n_heads)),
+            d_ff=int(p("feed_forward_length")),
+            rms_eps=float(p("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(p("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_positions=int(p("context_length", 2048)),
+            tie_embeddings=not has_output,
+            qkv_bias=has_qkv_bias,
+            dtype=dtype,
+        )
+
+
+def _hf_rope_scaling(rs: Mapping[str, Any] | None) -> tuple | None:
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return ("linear", float(rs["factor"]))
+    if kind == "llama3":
+        return ("llama3", float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                int(rs["original_max_position_embeddings"]))
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [D/2] of RoPE (Su et al. 2021), with HF's linear / llama3 scaling rules."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if cfg.rope_scaling is None:
+        return inv.astype(np.float32)
+    kind, factor = cfg.rope_scaling[0], cfg.rope_scaling[1]
+    if kind == "linear":
+        return (inv / factor).astype(np.float32)
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+    _, factor, low, high, orig = cfg.rope_scaling
+    wavelen = 2 * math.pi / inv
+    smooth = (orig / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > orig / low, inv / factor, inv)
+    mid = (wavelen <= orig / low) & (wavelen >= orig / high)
+    scaled = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return scaled.astype(np.float32)

@@ -1,0 +1,132 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as a pure Flax Linen module.
+
+    logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, cache)
+
+No mutable collections: the KV cache (`kvjax.kv_state.KVCache`) goes in and comes out. Prefill and
+decode differ only in the length of `tokens`. Each attention layer calls its layer state's `append`
+and `attend`, so any state type (dense, quantized, ragged, ...) plugs in unchanged.
+
+Legend: B batch, T tokens, E d_model, F d_ff, H query heads, K KV heads, D head dim, V vocab.
+Reference: Touvron et al. 2023 (Llama), HF transformers `modeling_llama.py` for the exact numerics
+(RMSNorm in float32, rotate-half RoPE, SwiGLU MLP).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.kv_state import KVCache
+from kvjax.models.config import LlamaConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):  # [..., E]
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(self.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (Su et al. 2021, HF convention). x [B, T, N, D], positions int [B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    attn_block: int | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, state, n_valid):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        b, t, _ = x.shape
+        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        q = dense(cfg.n_heads * cfg.head_dim, "q_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        with jax.named_scope("rope"):
+            inv_freq = jnp.asarray(rope_inv_freq(cfg))
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        with jax.named_scope("cache_update"):
+            state = state.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid)
+        with jax.named_scope("attend"):
+            out = state.attend(q, positions, self.attn_block)  # [B, T, H, D]
+        out = dense(cfg.d_model, "o_proj", False)(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
+        return out, state
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        dt = self.cfg.jnp_dtype
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        return dense(self.cfg.d_model, "down_proj")(
+            nn.silu(dense(self.cfg.d_ff, "gate_proj")(x)) * dense(self.cfg.d_ff, "up_proj")(x))
+
+
+class Block(nn.Module):
+    cfg: LlamaConfig
+    attn_block: int | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, state, n_valid):
+        cfg = self.cfg
+        h, state = Attention(cfg, self.attn_block, name="attn")(
+            RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, state, n_valid)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="mlp_norm")(x))
+        return x, state
+
+
+class Llama(nn.Module):
+    """The decoder. `attn_block` is the key block of the attention's online softmax (None: one pass)."""
+
+    cfg: LlamaConfig
+    attn_block: int | None = None
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: KVCache, n_valid=None, logits_at=None):
+        """Run T tokens through the model, appending their K/V to the cache.
+
+        Args:
+          tokens: int32 [B, T]; positions: int32 [B, T].
+          cache: `KVCache` with room for T more slots in every row.
+          n_valid: int32 [B] real tokens per row (right padding after them); default T.
+          logits_at: int32 [B] one index into T per row: return logits [B, V] only there (a prefill
+            needs the last position only, and full-vocabulary logits at every position are costly);
+            None returns [B, T, V].
+        Returns:
+          (logits float32, new cache).
+        """
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        b, t = tokens.shape
+        if n_valid is None:
+            n_valid = jnp.full((b,), t, jnp.int32)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt, name="embed")
+        x = embed(tokens)
+        layers = []
+        for i, state in enumerate(cache.layers):
+            x, state = Block(cfg, self.attn_block, name=f"layers_{i}")(x, positions, state, n_valid)
+            layers.append(state)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, E]
+        x = RMSNorm(cfg.rms_eps, dt, name="final_norm")(x)
+        with jax.named_scope("lm_head"):
+            if cfg.tie_embeddings:
+                logits = embed.attend(x)
+            else:
+                logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, name="lm_head")(x)
+        cache = dataclasses.replace(cache, layers=tuple(layers), next_pos=cache.next_pos + n_valid)
+        return logits.astype(jnp.float32), cache

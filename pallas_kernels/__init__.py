@@ -1,0 +1,1 @@
+"""Pallas kernels for compressed attention (each beside its pure-jnp reference)."""

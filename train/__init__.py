@@ -1,0 +1,1 @@
+"""Training of learned compressors (optax, orbax)."""
