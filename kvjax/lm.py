@@ -21,6 +21,7 @@ from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kv_state import KVCache, cache_nbytes, init_cache
 from kvjax.models.config import LlamaConfig
+from kvjax.timing import compile_seconds
 from kvjax.tokenizer import Tokenizer
 
 STREAM_EVERY = 8  # tokens per decode call when streaming
@@ -33,8 +34,9 @@ class Generation:
     ids: list
     text: str | list[str]
     prompt_tokens: list[int]
-    prefill_s: float
-    decode_s: float
+    prefill_s: float  # wall time of the prefill, compile excluded
+    decode_s: float  # wall time of decoding, compile excluded
+    compile_s: float  # time spent tracing and compiling during this call
     cache: KVCache
     cache_bytes: int
 
@@ -122,16 +124,17 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
-        t0 = time.perf_counter()
+        c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache)
         logits.block_until_ready()
-        prefill_s = time.perf_counter() - t0
+        prefill_compile = compile_seconds() - c0
+        prefill_s = time.perf_counter() - t0 - prefill_compile
         n_buffer = bucket(max_new_tokens) if every is None else every
         eos = tuple(self.tokenizer.eos_ids) if stop_at_eos else ()
         done = jnp.zeros((len(rows),), bool)
         key = jax.random.key(seed)
         new: list[list[int]] = [[] for _ in rows]
-        t1 = time.perf_counter()
+        c1, t1 = compile_seconds(), time.perf_counter()
         remaining = max_new_tokens
         while True:
             if remaining > 0:
@@ -148,9 +151,11 @@ class LM:
             if finished or every is not None:
                 ids = new[0] if single else new
                 text = [self.decode(r, skip_special_tokens=True) for r in new]
+                decode_compile = compile_seconds() - c1
                 yield Generation(ids=list(ids), text=text[0] if single else text,
                                  prompt_tokens=[len(r) for r in rows], prefill_s=prefill_s,
-                                 decode_s=time.perf_counter() - t1, cache=cache,
+                                 decode_s=time.perf_counter() - t1 - decode_compile,
+                                 compile_s=prefill_compile + decode_compile, cache=cache,
                                  cache_bytes=cache_nbytes(cache))
             if finished:
                 return

@@ -1,0 +1,94 @@
+"""The `kvjax` command line.
+
+    kvjax generate --model smollm2-135m --prompt "What is the capital of France?" --chat
+    kvjax info --model smollm2-135m
+
+Bad input prints one line `kvjax: error: ...` and exits with status 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression research framework (JAX).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streaming it, then print speed and cache size")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"known name ({', '.join(KNOWN_MODELS)}), a .gguf file or an HF checkpoint directory")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on accelerators")
+
+    i = sub.add_parser("info", help="print the model config and KV-cache bytes per token")
+    i.add_argument("--model", default=DEFAULT_MODEL)
+    i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    return p
+
+
+def _generate(args) -> None:
+    import kvjax
+
+    lm = kvjax.load(args.model, dtype=args.dtype)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        ids = lm.chat(messages)
+    else:
+        if args.system:
+            raise ValueError("--system needs --chat")
+        ids = lm.encode(args.prompt)
+    shown = ""
+    result = None
+    for result in lm.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        text = result.text.rstrip("\ufffd")  # hold back a partly decoded UTF-8 character
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write(result.text[len(shown):] + "\n")
+    n_new = result.new_tokens
+    print(f"[prompt {len(ids)} tokens | new {n_new} tokens | prefill {len(ids) / max(result.prefill_s, 1e-9):.1f} tok/s "
+          f"| decode {max(n_new - 1, 0) / max(result.decode_s, 1e-9):.1f} tok/s | compile {result.compile_s:.1f} s "
+          f"| KV cache {result.cache_bytes:,} bytes]")
+
+
+def _info(args) -> None:
+    import dataclasses
+
+    import kvjax
+
+    lm = kvjax.load(args.model, dtype=args.dtype)
+    print(lm)
+    for field in dataclasses.fields(lm.cfg):
+        print(f"  {field.name}: {getattr(lm.cfg, field.name)}")
+    print(f"  KV bytes per token (full cache, all layers): {lm.cfg.kv_bytes_per_token():,}")
+    n_params = sum(x.size for x in __import__("jax").tree_util.tree_leaves(lm.params))
+    print(f"  parameters: {n_params:,}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"generate": _generate, "info": _info}[args.command](args)
+    except ValueError as e:
+        print(f"kvjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
