@@ -181,17 +181,19 @@ def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None
 
     def one_block(carry, kb, vb, pb, slot0):
         m, l, acc = carry  # [B,K,G,T], [B,K,G,T], [B,K,G,T,D]
-        sc = jnp.einsum("btkgd,bksd->bkgts", qg, kb.astype(jnp.float32))
-        slots = slot0 + jnp.arange(kb.shape[2])
-        visible = (slots[None, None, :] < length[:, None, None])[:, :, None, :] & (
-            pb[:, :, None, :] <= q_pos[:, None, :, None])  # [B, K, T, S_blk]
+        used = (slot0 + jnp.arange(kb.shape[2]))[None, :] < length[:, None]  # [B, S_blk]
+        # Unused slots hold garbage (maybe inf/NaN): zero them, since 0 * NaN would leak through p @ v.
+        kb = jnp.where(used[:, None, :, None], kb.astype(jnp.float32), 0.0)
+        vb = jnp.where(used[:, None, :, None], vb.astype(jnp.float32), 0.0)
+        sc = jnp.einsum("btkgd,bksd->bkgts", qg, kb)
+        visible = used[:, None, None, :] & (pb[:, :, None, :] <= q_pos[:, None, :, None])  # [B, K, T, S_blk]
         sc = jnp.where(visible[:, :, None], sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(sc - m_safe[..., None])
         corr = jnp.exp(m - m_safe)
         l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, vb.astype(jnp.float32))
+        acc = acc * corr[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, vb)
         return m_new, l, acc
 
     g = h // n_kv

@@ -69,13 +69,14 @@ class LM:
 
     # ------------------------------------------------------------------------------- forward
     def logits(self, ids_bt) -> np.ndarray:
-        """Full-cache logits float32 [B, T, V] for int ids [B, T] (or [T])."""
-        rows, _ = self._as_rows(ids_bt)
+        """Logits float32 [B, T_max, V] for ids [B, T] or a list of rows (rows shorter than T_max: the
+        positions past their end hold padding); [T, V] for a single prompt (ids [T] or text)."""
+        rows, single = self._as_rows(ids_bt)
         tokens, lengths = self._pad(rows)
         cache = self._empty_cache(len(rows), bucket(tokens.shape[1]))
         logits, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache, all_logits=True)
         out = np.asarray(logits)[:, : lengths.max()]
-        return out[0] if np.ndim(ids_bt) == 1 else out
+        return out[0] if single else out
 
     def prefill(self, ids, capacity: int | None = None) -> KVCache:
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
@@ -145,7 +146,7 @@ class LM:
                 for r, row in enumerate(out):
                     new[r].extend(int(t) for t in row if t >= 0)
                 remaining -= int(state.step)
-                finished = int(state.step) == 0 or bool(np.all(np.asarray(done)))
+                finished = remaining <= 0 or int(state.step) == 0 or bool(np.all(np.asarray(done)))
             else:
                 finished = True
             if finished or every is not None:

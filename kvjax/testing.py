@@ -1,0 +1,111 @@
+"""Tiny random models for tests and examples: no download, compiles in about a second on CPU.
+
+    lm = kvjax.testing.tiny_lm(seed=0)          # 2 layers, d_model 32, 4 heads / 2 KV heads x 8
+    lm.generate("hello", max_new_tokens=8)
+
+The tokenizer is a real byte-level BPE (`Tokenizer.from_gguf_metadata`, pre-tokenizer "smollm"):
+three control tokens, the 256 byte characters and a few merges, with `<|im_end|>` as end of sequence.
+The model's vocabulary is exactly the tokenizer's, so every generated id decodes.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.kv_state import init_cache
+from kvjax.lm import LM
+from kvjax.models.config import LlamaConfig
+from kvjax.models.llama import Llama
+from kvjax.tokenizer import Tokenizer
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MERGES = ("h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+          " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+EOS_ID = 2  # <|im_end|>
+
+
+def tiny_tokenizer_metadata(eos_id: int = EOS_ID) -> dict:
+    """GGUF-style tokenizer metadata of the tiny byte-level BPE (ids: specials, bytes, merges)."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merged = ["".join(m.split(" ")) for m in MERGES]
+    tokens = list(SPECIAL_TOKENS) + alphabet + merged
+    return {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3] * len(SPECIAL_TOKENS) + [1] * (len(alphabet) + len(merged)),
+        "tokenizer.ggml.merges": list(MERGES),
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": eos_id,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": CHATML,
+    }
+
+
+TINY_VOCAB = len(SPECIAL_TOKENS) + 256 + len(MERGES)
+
+
+def tiny_tokenizer(eos_id: int = EOS_ID) -> Tokenizer:
+    """The tiny byte-level BPE; `eos_id` picks which id ends a sequence (default `<|im_end|>`)."""
+    return Tokenizer.from_gguf_metadata(tiny_tokenizer_metadata(eos_id))
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """2 layers, d_model 32, 4 query heads / 2 KV heads of dim 8, vocab of the tiny tokenizer, float32."""
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                      d_ff=64, rms_eps=1e-5, rope_theta=10000.0, max_positions=256, tie_embeddings=False,
+                      dtype="float32")
+    return cfg.replace(**overrides)
+
+
+def tiny_params(cfg: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict:
+    """Random params of `Llama(cfg)` (Flax's default initializers; every norm scale randomized too).
+
+    The embedding is drawn with unit variance (times `scale`), so logits have a clear spread and greedy
+    decoding has no near-ties that float rounding could flip.
+    """
+    key_init, key_embed, key_norm = jax.random.split(jax.random.key(seed), 3)
+    cache = init_cache(cfg.n_layers, 1, cfg.n_kv_heads, 16, cfg.head_dim, cfg.jnp_dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = Llama(cfg).init(key_init, tokens, tokens, cache)["params"]
+    params = _to_dict(params)  # a plain mutable dict
+    params["embed"]["embedding"] = scale * jax.random.normal(
+        key_embed, params["embed"]["embedding"].shape, cfg.jnp_dtype)
+    # Norm scales around 1 but not equal to it, so a missing or transposed scale shows up.
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params) if _name(p[-1]) == "scale"]
+    for i, path in enumerate(paths):
+        node = params
+        for k in path[:-1]:
+            node = node[_name(k)]
+        shape = node["scale"].shape
+        node["scale"] = 1.0 + 0.2 * jax.random.normal(jax.random.fold_in(key_norm, i), shape, cfg.jnp_dtype)
+    return params
+
+
+def tiny_lm(seed: int = 0, eos_id: int = EOS_ID, **config_overrides) -> LM:
+    """A tiny random `LM` with the tiny tokenizer (vocab sizes match)."""
+    cfg = tiny_config(**config_overrides)
+    if cfg.vocab_size != TINY_VOCAB:
+        raise ValueError(f"tiny_lm's tokenizer has {TINY_VOCAB} tokens; vocab_size must match")
+    return LM(cfg, tiny_params(cfg, seed), tiny_tokenizer(eos_id), name=f"tiny-{seed}")
+
+
+def _to_dict(tree):
+    if hasattr(tree, "items"):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _name(key) -> str:
+    return getattr(key, "key", getattr(key, "name", str(key)))
+
+
+def random_ids(n: int, seed: int, vocab: int = TINY_VOCAB) -> np.ndarray:
+    """n token ids drawn uniformly from [0, vocab) (reproducible)."""
+    return np.random.default_rng(seed).integers(0, vocab, size=n).astype(np.int32)
