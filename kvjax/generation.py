@@ -151,7 +151,7 @@ def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaCo
         active = (~s.done).astype(jnp.int32)
         logits, cache = model.apply({"params": params}, jnp.maximum(token, 0)[:, None],
                                     s.cache.next_pos[:, None], s.cache, active)
-        done = s.done | jnp.isin(token, eos)
+        done = s.done
         logits = jnp.where(s.done[:, None], s.logits, logits[:, 0])
         return DecodeState(cache=cache, logits=logits, done=done, key=key, out=out, step=s.step + 1)
 

@@ -69,20 +69,16 @@ class DenseKV:
           n_valid: int32 [B] how many of the T tokens are real for each row (the rest is padding that
             lands past `length` and is overwritten later). The caller guarantees `length + T <= S`.
         """
-        n_kv = k.shape[1]
-        pos_bkt = jnp.broadcast_to(pos[:, None, :], (pos.shape[0], n_kv, pos.shape[1])).astype(jnp.int32)
-
-        def write(buf, new, start):  # one row: buf [K, S, ...], new [K, T, ...]
-            idx = (0, start) + (0,) * (buf.ndim - 2)
-            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), idx)
-
-        write_b = jax.vmap(write)
-        return DenseKV(
-            k=write_b(self.k, k, self.length),
-            v=write_b(self.v, v, self.length),
-            pos=write_b(self.pos, pos_bkt, self.length),
-            length=self.length + n_valid.astype(jnp.int32),
-        )
+        b, n_kv, t = k.shape[:3]
+        pos_bkt = jnp.broadcast_to(pos[:, None, :], (b, n_kv, t)).astype(jnp.int32)
+        # One scatter with in-bounds, unique indices: XLA updates the buffer in place (a vmapped
+        # dynamic_update_slice lowers to a select that copies the whole cache every decode step).
+        idx = (jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None],
+               (self.length[:, None] + jnp.arange(t))[:, None, :])  # broadcast to [B, K, T]
+        write = lambda buf, new: buf.at[idx].set(new.astype(buf.dtype), mode="promise_in_bounds",  # noqa: E731
+                                                 unique_indices=True)
+        return DenseKV(k=write(self.k, k), v=write(self.v, v), pos=write(self.pos, pos_bkt),
+                       length=self.length + n_valid.astype(jnp.int32))
 
     def attend(self, q: jax.Array, q_pos: jax.Array, block: int | None = None) -> jax.Array:
         """Causal attention of q [B, T, H, D] (positions q_pos [B, T]) over the stored tokens -> [B, T, H, D]."""
@@ -163,9 +159,14 @@ def kept_positions(cache: KVCache) -> list[np.ndarray]:
 def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None):
     """Causal softmax attention with GQA, over key blocks with an online softmax (flash attention).
 
-    Never materializes more than [T, block] scores per head, so a long prompt prefilled in chunks
-    costs O(chunk * block) memory. Key slot s of row b is visible to query t iff
-    `s < length[b]` and `kv_pos[b, k, s] <= q_pos[b, t]`. Softmax statistics are kept in float32.
+    Never materializes more than [G*T, block] scores per KV head, so a long prompt prefilled in
+    chunks costs O(chunk * block) memory. Key slot s of row b is visible to query t iff
+    `s < length[b]` and `kv_pos[b, k, s] <= q_pos[b, t]`. Scores and softmax statistics are float32.
+    The G query heads of a group are folded into the query axis (one [G*T, D] x [D, S] matmul per KV
+    head), which on CPU is ~2.5x faster than a separate G axis.
+
+    Slots past `length` are multiplied by exactly zero weights, so they must hold finite values
+    (caches are zero-initialized and only ever written with real or padding tokens' K/V).
 
     Args:
       q: [B, T, H, D] queries (post-RoPE).  q_pos: int32 [B, T].
@@ -177,28 +178,28 @@ def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None
     """
     b, t, h, d = q.shape
     n_kv, s = k.shape[1], k.shape[2]
-    qg = q.reshape(b, t, n_kv, h // n_kv, d).astype(jnp.float32) * (d ** -0.5)
+    g = h // n_kv
+    # [B, T, K, G, D] -> [B, K, G*T, D]; query row r = g*T + t has position q_pos[t]
+    qf = (q.reshape(b, t, n_kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, g * t, d)
+          .astype(jnp.float32) * (d ** -0.5))
+    qf_pos = jnp.tile(q_pos, (1, g))  # [B, G*T]
 
     def one_block(carry, kb, vb, pb, slot0):
-        m, l, acc = carry  # [B,K,G,T], [B,K,G,T], [B,K,G,T,D]
+        m, l, acc = carry  # [B, K, GT], [B, K, GT], [B, K, GT, D]
+        sc = jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
         used = (slot0 + jnp.arange(kb.shape[2]))[None, :] < length[:, None]  # [B, S_blk]
-        # Unused slots hold garbage (maybe inf/NaN): zero them, since 0 * NaN would leak through p @ v.
-        kb = jnp.where(used[:, None, :, None], kb.astype(jnp.float32), 0.0)
-        vb = jnp.where(used[:, None, :, None], vb.astype(jnp.float32), 0.0)
-        sc = jnp.einsum("btkgd,bksd->bkgts", qg, kb)
-        visible = used[:, None, None, :] & (pb[:, :, None, :] <= q_pos[:, None, :, None])  # [B, K, T, S_blk]
-        sc = jnp.where(visible[:, :, None], sc, -jnp.inf)
+        visible = used[:, None, None, :] & (pb[:, :, None, :] <= qf_pos[:, None, :, None])
+        sc = jnp.where(visible, sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(sc - m_safe[..., None])
         corr = jnp.exp(m - m_safe)
         l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, vb)
+        acc = acc * corr[..., None] + jnp.einsum("bkqs,bksd->bkqd", p, vb.astype(jnp.float32))
         return m_new, l, acc
 
-    g = h // n_kv
-    init = (jnp.full((b, n_kv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g, t), jnp.float32),
-            jnp.zeros((b, n_kv, g, t, d), jnp.float32))
+    init = (jnp.full((b, n_kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g * t), jnp.float32),
+            jnp.zeros((b, n_kv, g * t, d), jnp.float32))
     if block is None or block >= s:
         _, l, acc = one_block(init, k, v, kv_pos, 0)
     else:
@@ -213,5 +214,4 @@ def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None
 
         _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     out = acc / jnp.maximum(l, 1e-30)[..., None]  # rows with no visible key (padding) give 0
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
-
+    return out.reshape(b, n_kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
