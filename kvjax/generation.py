@@ -54,7 +54,7 @@ class Sampler:
         if self.temperature == 0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits / self.temperature
-        if self.top_k:
+        if 0 < self.top_k < logits.shape[-1]:  # top_k >= V keeps everything (as in HF)
             kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p < 1:
@@ -151,7 +151,7 @@ def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaCo
         active = (~s.done).astype(jnp.int32)
         logits, cache = model.apply({"params": params}, jnp.maximum(token, 0)[:, None],
                                     s.cache.next_pos[:, None], s.cache, active)
-        done = s.done
+        done = s.done | jnp.isin(token, eos)
         logits = jnp.where(s.done[:, None], s.logits, logits[:, 0])
         return DecodeState(cache=cache, logits=logits, done=done, key=key, out=out, step=s.step + 1)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from kvjax.kv_state import init_cache
 from kvjax.lm import LM
@@ -65,27 +66,23 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 
 def tiny_params(cfg: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict:
-    """Random params of `Llama(cfg)` (Flax's default initializers; every norm scale randomized too).
+    """Random params of `Llama(cfg)`: Flax's default initializers, then two changes.
 
     The embedding is drawn with unit variance (times `scale`), so logits have a clear spread and greedy
-    decoding has no near-ties that float rounding could flip.
+    decoding has no near-ties that float rounding could flip; norm scales are 1 + 0.2 N(0, 1), so a
+    missing or misplaced scale shows up.
     """
     key_init, key_embed, key_norm = jax.random.split(jax.random.key(seed), 3)
     cache = init_cache(cfg.n_layers, 1, cfg.n_kv_heads, 16, cfg.head_dim, cfg.jnp_dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = Llama(cfg).init(key_init, tokens, tokens, cache)["params"]
-    params = _to_dict(params)  # a plain mutable dict
-    params["embed"]["embedding"] = scale * jax.random.normal(
-        key_embed, params["embed"]["embedding"].shape, cfg.jnp_dtype)
-    # Norm scales around 1 but not equal to it, so a missing or transposed scale shows up.
-    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params) if _name(p[-1]) == "scale"]
-    for i, path in enumerate(paths):
-        node = params
-        for k in path[:-1]:
-            node = node[_name(k)]
-        shape = node["scale"].shape
-        node["scale"] = 1.0 + 0.2 * jax.random.normal(jax.random.fold_in(key_norm, i), shape, cfg.jnp_dtype)
-    return params
+    flat = traverse_util.flatten_dict(Llama(cfg).init(key_init, tokens, tokens, cache)["params"])
+    for i, path in enumerate(sorted(flat)):
+        if path[-1] == "scale":
+            flat[path] = 1.0 + 0.2 * jax.random.normal(jax.random.fold_in(key_norm, i), flat[path].shape,
+                                                       cfg.jnp_dtype)
+    emb = ("embed", "embedding")
+    flat[emb] = scale * jax.random.normal(key_embed, flat[emb].shape, cfg.jnp_dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 def tiny_lm(seed: int = 0, eos_id: int = EOS_ID, **config_overrides) -> LM:
@@ -94,16 +91,6 @@ def tiny_lm(seed: int = 0, eos_id: int = EOS_ID, **config_overrides) -> LM:
     if cfg.vocab_size != TINY_VOCAB:
         raise ValueError(f"tiny_lm's tokenizer has {TINY_VOCAB} tokens; vocab_size must match")
     return LM(cfg, tiny_params(cfg, seed), tiny_tokenizer(eos_id), name=f"tiny-{seed}")
-
-
-def _to_dict(tree):
-    if hasattr(tree, "items"):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
-
-
-def _name(key) -> str:
-    return getattr(key, "key", getattr(key, "name", str(key)))
 
 
 def random_ids(n: int, seed: int, vocab: int = TINY_VOCAB) -> np.ndarray:
