@@ -27,8 +27,9 @@ PREFILL_CHUNK = 512  # tokens per prefill call; also the key block of prefill at
 MIN_BUCKET = 16
 
 
-def bucket(n: int, chunk: int = PREFILL_CHUNK) -> int:
+def bucket(n: int, chunk: int | None = None) -> int:
     """Padded size for n tokens: the next power of two (>= 16) up to `chunk`, then multiples of `chunk`."""
+    chunk = chunk or PREFILL_CHUNK
     if n <= chunk:
         return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
     return -(-n // chunk) * chunk
@@ -45,8 +46,10 @@ class Sampler:
     def __post_init__(self):
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.top_k, np.integer):
+            object.__setattr__(self, "top_k", int(self.top_k))
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

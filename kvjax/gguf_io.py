@@ -37,11 +37,19 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def iter_tensors(reader) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, float32 array in PyTorch [out, in] layout) one tensor at a time."""
+def _dequantize(t) -> np.ndarray:
     import gguf
 
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+    return np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def iter_tensors(reader) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, float32 array in PyTorch [out, in] layout) one tensor at a time."""
     for t in reader.tensors:
-        arr = gguf.dequantize(t.data, t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
-        yield t.name, np.asarray(arr, dtype=np.float32).reshape(shape)
+        yield t.name, _dequantize(t)
+
+
+def read_tensor(reader, name: str) -> np.ndarray | None:
+    """One tensor as float32, or None if the file has no tensor of that name."""
+    return next((_dequantize(t) for t in reader.tensors if t.name == name), None)

@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from kvjax.gguf_io import iter_tensors, open_gguf, read_metadata
+from kvjax.gguf_io import iter_tensors, open_gguf, read_metadata, read_tensor
 from kvjax.models.config import LlamaConfig
 from kvjax.tokenizer import Tokenizer
 from kvjax.weights import check_keys, gguf_to_hf, hf_to_flat, load_flat, save_flat, unflatten
@@ -109,7 +109,8 @@ def _load_gguf(path: Path, dtype: str):
         meta = read_metadata(reader)
         names = {t.name for t in reader.tensors}
         cfg = LlamaConfig.from_gguf_metadata(meta, has_output="output.weight" in names,
-                                             has_qkv_bias="blk.0.attn_q.bias" in names)
+                                             has_qkv_bias="blk.0.attn_q.bias" in names,
+                                             rope_freq_factors=read_tensor(reader, "rope_freqs.weight"))
         flat = dict(hf_to_flat(cfg, gguf_to_hf(meta["general.architecture"], cfg, iter_tensors(reader))))
         check_keys(cfg, flat, str(path))
         save_flat(str(weights), flat, cfg)

@@ -62,7 +62,9 @@ class LM:
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode([int(i) for i in ids if int(i) >= 0], skip_special_tokens)
+        # -1 marks "no token"; a model's embedding table may be larger than its tokenizer (Qwen2)
+        n = self.tokenizer.vocab_size
+        return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens)
 
     def chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return self.tokenizer.chat(list(messages), add_generation_prompt)
@@ -96,7 +98,9 @@ class LM:
         else:
             if cache.batch != len(rows):
                 raise ValueError(f"cache holds {cache.batch} rows but {len(rows)} prompts were given")
-            cache = cache.with_capacity(max(cache.capacity, need))
+            # the jitted steps donate the cache: work on a copy so the caller's cache stays usable
+            # (e.g. several questions asked on top of one compressed context)
+            cache = jax.tree_util.tree_map(jnp.copy, cache).with_capacity(max(cache.capacity, need))
         self._check_positions(cache, lengths)
         return generation.prefill(self.params, self.cfg, tokens, lengths, cache)
 
@@ -119,7 +123,7 @@ class LM:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        sampler = Sampler(float(temperature), int(top_k), float(top_p))
+        sampler = Sampler(float(temperature), top_k, float(top_p))
         rows, single = self._as_rows(ids_or_text)
         longest = max(len(r) for r in rows) + (int(np.max(np.asarray(cache.next_pos))) if cache else 0)
         if longest + max_new_tokens > self.cfg.max_positions:

@@ -74,7 +74,7 @@ def gguf_to_hf(arch: str, cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndar
             yield _GGUF_TOP[name], arr
             continue
         if not name.startswith("blk."):
-            if name == "rope_freqs.weight":  # llama3 scaling factors; rebuilt from metadata instead
+            if name == "rope_freqs.weight":  # RoPE scaling factors: read into the config instead
                 continue
             raise ValueError(f"unexpected tensor {name!r} in GGUF")
         idx, _, suffix = name[4:].partition(".")

@@ -26,7 +26,8 @@ class LlamaConfig:
     d_ff: int
     rms_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # ("linear", factor) or ("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions)
+    # ("linear", factor), ("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions)
+    # or ("freq_factors", f_0, ..., f_{D/2-1}): llama.cpp's per-frequency divisors (GGUF `rope_freqs`)
     rope_scaling: tuple | None = None
     max_positions: int = 2048
     tie_embeddings: bool = False
@@ -83,7 +84,9 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], has_output: bool, has_qkv_bias: bool,
-                           dtype: str = "float32") -> "LlamaConfig":
+                           dtype: str = "float32", rope_freq_factors=None) -> "LlamaConfig":
+        """`rope_freq_factors`: the GGUF's `rope_freqs.weight` tensor, which is how llama.cpp stores
+        Llama 3.1+ RoPE scaling (inverse frequencies are divided by it)."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {GGUF_ARCHITECTURES}")
@@ -94,6 +97,10 @@ class LlamaConfig:
             scaling = ("linear", float(p("rope.scaling.factor")))
         elif p("rope.scaling.type") not in (None, "none"):
             raise ValueError(f"unsupported RoPE scaling {p('rope.scaling.type')!r} in GGUF")
+        if rope_freq_factors is not None:
+            if scaling is not None:
+                raise ValueError("GGUF has both rope.scaling.type and rope_freqs; cannot combine them")
+            scaling = ("freq_factors",) + tuple(float(f) for f in np.ravel(rope_freq_factors))
         vocab = p("vocab_size") or len(meta["tokenizer.ggml.tokens"])
         return cls(
             vocab_size=int(vocab),
@@ -136,6 +143,11 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     kind, factor = cfg.rope_scaling[0], cfg.rope_scaling[1]
     if kind == "linear":
         return (inv / factor).astype(np.float32)
+    if kind == "freq_factors":
+        factors = np.asarray(cfg.rope_scaling[1:], np.float64)
+        if factors.shape != inv.shape:
+            raise ValueError(f"rope_freqs has {factors.size} factors, expected head_dim/2 = {inv.size}")
+        return (inv / factors).astype(np.float32)
     # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
     _, factor, low, high, orig = cfg.rope_scaling
     wavelen = 2 * math.pi / inv

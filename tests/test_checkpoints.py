@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tokenizers
 from gguf import GGMLQuantizationType, quants
-from numpy_llama import forward
+from numpy_llama import hf_inv_freq, forward
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
@@ -121,9 +121,11 @@ GGUF_LAYER = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weig
 QUANTIZED = {"self_attn.v_proj.weight": GGMLQuantizationType.Q8_0, "mlp.up_proj.weight": GGMLQuantizationType.Q4_1}
 
 
-def write_gguf(path: Path, hf: dict, weights: dict, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def write_gguf(path: Path, hf: dict, weights: dict, skip: tuple[str, ...] = (),
+               rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """A llama-architecture GGUF as llama.cpp's converter writes it; returns the HF weights it holds
-    (after quantization round-trips, for the tensors stored quantized)."""
+    (after quantization round-trips, for the tensors stored quantized). `rope_freqs`: the per-frequency
+    divisors llama.cpp stores for Llama 3.1+ RoPE scaling."""
     tok = tiny_tokenizer_metadata()
     n_h, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     w = gguf.GGUFWriter(str(path), "llama")
@@ -145,6 +147,8 @@ def write_gguf(path: Path, hf: dict, weights: dict, skip: tuple[str, ...] = ()) 
     w.add_add_bos_token(False)
     w.add_chat_template(tok["tokenizer.chat_template"])
     held = {}
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for name, arr in weights.items():
         if name in skip:
             continue
@@ -313,6 +317,24 @@ def test_gguf_untied_output(tmp_path, monkeypatch):
     lm = kvjax.load(str(path))
     assert not lm.cfg.tie_embeddings
     ids = prompt_ids(17, 11, hf["vocab_size"])
+    np.testing.assert_allclose(lm.logits(ids), forward(held, hf, ids), atol=ATOL, rtol=0)
+
+
+def test_gguf_rope_freqs_applies_llama3_scaling(tmp_path, monkeypatch):
+    """llama.cpp keeps Llama 3.1 RoPE scaling only as the `rope_freqs` tensor (inv_freq / factors)."""
+    monkeypatch.setenv("KVJAX_CACHE", str(tmp_path / "cache"))
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    hf = {**GGUF_HF, "rope_scaling": scaling}
+    d = hf["hidden_size"] // hf["num_attention_heads"]
+    factors = hf_inv_freq(d, hf["rope_theta"]) / hf_inv_freq(d, hf["rope_theta"], scaling)
+    assert factors.max() > 1.5  # the scaling really changes some frequencies
+    weights = random_hf_weights(hf, seed=12)
+    path = tmp_path / "llama31.gguf"
+    held = write_gguf(path, hf, weights, rope_freqs=factors)
+    lm = kvjax.load(str(path))
+    assert lm.cfg.rope_scaling[0] == "freq_factors"
+    ids = prompt_ids(60, 13, hf["vocab_size"])
     np.testing.assert_allclose(lm.logits(ids), forward(held, hf, ids), atol=ATOL, rtol=0)
 
 

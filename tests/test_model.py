@@ -148,12 +148,20 @@ def test_generate_continues_a_prefilled_cache(lm):
     np.testing.assert_array_equal(cache.next_pos, [7, 3])
     cont = lm.generate(ids, max_new_tokens=MAX_NEW, cache=cache, stop_at_eos=False)
     assert cont.ids == whole.ids
+    # the caller's cache is not consumed (donation works on a copy): ask again on the same context
+    assert lm.generate(ids, max_new_tokens=MAX_NEW, cache=cache, stop_at_eos=False).ids == whole.ids
     np.testing.assert_array_equal(cont.cache.next_pos, [7 + 5 + MAX_NEW, 3 + 9 + MAX_NEW])
     # single prompt
     one = lm.generate(ids[0], max_new_tokens=MAX_NEW, cache=lm.prefill(ctx[0]), stop_at_eos=False)
     assert one.ids == whole.ids[0]
     with pytest.raises(ValueError, match="rows"):
         lm.generate(ids, max_new_tokens=MAX_NEW, cache=lm.prefill(ctx[0]))
+
+
+def test_decode_skips_ids_the_tokenizer_lacks(lm):
+    # a model's embedding table may be larger than its tokenizer (Qwen2); -1 marks "no token"
+    ids = lm.encode("hello")
+    assert lm.decode(ids + [lm.tokenizer.vocab_size + 3, -1]) == lm.decode(ids) == "hello"
 
 
 def test_stream_grows_to_generate(lm):
