@@ -22,6 +22,7 @@ import numpy as np
 from kvjax.kv_state import KVCache
 from kvjax.models.config import LlamaConfig
 from kvjax.models.llama import Llama
+from kvjax.observe import ObsSpec, init_layer_obs
 
 PREFILL_CHUNK = 512  # tokens per prefill call; also the key block of prefill attention
 MIN_BUCKET = 16
@@ -70,41 +71,50 @@ class Sampler:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
-def prefill_chunk(params, tokens, n_valid, cache: KVCache, last_logits, *, cfg: LlamaConfig, all_logits: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "observe"), donate_argnames=("cache", "obs"))
+def prefill_chunk(params, tokens, n_valid, cache: KVCache, last_logits, obs=None, *, cfg: LlamaConfig,
+                  all_logits: bool = False, observe: ObsSpec | None = None):
     """Feed one chunk. tokens int32 [B, C]; n_valid int32 [B] real tokens of each row in this chunk.
 
-    Returns (logits, cache): with `all_logits`, float32 [B, C, V]; otherwise [B, V] at each row's
-    last real token so far (`last_logits` carried over for rows with nothing in this chunk).
+    Returns (logits, cache, obs): with `all_logits`, logits float32 [B, C, V]; otherwise [B, V] at
+    each row's last real token so far (`last_logits` carried over for rows with nothing in this
+    chunk). With `observe`, `obs` (a tuple of `LayerObs`) gathers what eviction scorers need.
     """
     positions = cache.next_pos[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    model = Llama(cfg, attn_block=PREFILL_CHUNK)
+    model = Llama(cfg, attn_block=PREFILL_CHUNK, observe=observe)
     logits_at = None if all_logits else jnp.maximum(n_valid - 1, 0)
-    logits, cache = model.apply({"params": params}, tokens, positions, cache, n_valid, logits_at)
+    out = model.apply({"params": params}, tokens, positions, cache, n_valid, logits_at, obs)
+    logits, cache, obs = out if observe is not None else (*out, None)
     if not all_logits:
         logits = jnp.where((n_valid > 0)[:, None], logits, last_logits)
-    return logits, cache
+    return logits, cache, obs
 
 
 def prefill(params, cfg: LlamaConfig, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache,
-            all_logits: bool = False):
+            all_logits: bool = False, observe: ObsSpec | None = None):
     """Right-padded tokens int [B, T_pad] with real lengths [B] onto `cache`, chunk by chunk.
 
-    Returns (logits, cache): logits [B, V] at each row's last token, or [B, T_pad, V] with `all_logits`.
+    Returns (logits, cache, obs): logits [B, V] at each row's last token, or [B, T_pad, V] with
+    `all_logits`; obs a tuple of `LayerObs` with `observe`, else None.
     """
     b, t_pad = tokens.shape
     chunk = min(t_pad, PREFILL_CHUNK)
     last = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+    obs = None
+    if observe is not None:
+        obs = tuple(init_layer_obs(observe, np.asarray(cache.next_pos) + lengths, cfg.n_heads, cfg.head_dim,
+                                   layer.capacity, cfg.jnp_dtype) for layer in cache.layers)
     outs = []
     for start in range(0, t_pad, chunk):
         n_valid = np.clip(lengths - start, 0, chunk).astype(np.int32)
-        logits, cache = prefill_chunk(params, jnp.asarray(tokens[:, start:start + chunk], jnp.int32),
-                                      jnp.asarray(n_valid), cache, last, cfg=cfg, all_logits=all_logits)
+        logits, cache, obs = prefill_chunk(params, jnp.asarray(tokens[:, start:start + chunk], jnp.int32),
+                                           jnp.asarray(n_valid), cache, last, obs, cfg=cfg,
+                                           all_logits=all_logits, observe=observe)
         if all_logits:
             outs.append(logits)
         else:
             last = logits
-    return (jnp.concatenate(outs, axis=1) if all_logits else last), cache
+    return (jnp.concatenate(outs, axis=1) if all_logits else last), cache, obs
 
 
 @jax.tree_util.register_dataclass
@@ -142,8 +152,9 @@ def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaCo
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
     def cond(s: DecodeState):
-        # every row (done ones too: their scratch write lands at slot `length`) needs a free slot
-        room = jnp.max(s.cache.layers[0].length) < s.cache.capacity
+        # every row of every layer (done rows too: their scratch write lands at slot `length`)
+        # needs a free slot
+        room = jnp.all(jnp.stack([jnp.max(layer.length) < layer.capacity for layer in s.cache.layers]))
         return (s.step < jnp.minimum(max_steps, n_buffer)) & ~jnp.all(s.done) & room
 
     def body(s: DecodeState):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.attention import blockwise_attention
+
 # Position stored in slots that hold no token: larger than any query position, so causal masks drop it.
 EMPTY_POS = np.iinfo(np.int32).max
 
@@ -80,9 +82,10 @@ class DenseKV:
         return DenseKV(k=write(self.k, k), v=write(self.v, v), pos=write(self.pos, pos_bkt),
                        length=self.length + n_valid.astype(jnp.int32))
 
-    def attend(self, q: jax.Array, q_pos: jax.Array, block: int | None = None) -> jax.Array:
-        """Causal attention of q [B, T, H, D] (positions q_pos [B, T]) over the stored tokens -> [B, T, H, D]."""
-        return blockwise_attention(q, q_pos, self.k, self.v, self.pos, self.length, block)
+    def attend(self, q: jax.Array, q_pos: jax.Array, block: int | None = None, return_lse: bool = False):
+        """Causal attention of q [B, T, H, D] (positions q_pos [B, T]) over the stored tokens -> [B, T, H, D]
+        (and the log-sum-exp [B, K, G*T] with `return_lse`)."""
+        return blockwise_attention(q, q_pos, self.k, self.v, self.pos, self.length, block, return_lse)
 
     def nbytes(self) -> int:
         return tree_nbytes(self)
@@ -124,8 +127,15 @@ class KVCache:
     def capacity(self) -> int:
         return min(layer.capacity for layer in self.layers)
 
-    def with_capacity(self, capacity: int) -> "KVCache":
-        return dataclasses.replace(self, layers=tuple(l.with_capacity(capacity) for l in self.layers))
+    def with_room(self, n: int, round_up=lambda c: c) -> "KVCache":
+        """Grow each layer so it has at least `n` free slots past its longest row (host-side).
+
+        `round_up` maps a slot count to the capacity to allocate (e.g. a bucket)."""
+        layers = []
+        for layer in self.layers:
+            need = round_up(int(np.max(np.asarray(layer.length))) + n)
+            layers.append(layer.with_capacity(max(layer.capacity, need)))
+        return dataclasses.replace(self, layers=tuple(layers))
 
 
 def tree_nbytes(tree) -> int:
@@ -153,65 +163,3 @@ def kept_positions(cache: KVCache) -> list[np.ndarray]:
             raise ValueError("rows hold different numbers of tokens; select one row first")
         out.append(np.sort(pos[:, :, : int(length[0])], axis=-1))
     return out
-
-
-# ------------------------------------------------------------------------------------- attention
-def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None):
-    """Causal softmax attention with GQA, over key blocks with an online softmax (flash attention).
-
-    Never materializes more than [G*T, block] scores per KV head, so a long prompt prefilled in
-    chunks costs O(chunk * block) memory. Key slot s of row b is visible to query t iff
-    `s < length[b]` and `kv_pos[b, k, s] <= q_pos[b, t]`. Scores and softmax statistics are float32.
-    The G query heads of a group are folded into the query axis (one [G*T, D] x [D, S] matmul per KV
-    head), which on CPU is ~2.5x faster than a separate G axis.
-
-    Slots past `length` are multiplied by exactly zero weights, so they must hold finite values
-    (caches are zero-initialized and only ever written with real or padding tokens' K/V).
-
-    Args:
-      q: [B, T, H, D] queries (post-RoPE).  q_pos: int32 [B, T].
-      k, v: [B, K, S, D].  kv_pos: int32 [B, K, S].  length: int32 [B].
-      block: key block size; None (or >= S) attends over all S slots in one pass. S must be a
-        multiple of `block`. Blocks past the longest row's length are skipped.
-    Returns:
-      [B, T, H, D] in q's dtype.
-    """
-    b, t, h, d = q.shape
-    n_kv, s = k.shape[1], k.shape[2]
-    g = h // n_kv
-    # [B, T, K, G, D] -> [B, K, G*T, D]; query row r = g*T + t has position q_pos[t]
-    qf = (q.reshape(b, t, n_kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, g * t, d)
-          .astype(jnp.float32) * (d ** -0.5))
-    qf_pos = jnp.tile(q_pos, (1, g))  # [B, G*T]
-
-    def one_block(carry, kb, vb, pb, slot0):
-        m, l, acc = carry  # [B, K, GT], [B, K, GT], [B, K, GT, D]
-        sc = jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
-        used = (slot0 + jnp.arange(kb.shape[2]))[None, :] < length[:, None]  # [B, S_blk]
-        visible = used[:, None, None, :] & (pb[:, :, None, :] <= qf_pos[:, None, :, None])
-        sc = jnp.where(visible, sc, -jnp.inf)
-        m_new = jnp.maximum(m, sc.max(-1))
-        m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-        p = jnp.exp(sc - m_safe[..., None])
-        corr = jnp.exp(m - m_safe)
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkqs,bksd->bkqd", p, vb.astype(jnp.float32))
-        return m_new, l, acc
-
-    init = (jnp.full((b, n_kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g * t), jnp.float32),
-            jnp.zeros((b, n_kv, g * t, d), jnp.float32))
-    if block is None or block >= s:
-        _, l, acc = one_block(init, k, v, kv_pos, 0)
-    else:
-        if s % block:
-            raise ValueError(f"cache capacity {s} is not a multiple of the attention block {block}")
-        n_blocks = (jnp.max(length) + block - 1) // block
-
-        def body(i, carry):
-            start = i * block
-            sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, axis=2)  # noqa: E731
-            return one_block(carry, sl(k), sl(v), sl(kv_pos), start)
-
-        _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    out = acc / jnp.maximum(l, 1e-30)[..., None]  # rows with no visible key (padding) give 0
-    return out.reshape(b, n_kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)

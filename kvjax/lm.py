@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation
+from kvjax import generation, methods
+from kvjax.compress import compress, resolve_keep
 from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kv_state import KVCache, cache_nbytes, init_cache
@@ -76,50 +77,83 @@ class LM:
         rows, single = self._as_rows(ids_bt)
         tokens, lengths = self._pad(rows)
         cache = self._empty_cache(len(rows), bucket(tokens.shape[1]))
-        logits, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache, all_logits=True)
+        logits, _, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache, all_logits=True)
         out = np.asarray(logits)[:, : lengths.max()]
         return out[0] if single else out
 
-    def prefill(self, ids, capacity: int | None = None) -> KVCache:
+    def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
+                budget: int | None = None, seed: int = 0) -> KVCache:
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
-        `capacity`: slots to allocate (default: the prompt's bucket); `generate` grows it as needed.
+        With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
+        `budget` (tokens kept per layer and KV head), the cache is compressed after the prefill
+        (kvpress semantics); its arrays then hold only the kept tokens.
+        `capacity`: slots to allocate for an uncompressed cache (default: the prompt's bucket).
         """
         rows, _ = self._as_rows(ids)
-        return self._prefill(rows, capacity or 0)[1]
+        plan = self._plan(method, ratio, budget, rows, cache=None)
+        return self._prefill(rows, capacity or 0, plan=plan, seed=seed)[1]
 
-    def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None):
-        """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length."""
+    def _plan(self, method, ratio, budget, rows, cache):
+        """Validate a compression request before anything compiles: (method, n_keep [L, B]) or None."""
+        if method is None or method == "full":
+            if ratio is not None or budget is not None:
+                raise ValueError("ratio= / budget= need a method= to compress with")
+            return None
+        method = methods.get(method)
+        if ratio is None and budget is None:
+            raise ValueError(f"method {method.name!r} needs ratio= (fraction removed) or budget= (tokens kept)")
+        if cache is not None:
+            raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
+        n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), [len(r) for r in rows],
+                              self.cfg.n_layers)
+        return method, n_keep
+
+    def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
+                 seed: int = 0):
+        """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length,
+        then compress with `plan` (from `_plan`) if given."""
         tokens, lengths = self._pad(rows)
-        used = 0 if cache is None else int(np.max(np.asarray(cache.layers[0].length)))
-        need = bucket(used + max(tokens.shape[1], extra))
+        room = max(tokens.shape[1], extra)
         if cache is None:
-            cache = self._empty_cache(len(rows), need)
+            cache = self._empty_cache(len(rows), bucket(room))
         else:
             if cache.batch != len(rows):
                 raise ValueError(f"cache holds {cache.batch} rows but {len(rows)} prompts were given")
             # the jitted steps donate the cache: work on a copy so the caller's cache stays usable
             # (e.g. several questions asked on top of one compressed context)
-            cache = jax.tree_util.tree_map(jnp.copy, cache).with_capacity(max(cache.capacity, need))
+            cache = jax.tree_util.tree_map(jnp.copy, cache).with_room(room, bucket)
         self._check_positions(cache, lengths)
-        return generation.prefill(self.params, self.cfg, tokens, lengths, cache)
+        if plan is None:
+            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
+            return logits, cache
+        method, n_keep = plan
+        logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
+                                                observe=method.observations())
+        capacities = tuple(int(max(row)) for row in n_keep)
+        cache = compress(cache, obs, jnp.asarray(n_keep), jax.random.key(seed), method=method, cfg=self.cfg,
+                         capacities=capacities)
+        return logits, cache
 
     # ------------------------------------------------------------------------------ generate
     def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
-                 stop_at_eos: bool = True) -> Generation:
+                 stop_at_eos: bool = True, method=None, ratio: float | None = None,
+                 budget: int | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
         lengths. With `cache` (from `prefill`), the ids are fed on top of it and continue its positions.
+        With `method` and `ratio`/`budget`, the prompt's cache is compressed before decoding.
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
-                                  stop_at_eos, every=None))
+                                  stop_at_eos, every=None, method=method, ratio=ratio, budget=budget))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None, stop_at_eos: bool = True,
-               every: int | None = STREAM_EVERY) -> Iterator[Generation]:
+               every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
+               budget: int | None = None) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -129,8 +163,11 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
+        plan = self._plan(method, ratio, budget, rows, cache)
         c0, t0 = compile_seconds(), time.perf_counter()
-        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache)
+        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, seed)
+        if plan is not None:  # room for the new tokens after the compressed prompt
+            cache = cache.with_room(max_new_tokens, bucket)
         logits.block_until_ready()
         prefill_compile = compile_seconds() - c0
         prefill_s = time.perf_counter() - t0 - prefill_compile

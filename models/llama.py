@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from kvjax.kv_state import KVCache
 from kvjax.models.config import LlamaConfig, rope_inv_freq
+from kvjax.observe import ObsSpec, observe_chunk
 
 
 class RMSNorm(nn.Module):
@@ -45,24 +46,31 @@ def apply_rope(x, positions, inv_freq):
 class Attention(nn.Module):
     cfg: LlamaConfig
     attn_block: int | None = None
+    observe: ObsSpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, state, n_valid):
+    def __call__(self, x, positions, state, n_valid, obs=None):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t, _ = x.shape
         dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
         q = dense(cfg.n_heads * cfg.head_dim, "q_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q_pre = q
         with jax.named_scope("rope"):
             inv_freq = jnp.asarray(rope_inv_freq(cfg))
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         with jax.named_scope("cache_update"):
             state = state.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid)
         with jax.named_scope("attend"):
-            out = state.attend(q, positions, self.attn_block)  # [B, T, H, D]
+            need_lse = self.observe is not None and self.observe.col_sums
+            out = state.attend(q, positions, self.attn_block, return_lse=need_lse)  # [B, T, H, D]
+            out, lse = out if need_lse else (out, None)
+        if self.observe is not None:
+            with jax.named_scope("observe"):
+                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block)
         out = dense(cfg.d_model, "o_proj", False)(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
-        return out, state
+        return out, state, obs
 
 
 class MLP(nn.Module):
@@ -79,25 +87,28 @@ class MLP(nn.Module):
 class Block(nn.Module):
     cfg: LlamaConfig
     attn_block: int | None = None
+    observe: ObsSpec | None = None
 
     @nn.compact
-    def __call__(self, x, positions, state, n_valid):
+    def __call__(self, x, positions, state, n_valid, obs=None):
         cfg = self.cfg
-        h, state = Attention(cfg, self.attn_block, name="attn")(
-            RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, state, n_valid)
+        h, state, obs = Attention(cfg, self.attn_block, self.observe, name="attn")(
+            RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, state, n_valid, obs)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="mlp_norm")(x))
-        return x, state
+        return x, state, obs
 
 
 class Llama(nn.Module):
-    """The decoder. `attn_block` is the key block of the attention's online softmax (None: one pass)."""
+    """The decoder. `attn_block` is the key block of the attention's online softmax (None: one pass);
+    `observe` (static) makes the call gather eviction observations (`kvjax.observe`)."""
 
     cfg: LlamaConfig
     attn_block: int | None = None
+    observe: ObsSpec | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache, n_valid=None, logits_at=None):
+    def __call__(self, tokens, positions, cache: KVCache, n_valid=None, logits_at=None, obs=None):
         """Run T tokens through the model, appending their K/V to the cache.
 
         Args:
@@ -107,8 +118,9 @@ class Llama(nn.Module):
           logits_at: int32 [B] one index into T per row: return logits [B, V] only there (a prefill
             needs the last position only, and full-vocabulary logits at every position are costly);
             None returns [B, T, V].
+          obs: with `observe`, a tuple of `LayerObs` (one per layer) to fold this call into.
         Returns:
-          (logits float32, new cache).
+          (logits float32, new cache), plus the new observations with `observe`.
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t = tokens.shape
@@ -116,10 +128,12 @@ class Llama(nn.Module):
             n_valid = jnp.full((b,), t, jnp.int32)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt, name="embed")
         x = embed(tokens)
-        layers = []
+        layers, new_obs = [], []
         for i, state in enumerate(cache.layers):
-            x, state = Block(cfg, self.attn_block, name=f"layers_{i}")(x, positions, state, n_valid)
+            x, state, layer_obs = Block(cfg, self.attn_block, self.observe, name=f"layers_{i}")(
+                x, positions, state, n_valid, None if obs is None else obs[i])
             layers.append(state)
+            new_obs.append(layer_obs)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, E]
         x = RMSNorm(cfg.rms_eps, dt, name="final_norm")(x)
@@ -129,4 +143,6 @@ class Llama(nn.Module):
             else:
                 logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, name="lm_head")(x)
         cache = dataclasses.replace(cache, layers=tuple(layers), next_pos=cache.next_pos + n_valid)
+        if self.observe is not None:
+            return logits.astype(jnp.float32), cache, tuple(new_obs)
         return logits.astype(jnp.float32), cache

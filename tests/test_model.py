@@ -83,7 +83,7 @@ def test_chunked_prefill_matches_single_pass(lm, monkeypatch):
 
     def run(all_logits):
         cache = lm._empty_cache(3, 64)
-        return generation.prefill(lm.params, lm.cfg, tokens, lengths, cache, all_logits=all_logits)
+        return generation.prefill(lm.params, lm.cfg, tokens, lengths, cache, all_logits=all_logits)[:2]
 
     full_one, cache_one = run(True)
     last_one, _ = run(False)
@@ -242,7 +242,7 @@ def test_decode_stops_when_cache_full(lm):
     rows = rows_of((10, 30), (6, 31))
     tokens, lengths = lm._pad(rows)  # [2, 16]
     cache = init_cache(cfg.n_layers, 2, cfg.n_kv_heads, 16, cfg.head_dim, cfg.jnp_dtype)  # 16 slots
-    logits, cache = generation.prefill(lm.params, cfg, tokens, lengths, cache)
+    logits, cache, _ = generation.prefill(lm.params, cfg, tokens, lengths, cache)
     out, state = generation.decode(lm.params, cache, logits, jnp.zeros((2,), bool), jax.random.key(0),
                                    jnp.int32(100), cfg=cfg, sampler=Sampler(), eos_ids=(), n_buffer=32)
     out = np.asarray(out)
@@ -259,7 +259,7 @@ def test_decode_max_steps_and_rows_done_on_entry(lm):
     rows = rows_of((10, 30), (6, 31))
     tokens, lengths = lm._pad(rows)
     cache = init_cache(cfg.n_layers, 2, cfg.n_kv_heads, 16, cfg.head_dim, cfg.jnp_dtype)
-    logits, cache = generation.prefill(lm.params, cfg, tokens, lengths, cache)
+    logits, cache, _ = generation.prefill(lm.params, cfg, tokens, lengths, cache)
     out, state = generation.decode(lm.params, cache, logits, jnp.array([True, False]), jax.random.key(0),
                                    jnp.int32(3), cfg=cfg, sampler=Sampler(), eos_ids=(), n_buffer=32)
     out = np.asarray(out)

@@ -1,0 +1,48 @@
+"""StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep `n_sink` attention sinks and the most recent
+tokens. Follows kvpress 0.5.5 `StreamingLLMPress` (sinks [0, n_sink) and the last n_kept - n_sink
+positions; kept keys keep their RoPE phases). `rerotate=True` is the paper's variant (kvpress
+`KeyRerotationPress`): kept keys are re-rotated to their cache-slot positions 0..n_kept-1 and new
+tokens continue at n_kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from kvjax.methods.base import EvictionMethod, ScoreContext, check_positive, register
+from kvjax.models.config import rope_inv_freq
+from kvjax.models.llama import apply_rope
+
+
+@register("streaming_llm", "streamingllm")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamingLLM(EvictionMethod):
+    n_sink: int = 4
+    rerotate: bool = False
+
+    def __post_init__(self):
+        check_positive(n_sink=self.n_sink)
+
+    def protected(self) -> int:
+        return self.n_sink
+
+    def score(self, ctx: ScoreContext):
+        # sinks above everything, then the most recent first
+        pos = ctx.pos.astype(jnp.float32)
+        return jnp.where(ctx.pos < self.n_sink, 2.0 ** 30, pos)
+
+    def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
+        state = super().select(ctx, state, scores, n_keep, capacity)
+        if not self.rerotate:
+            return state
+        # R(slot) k = R(slot - pos) R(pos) k: move each kept key to its cache-slot position
+        b, n_kv, c, d = state.k.shape
+        slot = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, n_kv, c))
+        kept = slot < n_keep[:, None, None]
+        delta = jnp.where(kept, slot - state.pos, 0).reshape(b * n_kv, c)
+        k = apply_rope(state.k.reshape(b * n_kv, c, 1, d), delta, jnp.asarray(rope_inv_freq(ctx.cfg)))
+        return dataclasses.replace(state, k=k.reshape(state.k.shape), pos=jnp.where(kept, slot, state.pos))
+
+    def next_positions(self, next_pos, n_keep):
+        return n_keep.astype(next_pos.dtype) if self.rerotate else next_pos
