@@ -219,9 +219,10 @@ def test_with_capacity_pads_and_refuses_shrinking():
 
     cache = KVCache(layers=(state, state.with_capacity(16)), next_pos=jnp.array([8, 5]))
     assert cache.capacity == 8 and cache.batch == 2
-    assert [l.capacity for l in cache.with_capacity(32).layers] == [32, 32]
-    with pytest.raises(ValueError, match="shrink"):
-        cache.with_capacity(12)
+    # with_room: each layer gets n free slots past its longest row (lengths [8, 5]), rounded up
+    assert [l.capacity for l in cache.with_room(3).layers] == [11, 16]
+    assert [l.capacity for l in cache.with_room(3, lambda c: 32).layers] == [32, 32]
+    assert [l.capacity for l in cache.with_room(0).layers] == [8, 16]
 
 
 def test_kept_positions():
