@@ -154,7 +154,7 @@ def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaCo
     def cond(s: DecodeState):
         # every row of every layer (done rows too: their scratch write lands at slot `length`)
         # needs a free slot
-        room = jnp.all(jnp.stack([jnp.max(layer.length) < layer.capacity for layer in s.cache.layers]))
+        room = jnp.all(jnp.stack([layer.has_room() for layer in s.cache.layers]))
         return (s.step < jnp.minimum(max_steps, n_buffer)) & ~jnp.all(s.done) & room
 
     def body(s: DecodeState):

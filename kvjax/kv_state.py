@@ -93,6 +93,15 @@ class DenseKV:
     def positions(self) -> jax.Array:
         return self.pos
 
+    def has_room(self, n: int = 1) -> jax.Array:
+        """bool []: every row can take `n` more tokens."""
+        return jnp.max(self.length) + n <= self.capacity
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "DenseKV":
+        """At least `n` free slots past the longest row, capacity rounded up by `round_up` (host-side)."""
+        need = round_up(int(np.max(np.asarray(self.length))) + n)
+        return self.with_capacity(max(self.capacity, need))
+
     def with_capacity(self, capacity: int) -> "DenseKV":
         """The same state with S grown to `capacity` slots (new slots empty)."""
         extra = capacity - self.capacity
@@ -131,11 +140,7 @@ class KVCache:
         """Grow each layer so it has at least `n` free slots past its longest row (host-side).
 
         `round_up` maps a slot count to the capacity to allocate (e.g. a bucket)."""
-        layers = []
-        for layer in self.layers:
-            need = round_up(int(np.max(np.asarray(layer.length))) + n)
-            layers.append(layer.with_capacity(max(layer.capacity, need)))
-        return dataclasses.replace(self, layers=tuple(layers))
+        return dataclasses.replace(self, layers=tuple(layer.with_room(n, round_up) for layer in self.layers))
 
 
 def tree_nbytes(tree) -> int:
@@ -154,10 +159,14 @@ def init_cache(n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_d
     return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32))
 
 
-def kept_positions(cache: KVCache) -> list[np.ndarray]:
-    """Per layer, int32 [B, K, n] original positions held (sorted; rows must hold equal counts)."""
+def kept_positions(cache: KVCache) -> list:
+    """Per layer, int32 [B, K, n] original positions held, sorted (rows must hold equal counts);
+    for a layer whose heads keep different counts (`RaggedKV`), a list per KV head of [B, n_k]."""
     out = []
     for layer in cache.layers:
+        if not isinstance(layer, DenseKV):
+            out.append(layer.positions())
+            continue
         pos, length = np.asarray(layer.positions()), np.asarray(layer.length)
         if len(set(length.tolist())) > 1:
             raise ValueError("rows hold different numbers of tokens; select one row first")

@@ -4,6 +4,7 @@
     kvjax.methods.get("adakv:snapkv")            # a wrapper around a scorer
     kvjax.methods.SnapKV(window=32, reduce="sum")  # or an object
 """
+from kvjax.methods.adakv import AdaKV
 from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, lookup, register, registry
 from kvjax.methods.expected_attention import ExpectedAttention
 from kvjax.methods.knorm import Knorm
@@ -14,7 +15,7 @@ from kvjax.methods.snapkv import SnapKV
 from kvjax.methods.streaming_llm import StreamingLLM
 from kvjax.methods.tova import TOVA
 
-WRAPPERS: dict[str, type] = {}
+WRAPPERS: dict[str, type] = {"adakv": AdaKV}
 
 
 def get(spec) -> EvictionMethod:
@@ -33,5 +34,5 @@ def get(spec) -> EvictionMethod:
     return lookup(spec)()
 
 
-__all__ = ["get", "Budget", "EvictionMethod", "ScoreContext", "register", "registry", "ExpectedAttention", "Knorm",
+__all__ = ["get", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod", "ScoreContext", "register", "registry", "ExpectedAttention", "Knorm",
            "ObservedAttention", "PyramidKV", "Random", "SnapKV", "StreamingLLM", "TOVA"]

@@ -1,0 +1,58 @@
+"""Ada-KV (Feng et al. 2024, arXiv 2407.11550): per-head budgets. A wrapper around any scorer: the
+layer keeps its K * n_kept best (head, token) pairs over all KV heads together, with a safeguard of
+at least floor(alpha * n_kept) tokens per head.
+
+Follows kvpress 0.5.5 `AdaKVPress` (alpha_safeguard 0.2: each head's top n_safe set to the float max,
+then one top-k over the flattened [K * T] scores). kvpress only masks the evicted keys (no memory
+saved); kvjax stores the result in a `RaggedKV` pool, so the kept tokens are the only ones held.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.methods.base import Budget, EvictionMethod, ScoreContext
+from kvjax.observe import ObsSpec
+from kvjax.ragged_kv import ragged_from_selection
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKV(EvictionMethod):
+    press: EvictionMethod
+    alpha_safeguard: float = 0.2
+
+    def __post_init__(self):
+        if not isinstance(self.press, EvictionMethod) or isinstance(self.press, AdaKV):
+            raise ValueError(f"AdaKV wraps a scoring method (not AdaKV), got {self.press!r}")
+        if not 0 <= self.alpha_safeguard <= 1:
+            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"adakv:{self.press.name}"
+
+    def observations(self) -> ObsSpec:
+        return self.press.observations()
+
+    def protected(self) -> int:
+        return self.press.protected()
+
+    def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
+        return self.press.layer_keep(budget, n_tokens, layer, n_layers)
+
+    def score(self, ctx: ScoreContext):
+        return self.press.score(ctx)
+
+    def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
+        b, n_kv, s = scores.shape
+        scores = jnp.where(jnp.arange(s)[None, None, :] < state.length[:, None, None], scores, -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # 0 = best slot of its head
+        n_safe = jnp.floor(n_keep * self.alpha_safeguard).astype(jnp.int32)
+        scores = jnp.where(rank < n_safe[:, None, None], jnp.finfo(jnp.float32).max, scores)
+        total = n_kv * capacity
+        top = jax.lax.top_k(scores.reshape(b, n_kv * s), total)[1]  # [B, K*C]
+        chosen = jnp.arange(total)[None, :] < (n_kv * n_keep)[:, None]
+        keep = jnp.zeros((b, n_kv * s), bool).at[jnp.arange(b)[:, None], top].set(chosen).reshape(b, n_kv, s)
+        return ragged_from_selection(state.k, state.v, state.pos, keep, total)

@@ -1,0 +1,145 @@
+"""`RaggedKV`: a layer state whose KV heads keep different numbers of tokens (Ada-KV, DuoAttention).
+
+Each row stores one flat pool of slots; KV head k owns the region [start[b, k], end[b, k]) of it and
+uses its first `length[b, k]` slots. The pool holds exactly the kept tokens (plus any room asked for
+with `with_room`), so `nbytes` is the real memory: no padded dense array, no mask standing in for
+eviction (kvpress's AdaKVPress only masks; see its docstring).
+
+Legend: B batch, T new tokens, P pool slots, H query heads, K KV heads, G = H/K, D head dim.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.kv_state import EMPTY_POS, tree_nbytes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedKV:
+    """Attributes:
+      k, v: [B, P, D] keys (post-RoPE) and values of every head's region.
+      pos: int32 [B, P] original position of each slot's token (`EMPTY_POS` where unused).
+      start, end: int32 [B, K] region of each KV head in the pool.
+      length: int32 [B, K] slots in use at the start of each region.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    start: jax.Array
+    end: jax.Array
+    length: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def has_room(self, n: int = 1) -> jax.Array:
+        """bool []: every head of every row can take `n` more tokens."""
+        return jnp.all(self.start + self.length + n <= self.end)
+
+    def append(self, k, v, pos, n_valid) -> "RaggedKV":
+        """Write T tokens per head after each head's used slots; `length += n_valid`.
+
+        k, v: [B, K, T, D]; pos: int32 [B, T]; n_valid: int32 [B]. Callers guarantee the room.
+        """
+        b, n_kv, t, _ = k.shape
+        dest = (self.start + self.length)[:, :, None] + jnp.arange(t)  # [B, K, T]
+        rows = jnp.arange(b)[:, None, None]
+        write = lambda buf, new: buf.at[rows, dest].set(new.astype(buf.dtype), mode="promise_in_bounds",  # noqa: E731
+                                                        unique_indices=True)
+        pos_bkt = jnp.broadcast_to(pos[:, None, :], (b, n_kv, t)).astype(jnp.int32)
+        return dataclasses.replace(self, k=write(self.k, k), v=write(self.v, v), pos=write(self.pos, pos_bkt),
+                                   length=self.length + n_valid[:, None].astype(jnp.int32))
+
+    def slot_head(self) -> jax.Array:
+        """int32 [B, P]: the KV head whose used slots include each pool slot, -1 for unused slots."""
+        p = jnp.arange(self.capacity)[None, None, :]
+        inside = (p >= self.start[:, :, None]) & (p < (self.start + self.length)[:, :, None])  # [B, K, P]
+        return jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1).astype(jnp.int32)
+
+    def attend(self, q, q_pos, block=None, return_lse: bool = False):
+        """Causal attention of q [B, T, H, D] over each query head's own KV head region -> [B, T, H, D].
+
+        Plain jnp, one pass: every query row scores the whole pool and masks other heads' slots
+        (K times the necessary flops, no copy of the pool). The Pallas ragged kernel reads only
+        each head's own slots. `block` is accepted for interface parity and unused.
+        """
+        if return_lse:
+            raise ValueError("RaggedKV does not provide observations for eviction (compress a fresh prefill)")
+        b, t, h, d = q.shape
+        g = h // self.start.shape[1]
+        qf = q.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b, h * t, d) * (d ** -0.5)  # row = h*T + t
+        row_head = jnp.repeat(jnp.arange(h) // g, t)  # [H*T]
+        row_pos = jnp.tile(q_pos, (1, h))  # [B, H*T]
+        sc = jnp.einsum("bqd,bpd->bqp", qf, self.k.astype(jnp.float32))
+        visible = (self.slot_head()[:, None, :] == row_head[None, :, None]) & (
+            self.pos[:, None, :] <= row_pos[:, :, None])
+        sc = jnp.where(visible, sc, -jnp.inf)
+        m = jnp.max(sc, axis=-1, keepdims=True)
+        p = jnp.exp(sc - jnp.where(jnp.isneginf(m), 0.0, m))
+        out = jnp.einsum("bqp,bpd->bqd", p, self.v.astype(jnp.float32)) / jnp.maximum(p.sum(-1), 1e-30)[..., None]
+        return out.reshape(b, h, t, d).transpose(0, 2, 1, 3).astype(q.dtype)
+
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def positions(self) -> list[np.ndarray]:
+        """Per KV head, int32 [B, n_k] original positions held (rows must hold equal counts per head)."""
+        pos, start, length = (np.asarray(x) for x in (self.pos, self.start, self.length))
+        out = []
+        for kh in range(start.shape[1]):
+            if len(set(length[:, kh].tolist())) > 1:
+                raise ValueError("rows hold different numbers of tokens; select one row first")
+            out.append(np.stack([np.sort(pos[b, start[b, kh]: start[b, kh] + length[b, kh]])
+                                 for b in range(pos.shape[0])]))
+        return out
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "RaggedKV":
+        """Re-lay the pool so every head has `n` free slots after its used ones (host-side)."""
+        start, end, length = (np.asarray(x) for x in (self.start, self.end, self.length))
+        if np.all(start + length + n <= end):
+            return self
+        size = np.maximum(end - start, length + n)  # [B, K] new region sizes
+        new_start = np.concatenate([np.zeros_like(size[:, :1]), np.cumsum(size, axis=1)[:, :-1]], axis=1)
+        pool = round_up(int(size.sum(1).max()))
+        # source slot of every destination slot (regions keep their contents, grown at the end)
+        src = np.full((start.shape[0], pool), -1, np.int64)
+        for b in range(start.shape[0]):
+            for kh in range(start.shape[1]):
+                m = length[b, kh]
+                src[b, new_start[b, kh]: new_start[b, kh] + m] = np.arange(start[b, kh], start[b, kh] + m)
+        src_j = jnp.asarray(np.maximum(src, 0))
+        has = jnp.asarray(src >= 0)
+        take = lambda x, fill: jnp.where(has.reshape(has.shape + (1,) * (x.ndim - 2)),  # noqa: E731
+                                         jnp.take_along_axis(x, src_j.reshape(src_j.shape + (1,) * (x.ndim - 2)), 1),
+                                         fill)
+        return RaggedKV(k=take(self.k, 0), v=take(self.v, 0), pos=take(self.pos, EMPTY_POS),
+                        start=jnp.asarray(new_start, jnp.int32), end=jnp.asarray(new_start + size, jnp.int32),
+                        length=self.length)
+
+
+def ragged_from_selection(k, v, pos, keep, n_kv_total: int) -> RaggedKV:
+    """Build a RaggedKV from a per-head selection of dense slots.
+
+    Args:
+      k, v: [B, K, S, D]; pos: int32 [B, K, S] the dense state's arrays.
+      keep: bool [B, K, S] slots to keep (any number per head).
+      n_kv_total: static pool size P >= max over rows of keep.sum().
+    Regions are packed head after head, each holding its kept tokens in position order.
+    """
+    b, n_kv, s, d = k.shape
+    length = keep.sum(-1).astype(jnp.int32)  # [B, K]
+    start = (jnp.cumsum(length, axis=1) - length).astype(jnp.int32)
+    flat_key = jnp.where(keep, jnp.arange(n_kv)[None, :, None] * (EMPTY_POS // (n_kv + 1)) + pos, EMPTY_POS)
+    order = jnp.argsort(flat_key.reshape(b, n_kv * s), axis=1)[:, :n_kv_total]  # kept: head-major, by position
+    kept = jnp.arange(n_kv_total)[None, :] < length.sum(1, keepdims=True)
+    take = lambda x: jnp.take_along_axis(x.reshape((b, n_kv * s) + x.shape[3:]),  # noqa: E731
+                                         order.reshape(order.shape + (1,) * (x.ndim - 3)), axis=1)
+    return RaggedKV(k=take(k), v=take(v), pos=jnp.where(kept, take(pos), EMPTY_POS), start=start,
+                    end=start + length, length=length)
