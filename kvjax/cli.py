@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 
@@ -30,11 +31,34 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on accelerators")
+    _compression_args(g)
+
+    m = sub.add_parser("methods", help="list the compression methods and their parameters")
+
+    n = sub.add_parser("inspect", help="write the positions a method keeps, per layer (and head), to .npz")
+    n.add_argument("--model", default=DEFAULT_MODEL)
+    n.add_argument("--input-ids", required=True, type=Path, help=".npy of int ids [T] (or [1, T])")
+    n.add_argument("--out", required=True, type=Path, help="output .npz: layer{i} = int32 [K, n] kept positions")
+    n.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _compression_args(n, required=True)
 
     i = sub.add_parser("info", help="print the model config and KV-cache bytes per token")
     i.add_argument("--model", default=DEFAULT_MODEL)
     i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     return p
+
+
+def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--method", required=required, default=None,
+                   help="eviction method: a name from `kvjax methods`, or wrapper:name (e.g. adakv:snapkv)")
+    budget = p.add_mutually_exclusive_group(required=required)
+    budget.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's tokens removed")
+    budget.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
+    p.add_argument("--compress-seed", type=int, default=0, help="seed of randomized methods")
+
+
+def _compression(args) -> dict:
+    return dict(method=args.method, ratio=args.ratio, budget=args.budget)
 
 
 def _generate(args) -> None:
@@ -52,7 +76,7 @@ def _generate(args) -> None:
     shown = ""
     result = None
     for result in lm.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, **_compression(args)):
         text = result.text.rstrip("\ufffd")  # hold back a partly decoded UTF-8 character
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
@@ -62,6 +86,49 @@ def _generate(args) -> None:
     print(f"[prompt {len(ids)} tokens | new {n_new} tokens | prefill {len(ids) / max(result.prefill_s, 1e-9):.1f} tok/s "
           f"| decode {max(n_new - 1, 0) / max(result.decode_s, 1e-9):.1f} tok/s | compile {result.compile_s:.1f} s "
           f"| KV cache {result.cache_bytes:,} bytes]")
+
+
+def _methods(args) -> None:
+    import dataclasses
+
+    from kvjax import methods
+
+    print("eviction methods (use with --method NAME --ratio R | --budget N):")
+    for name, cls in sorted(methods.registry().items()):
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().split("\n")[0]
+        print(f"  {name:20s} {fields or '-'}\n  {'':20s} {doc}")
+    print("wrappers (use as WRAPPER:METHOD, e.g. adakv:snapkv):")
+    for name, cls in sorted(methods.WRAPPERS.items()):
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.name != "press")
+        print(f"  {name:20s} {fields}")
+
+
+def _inspect(args) -> None:
+    import numpy as np
+
+    import kvjax
+
+    if not args.input_ids.is_file():
+        raise ValueError(f"--input-ids: no such file {args.input_ids}")
+    ids = np.load(args.input_ids)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ValueError(f"--input-ids must hold ids [T] or [1, T], got shape {ids.shape}")
+    lm = kvjax.load(args.model, dtype=args.dtype)
+    cache = lm.prefill(ids, method=args.method, ratio=args.ratio, budget=args.budget, seed=args.compress_seed)
+    out = {}
+    for i, layer in enumerate(kvjax.kept_positions(cache)):
+        if isinstance(layer, list):  # per-head counts differ: [K, max_n] padded with -1
+            width = max(h.shape[-1] for h in layer)
+            out[f"layer{i}"] = np.stack([np.pad(h[0], (0, width - h.shape[-1]), constant_values=-1) for h in layer])
+        else:
+            out[f"layer{i}"] = layer[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **out)
+    print(f"wrote kept positions of {len(out)} layers to {args.out} "
+          f"(cache {kvjax.cache_nbytes(cache):,} bytes for {len(ids)} tokens)")
 
 
 def _info(args) -> None:
@@ -81,7 +148,7 @@ def _info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "info": _info}[args.command](args)
+        {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect}[args.command](args)
     except ValueError as e:
         print(f"kvjax: error: {e}", file=sys.stderr)
         return 2

@@ -166,8 +166,8 @@ class LM:
         plan = self._plan(method, ratio, budget, rows, cache)
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, seed)
-        if plan is not None:  # room for the new tokens after the compressed prompt
-            cache = cache.with_room(max_new_tokens, bucket)
+        if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)
+            cache = cache.with_room(max_new_tokens, lambda c: -(-c // 64) * 64)
         logits.block_until_ready()
         prefill_compile = compile_seconds() - c0
         prefill_s = time.perf_counter() - t0 - prefill_compile
