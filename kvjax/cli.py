@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on accelerators")
     _compression_args(g)
+    g.add_argument("--capacity", type=int, default=None,
+                   help="bound the cache to this many tokens per layer/head while decoding "
+                        "(decode-time eviction: streaming_llm, h2o, tova)")
 
     m = sub.add_parser("methods", help="list the compression methods and their parameters")
 
@@ -58,7 +61,7 @@ def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> Non
 
 
 def _compression(args) -> dict:
-    return dict(method=args.method, ratio=args.ratio, budget=args.budget)
+    return dict(method=args.method, ratio=args.ratio, budget=args.budget, capacity=args.capacity)
 
 
 def _generate(args) -> None:

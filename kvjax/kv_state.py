@@ -87,6 +87,10 @@ class DenseKV:
         (and the log-sum-exp [B, K, G*T] with `return_lse`)."""
         return blockwise_attention(q, q_pos, self.k, self.v, self.pos, self.length, block, return_lse)
 
+    def observe_query(self, q, q_pos) -> "DenseKV":
+        """Hook after attention for states that evict by what queries attend to (`RollingKV`)."""
+        return self
+
     def nbytes(self) -> int:
         return tree_nbytes(self)
 
@@ -164,10 +168,11 @@ def kept_positions(cache: KVCache) -> list:
     for a layer whose heads keep different counts (`RaggedKV`), a list per KV head of [B, n_k]."""
     out = []
     for layer in cache.layers:
-        if not isinstance(layer, DenseKV):
-            out.append(layer.positions())
+        pos = layer.positions()
+        if isinstance(pos, list):  # per-head lists already
+            out.append(pos)
             continue
-        pos, length = np.asarray(layer.positions()), np.asarray(layer.length)
+        pos, length = np.asarray(pos), np.asarray(layer.length)
         if len(set(length.tolist())) > 1:
             raise ValueError("rows hold different numbers of tokens; select one row first")
         out.append(np.sort(pos[:, :, : int(length[0])], axis=-1))

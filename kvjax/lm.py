@@ -94,20 +94,41 @@ class LM:
         plan = self._plan(method, ratio, budget, rows, cache=None)
         return self._prefill(rows, capacity or 0, plan=plan, seed=seed)[1]
 
-    def _plan(self, method, ratio, budget, rows, cache):
-        """Validate a compression request before anything compiles: (method, n_keep [L, B]) or None."""
+    def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None):
+        """Validate a compression request before anything compiles.
+
+        Returns None (no compression) or (method, n_keep int32 [L, B], rolling capacity or None).
+        """
         if method is None or method == "full":
-            if ratio is not None or budget is not None:
-                raise ValueError("ratio= / budget= need a method= to compress with")
+            if ratio is not None or budget is not None or capacity is not None:
+                raise ValueError("ratio= / budget= / capacity= need a method= to compress with")
             return None
         method = methods.get(method)
-        if ratio is None and budget is None:
-            raise ValueError(f"method {method.name!r} needs ratio= (fraction removed) or budget= (tokens kept)")
         if cache is not None:
             raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
-        n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), [len(r) for r in rows],
-                              self.cfg.n_layers)
-        return method, n_keep
+        lengths = [len(r) for r in rows]
+        if capacity is not None:
+            return method, self._rolling_keep(method, capacity, ratio, budget, lengths), capacity
+        if ratio is None and budget is None:
+            raise ValueError(f"method {method.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
+                             "or capacity= (cache bound while decoding)")
+        n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), lengths, self.cfg.n_layers)
+        return method, n_keep, None
+
+    def _rolling_keep(self, method, capacity, ratio, budget, lengths) -> np.ndarray:
+        if ratio is not None or budget is not None:
+            raise ValueError("capacity= bounds the cache on its own: do not combine it with ratio= or budget=")
+        if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 2:
+            raise ValueError(f"capacity must be an integer >= 2 tokens, got {capacity!r}")
+        rule = method.decode_rule(int(capacity))
+        if rule is None:
+            able = sorted(n for n, c in methods.registry().items() if c().decode_rule(64) is not None)
+            raise ValueError(f"method {method.name!r} has no decode-time eviction rule; use one of {able}")
+        _, n_sink, recent = rule
+        if capacity <= n_sink + recent:
+            raise ValueError(f"capacity {capacity} leaves no evictable slot ({method.name} protects "
+                             f"{n_sink} sinks and {recent} recent tokens)")
+        return np.array([[min(n, int(capacity)) for n in lengths]] * self.cfg.n_layers, np.int32)
 
     def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
                  seed: int = 0):
@@ -127,33 +148,37 @@ class LM:
         if plan is None:
             logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
             return logits, cache
-        method, n_keep = plan
+        method, n_keep, rolling = plan
         logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
                                                 observe=method.observations())
-        capacities = tuple(int(max(row)) for row in n_keep)
+        capacities = tuple(rolling or int(max(row)) for row in n_keep)
         cache = compress(cache, obs, jnp.asarray(n_keep), jax.random.key(seed), method=method, cfg=self.cfg,
-                         capacities=capacities)
+                         capacities=capacities, rolling=rolling is not None)
         return logits, cache
 
     # ------------------------------------------------------------------------------ generate
     def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
                  stop_at_eos: bool = True, method=None, ratio: float | None = None,
-                 budget: int | None = None) -> Generation:
+                 budget: int | None = None, capacity: int | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
         lengths. With `cache` (from `prefill`), the ids are fed on top of it and continue its positions.
-        With `method` and `ratio`/`budget`, the prompt's cache is compressed before decoding.
+        With `method` and `ratio`/`budget`, the prompt's cache is compressed before decoding. With
+        `method` and `capacity=C` (streaming_llm, h2o, tova), the cache holds at most C tokens per layer
+        and KV head for the whole generation: a longer prompt is compressed to C, then each new
+        token first evicts one under the method's decode rule (`kvjax.rolling_kv`).
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
-                                  stop_at_eos, every=None, method=method, ratio=ratio, budget=budget))
+                                  stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
+                                  capacity=capacity))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None, stop_at_eos: bool = True,
                every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
-               budget: int | None = None) -> Iterator[Generation]:
+               budget: int | None = None, capacity: int | None = None) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -163,7 +188,7 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
-        plan = self._plan(method, ratio, budget, rows, cache)
+        plan = self._plan(method, ratio, budget, rows, cache, capacity)
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, seed)
         if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)

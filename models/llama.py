@@ -66,6 +66,7 @@ class Attention(nn.Module):
             need_lse = self.observe is not None and self.observe.col_sums
             out = state.attend(q, positions, self.attn_block, return_lse=need_lse)  # [B, T, H, D]
             out, lse = out if need_lse else (out, None)
+            state = state.observe_query(q, positions)
         if self.observe is not None:
             with jax.named_scope("observe"):
                 obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block)

@@ -45,6 +45,9 @@ class AdaKV(EvictionMethod):
     def score(self, ctx: ScoreContext):
         return self.press.score(ctx)
 
+    def decode_rule(self, capacity: int):
+        raise ValueError("decode-time eviction (capacity=) keeps one budget for every head: use the scorer alone")
+
     def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
         b, n_kv, s = scores.shape
         scores = jnp.where(jnp.arange(s)[None, None, :] < state.length[:, None, None], scores, -jnp.inf)

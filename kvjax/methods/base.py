@@ -130,6 +130,14 @@ class EvictionMethod(abc.ABC):
 
         return keep_top(state, scores, n_keep, capacity)
 
+    def decode_rule(self, capacity: int) -> tuple[str, int, int] | None:
+        """(rule, n_sink, recent) of `RollingKV` for decode-time eviction, or None if the method has none."""
+        return None
+
+    def decode_init_score(self, ctx: ScoreContext) -> jax.Array:
+        """float32 [B, K, S] the rolling rule's starting scores of the prompt's slots."""
+        return jnp.zeros(ctx.pos.shape, jnp.float32)
+
     def next_positions(self, next_pos, n_keep):
         """Position of the next token after compression (kvpress: the original length, unchanged)."""
         return next_pos

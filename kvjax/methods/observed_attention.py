@@ -18,6 +18,18 @@ from kvjax.observe import ObsSpec
 @register("observed_attention", "h2o")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ObservedAttention(EvictionMethod):
+    recent_fraction: float = 0.5  # decode-time eviction: share of the capacity kept as recent window (H2O)
+
+    def __post_init__(self):
+        if not 0 <= self.recent_fraction < 1:
+            raise ValueError(f"recent_fraction must be in [0, 1), got {self.recent_fraction!r}")
+
+    def decode_rule(self, capacity: int):
+        return ("h2o", 0, int(capacity * self.recent_fraction))
+
+    def decode_init_score(self, ctx: ScoreContext):
+        return group_mean(ctx.obs.col_sum, ctx.k.shape[1])  # attention accumulated over the prefill
+
     def observations(self) -> ObsSpec:
         return ObsSpec(col_sums=True)
 

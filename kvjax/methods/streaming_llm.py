@@ -44,5 +44,10 @@ class StreamingLLM(EvictionMethod):
         k = apply_rope(state.k.reshape(b * n_kv, c, 1, d), delta, jnp.asarray(rope_inv_freq(ctx.cfg)))
         return dataclasses.replace(state, k=k.reshape(state.k.shape), pos=jnp.where(kept, slot, state.pos))
 
+    def decode_rule(self, capacity: int):
+        if self.rerotate:
+            raise ValueError("decode-time eviction keeps original positions: use rerotate=False with capacity=")
+        return ("streaming", self.n_sink, 0)
+
     def next_positions(self, next_pos, n_keep):
         return n_keep.astype(next_pos.dtype) if self.rerotate else next_pos

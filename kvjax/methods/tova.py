@@ -23,6 +23,12 @@ class TOVA(EvictionMethod):
     def protected(self) -> int:
         return 1
 
+    def decode_rule(self, capacity: int):
+        return ("tova", 0, 0)
+
+    def decode_init_score(self, ctx: ScoreContext):
+        return self.score(ctx)
+
     def score(self, ctx: ScoreContext):
         attn = window_attention(ctx, 1)[:, :, 0]  # [B, H, S]
         shared = jnp.broadcast_to(attn.mean(1, keepdims=True), ctx.pos.shape)  # [B, K, S]
