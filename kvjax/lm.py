@@ -151,7 +151,9 @@ class LM:
         method, n_keep, rolling = plan
         logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
                                                 observe=method.observations())
-        capacities = tuple(rolling or int(max(row)) for row in n_keep)
+        # `extra` beyond the prompt is room for decoding: allocate it now (64-slot steps), not later
+        room = max(0, extra - int(lengths.max()))
+        capacities = tuple(rolling or (_round64(int(max(row)) + room) if room else int(max(row))) for row in n_keep)
         cache = compress(cache, obs, jnp.asarray(n_keep), jax.random.key(seed), method=method, cfg=self.cfg,
                          capacities=capacities, rolling=rolling is not None)
         return logits, cache
@@ -192,7 +194,7 @@ class LM:
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, seed)
         if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)
-            cache = cache.with_room(max_new_tokens, lambda c: -(-c // 64) * 64)
+            cache = cache.with_room(max_new_tokens, _round64)
         logits.block_until_ready()
         prefill_compile = compile_seconds() - c0
         prefill_s = time.perf_counter() - t0 - prefill_compile
@@ -274,6 +276,10 @@ class LM:
         if end.max() > self.cfg.max_positions:
             raise ValueError(f"cache + prompt reach position {end.max()}, beyond the model's maximum "
                              f"positions ({self.cfg.max_positions})")
+
+
+def _round64(n: int) -> int:
+    return -(-n // 64) * 64
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:

@@ -72,4 +72,5 @@ class ExpectedAttention(EvictionMethod):
         scores = group_mean(z, ctx.k.shape[1])
         if self.use_vnorm:
             scores = (scores + self.epsilon) * jnp.linalg.norm(ctx.v.astype(jnp.float32), axis=-1)
-        return protect(scores, sink)
+        # slots past the length score 0 (with epsilon > 0 they would get epsilon * ||v|| and raise the max)
+        return protect(jnp.where(ctx.used, scores, 0.0), sink)
