@@ -40,3 +40,44 @@ def test_bad_input_is_one_line_and_exit_2(smollm2, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvjax: error: ") and message in err and err.count("\n") == 1
+
+
+def test_methods_lists_every_registered_method(capsys):
+    import kvjax
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in kvjax.methods.registry():
+        assert f"  {name} " in out
+    assert "adakv" in out and "window=64, kernel=5" in out
+
+
+def test_inspect_writes_kept_positions(smollm2, tmp_path, capsys):
+    import numpy as np
+
+    import kvjax
+
+    ids = np.asarray(smollm2.encode("The grass is green. The sky is blue. " * 12), np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "kept.npz"
+    assert main(["inspect", "--input-ids", str(tmp_path / "ids.npy"), "--method", "snapkv", "--budget", "80",
+                 "--out", str(out)]) == 0
+    kept = np.load(out)
+    expected = kvjax.kept_positions(smollm2.prefill(ids, method="snapkv", budget=80))
+    assert sorted(kept) == sorted(f"layer{i}" for i in range(30))
+    for i, layer in enumerate(expected):
+        np.testing.assert_array_equal(kept[f"layer{i}"], layer[0])
+    assert main(["inspect", "--input-ids", str(tmp_path / "missing.npy"), "--method", "snapkv", "--ratio", "0.5",
+                 "--out", str(out)]) == 2
+
+
+def test_generate_with_compression_flags(smollm2, capsys):
+    prompt = "Remember: the secret word is apple. " * 20 + "What is the secret word?"
+    assert main(["generate", "--prompt", prompt, "--method", "snapkv", "--ratio", "0.5",
+                 "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "--prompt", prompt, "--method", "streaming_llm", "--capacity", "64",
+                 "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("KV cache") == 2
+    assert main(["generate", "--prompt", prompt, "--method", "snapkv", "--capacity", "64"]) == 2
+    assert "no decode-time eviction rule" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.models.config import LlamaConfig
 from kvjax.observe import LayerObs, ObsSpec
@@ -88,7 +89,7 @@ class Budget:
     def __post_init__(self):
         if (self.ratio is None) == (self.tokens is None):
             raise ValueError("give exactly one of ratio= (fraction removed) or budget= (tokens kept)")
-        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float, np.floating)) and 0 <= self.ratio < 1):
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
         if self.tokens is not None and (not isinstance(self.tokens, int) or isinstance(self.tokens, bool)
                                         or self.tokens < 1):

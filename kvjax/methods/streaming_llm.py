@@ -10,7 +10,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.methods.base import EvictionMethod, ScoreContext, check_positive, register
+from kvjax.methods.base import EvictionMethod, ScoreContext, register
 from kvjax.models.config import rope_inv_freq
 from kvjax.models.llama import apply_rope
 
@@ -22,7 +22,8 @@ class StreamingLLM(EvictionMethod):
     rerotate: bool = False
 
     def __post_init__(self):
-        check_positive(n_sink=self.n_sink)
+        if not isinstance(self.n_sink, int) or isinstance(self.n_sink, bool) or self.n_sink < 0:
+            raise ValueError(f"n_sink must be an integer >= 0, got {self.n_sink!r}")
 
     def protected(self) -> int:
         return self.n_sink
