@@ -1,0 +1,360 @@
+"""Quantized storage for K/V tensors: bit packing, group-wise uniform, int8 and fp8 quantization.
+
+Legend (quantization code is generic over leading axes; the K/V layouts it serves are spelled out):
+  ...   any leading axes (for K/V: B batch, K KV heads)
+  L     length of the quantized axis `axis` (S tokens for axis=-2, D channels for axis=-1)
+  n     elements per quantization group (`group`); L/n groups along `axis`
+  C     length of the last axis (D, the head dim, for K/V)
+  P     packed bytes along the last axis: C * bits / 8 (3-bit: C * 3 / 8)
+
+The two layouts of KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+Cache", arXiv 2402.02750), for K/V of shape [B, K, S, D]:
+  values per token   (axis=-1, groups of n channels): codes [B, K, S, P], scale/zero [B, K, S, D/n]
+  keys per channel   (axis=-2, groups of n tokens):   codes [B, K, S, P], scale/zero [B, K, S/n, D]
+HF QuantizedCache (quanto backend) is the axis=-1 layout with n=64 for both K and V; int8/fp8 are
+the per-token-per-head layout (axis=-1, one group of all D channels).
+
+Codes are always packed along the LAST axis, whatever `axis` the groups run along, so both layouts
+share one packed format. Scales and zero-points have x's shape with L replaced by L/n, in the scale
+dtype (the model dtype by default).
+
+Bit order. Codes are packed in little-endian blocks: a block of `codes_per_block` codes is one
+integer word with code i in bits [bits*i, bits*(i+1)), written out as `bytes_per_block` bytes, least
+significant byte first. So at 2 and 4 bits the first code sits in the low bits of its byte:
+codes [0, 1, 2, 3] at 2 bits -> 0b11_10_01_00 = 228.
+
+3-bit codes are packed densely, 8 codes into 3 bytes (a 24-bit word), not into 4-bit slots: the
+point of 3-bit KVQuant is the memory, 4-bit slots would store exactly what 4-bit codes store. The
+price is that the last axis must be a multiple of 8 (head dims are); unpacking is the same shifts
+and masks as at 2 and 4 bits. `nbytes` therefore counts 3/8 byte per code.
+
+Rounding of scales (why the error bound needs no scale-rounding term). The zero-point is the group
+minimum rounded *down* into the scale dtype and the scale is the step rounded *up*, so the stored
+[zero, zero + (2^b - 1) * scale] always covers the group's [min, max]; codes are computed from the
+stored (rounded) scale and zero. Hence |x - dequantize(x)| <= scale / 2 for the *stored* scale, at
+any scale dtype, up to float32 arithmetic (a few ulps of |x|). With round-to-nearest bf16 scales the
+top code would miss the maximum by up to (2^b - 1) * ulp(scale): at 8 bits, as much as the step.
+
+Zero ranges never make NaN. Scales are floored at the smallest normal number of the scale dtype
+(`finfo.tiny`): a constant group (max == min) gets scale = tiny, all codes 0, and dequantizes to
+exactly `zero` = its value (exact whenever the value is representable in the scale dtype). No
+division by zero or by a denormal (flushed to zero on some backends) can happen. NaN/Inf *inputs*
+do propagate (a NaN makes its group's scale NaN); the debug check for them is `check_finite`, a
+host-side check to call outside jit. The scale dtype must be able to represent the group extrema
+(it does when it is the dtype x came in).
+
+All functions are pure jnp and jitted with their integer/dtype arguments static; argument errors
+are raised as ValueError at trace time, before anything compiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# bits -> (codes per block, bytes per block) of the packed format.
+_BLOCK = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
+PACK_BITS = tuple(sorted(_BLOCK))   # bit widths `pack`/`unpack` support
+UNIFORM_BITS = PACK_BITS            # bit widths of asymmetric uniform quantization
+FP8_MAX = 448.0                     # largest finite float8_e4m3fn
+INT8_MAX = 127                      # symmetric int8: codes in [-127, 127]
+KINDS = ("uniform", "int8", "fp8")
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def check_bits(bits, allowed, who: str) -> None:
+    """Raise ValueError unless `bits` is one of `allowed` (methods pass their own subset)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in allowed:
+        raise ValueError(f"{who}: bits must be one of {tuple(allowed)}, got {bits!r}")
+
+
+def _check_group_args(shape, axis, group, who: str) -> tuple[int, int]:
+    """Validate axis and group against a shape; return (axis as a non-negative index, group)."""
+    ndim = len(shape)
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+        raise ValueError(f"{who}: axis {axis!r} out of range for an array of shape {tuple(shape)}")
+    ax = int(axis) % ndim
+    length = shape[ax]
+    if group is None:
+        group = length
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group <= 0:
+        raise ValueError(f"{who}: group must be a positive int, got {group!r}")
+    if length % group:
+        raise ValueError(f"{who}: group {group} does not divide the length {length} of axis {axis} "
+                         f"(shape {tuple(shape)})")
+    return ax, int(group)
+
+
+def _check_last_axis(shape, bits, who: str) -> None:
+    cpb = _BLOCK[bits][0]
+    if len(shape) == 0 or shape[-1] % cpb:
+        raise ValueError(f"{who}: {bits}-bit codes are packed {cpb} per block along the last axis, "
+                         f"whose length must be a multiple of {cpb}; got shape {tuple(shape)}")
+
+
+def _check_float(x, who: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{who}: expected a floating-point array, got dtype {x.dtype}")
+
+
+# -------------------------------------------------------------------------------------- packing
+
+
+@functools.partial(jax.jit, static_argnames=("bits",))
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Pack unsigned codes (< 2^bits) along the last axis into uint8.
+
+    Args:
+      codes: integer [..., C], values in [0, 2^bits); higher bits are masked off.
+      bits: 2 (4 codes per byte), 3 (8 codes per 3 bytes), 4 (2 per byte) or 8 (identity).
+    Returns:
+      uint8 [..., C * bits / 8], little-endian blocks (see the module docstring).
+    """
+    check_bits(bits, PACK_BITS, "pack")
+    _check_last_axis(codes.shape, bits, "pack")
+    if bits == 8:
+        return codes.astype(jnp.uint8)
+    cpb, bpb = _BLOCK[bits]
+    lead, c = codes.shape[:-1], codes.shape[-1]
+    blocks = (codes.astype(jnp.uint32) & (2**bits - 1)).reshape(*lead, c // cpb, cpb)
+    shifts = jnp.arange(cpb, dtype=jnp.uint32) * bits
+    word = jnp.sum(blocks << shifts, axis=-1, dtype=jnp.uint32)      # disjoint bits: sum == or
+    out = (word[..., None] >> (jnp.arange(bpb, dtype=jnp.uint32) * 8)) & 0xFF
+    return out.astype(jnp.uint8).reshape(*lead, c // cpb * bpb)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "n"))
+def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of `pack`: uint8 [..., n * bits / 8] -> uint8 codes [..., n]."""
+    check_bits(bits, PACK_BITS, "unpack")
+    _check_last_axis((n,), bits, "unpack")
+    cpb, bpb = _BLOCK[bits]
+    if packed.shape[-1] != n // cpb * bpb:
+        raise ValueError(f"unpack: {n} codes at {bits} bits take {n // cpb * bpb} bytes, "
+                         f"got a last axis of {packed.shape[-1]} (shape {packed.shape})")
+    if bits == 8:
+        return packed.astype(jnp.uint8)
+    lead = packed.shape[:-1]
+    by = packed.astype(jnp.uint32).reshape(*lead, n // cpb, bpb)
+    word = jnp.sum(by << (jnp.arange(bpb, dtype=jnp.uint32) * 8), axis=-1, dtype=jnp.uint32)
+    codes = (word[..., None] >> (jnp.arange(cpb, dtype=jnp.uint32) * bits)) & (2**bits - 1)
+    return codes.astype(jnp.uint8).reshape(*lead, n)
+
+
+def packed_nbytes(n_codes: int, bits: int) -> int:
+    """Bytes that `n_codes` codes take when packed at `bits` (n_codes a multiple of the block)."""
+    check_bits(bits, PACK_BITS, "packed_nbytes")
+    cpb, bpb = _BLOCK[bits]
+    return n_codes // cpb * bpb
+
+
+# ---------------------------------------------------------------------------- quantized arrays
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A quantized tensor: codes plus per-group scales (and zero-points), usable as a pytree leaf set.
+
+    Attributes:
+      codes: [..., P] — kind "uniform": uint8 bit-packed along the last axis; "int8": int8 [..., C];
+        "fp8": float8_e4m3fn [..., C].
+      scale: x's shape with the `axis` length L replaced by L / group, in the scale dtype.
+      zero: like `scale` (the group minimum, rounded down) for "uniform"; None for int8/fp8.
+      kind: "uniform" (asymmetric min/max, `bits` wide), "int8" (symmetric) or "fp8" (e4m3). Static.
+      bits: code width (8 for int8 and fp8). Static.
+      axis: the axis the groups run along, as a negative index (stays right under vmap). Static.
+      group: elements per group along `axis`. Static.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None
+    kind: str = dataclasses.field(metadata=dict(static=True), default="uniform")
+    bits: int = dataclasses.field(metadata=dict(static=True), default=8)
+    axis: int = dataclasses.field(metadata=dict(static=True), default=-1)
+    group: int = dataclasses.field(metadata=dict(static=True), default=1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the original (dequantized) array, derived from the leaves."""
+        cpb, bpb = _BLOCK[self.bits]
+        return (*self.codes.shape[:-1], self.codes.shape[-1] // bpb * cpb)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held: codes + scales (+ zero-points)."""
+        return sum(int(leaf.size) * leaf.dtype.itemsize for leaf in jax.tree.leaves(self))
+
+    @property
+    def bits_per_element(self) -> float:
+        """Effective storage cost per original element, scales and zero-points included."""
+        return 8 * self.nbytes / math.prod(self.shape)
+
+
+def quantized_nbytes(shape, *, kind: str = "uniform", bits: int = 8, axis: int = -1, group=None,
+                     scale_dtype=jnp.float32) -> int:
+    """Exact bytes of the `QuantizedArray` that quantizing an array of `shape` gives.
+
+    codes: prod(shape[:-1]) * C * bits / 8 (uniform; 3 bits: 3/8 byte per code), prod(shape) bytes
+    (int8, fp8); scale: prod(shape) / group * itemsize(scale_dtype); zero: the same again (uniform).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"quantized_nbytes: kind must be one of {KINDS}, got {kind!r}")
+    bits = bits if kind == "uniform" else 8
+    check_bits(bits, UNIFORM_BITS, "quantized_nbytes")
+    _, group = _check_group_args(shape, axis, group, "quantized_nbytes")
+    _check_last_axis(shape, bits, "quantized_nbytes")
+    size = math.prod(shape)
+    codes = packed_nbytes(size, bits)
+    n_scales = size // group
+    per_scale = jnp.dtype(scale_dtype).itemsize * (2 if kind == "uniform" else 1)
+    return codes + n_scales * per_scale
+
+
+def _groups(x: jax.Array, ax: int, group: int) -> jax.Array:
+    """[..., L, ...] -> [..., L/n, n, ...]: split axis `ax` into (groups, group)."""
+    return x.reshape(*x.shape[:ax], x.shape[ax] // group, group, *x.shape[ax + 1:])
+
+
+def _round_down(v: jax.Array, dtype) -> jax.Array:
+    """Largest value of `dtype` <= v (v float32); NaN stays NaN."""
+    r = v.astype(dtype)
+    return jnp.where(r.astype(jnp.float32) > v, jnp.nextafter(r, jnp.array(-jnp.inf, dtype)), r)
+
+
+def _round_up(v: jax.Array, dtype) -> jax.Array:
+    """Smallest value of `dtype` >= v (v float32); NaN stays NaN."""
+    r = v.astype(dtype)
+    return jnp.where(r.astype(jnp.float32) < v, jnp.nextafter(r, jnp.array(jnp.inf, dtype)), r)
+
+
+def _step(span: jax.Array, levels: float, dtype) -> jax.Array:
+    """Scale covering `span` (float32, >= 0) with `levels` steps: rounded up into `dtype`, >= tiny."""
+    return jnp.maximum(_round_up(span / levels, dtype), jnp.finfo(dtype).tiny)
+
+
+def _prepare(x, axis, group, scale_dtype, who):
+    _check_float(x, who)
+    ax, group = _check_group_args(x.shape, axis, group, who)
+    scale_dtype = jnp.dtype(x.dtype if scale_dtype is None else scale_dtype)
+    if not jnp.issubdtype(scale_dtype, jnp.floating) or scale_dtype.itemsize < 2:
+        raise ValueError(f"{who}: scale_dtype must be a float type of 16 bits or more, got {scale_dtype}")
+    return ax, group, scale_dtype, _groups(x.astype(jnp.float32), ax, group)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "axis", "group", "scale_dtype"))
+def quantize(x: jax.Array, bits: int, *, axis: int = -1, group: int | None = None,
+             scale_dtype=None) -> QuantizedArray:
+    """Asymmetric min/max uniform quantization in groups of `group` consecutive elements along `axis`.
+
+    KIVI (arXiv 2402.02750, Sec. 3): zero = min, scale = (max - min) / (2^b - 1),
+    codes = clip(round((x - zero) / scale), 0, 2^b - 1), x ~ zero + codes * scale; keys with
+    axis=-2 (per channel), values with axis=-1 (per token). Zero is rounded down and scale up into
+    `scale_dtype`, scale is floored at finfo(scale_dtype).tiny (see the module docstring), so
+    |x - dequantize(quantize(x))| <= scale / 2 elementwise, up to float32 arithmetic.
+
+    Args:
+      x: float [..., L, ..., C].
+      bits: 2, 3, 4 or 8.
+      axis: axis the groups run along (-1: channels of a token; -2: tokens of a channel).
+      group: elements per group; None means the whole axis. Must divide x.shape[axis].
+      scale_dtype: dtype of scale and zero (default x.dtype, the model dtype).
+    Returns:
+      QuantizedArray(kind="uniform"): codes uint8 [..., C * bits / 8], scale/zero [..., L/n, ..., C].
+    """
+    check_bits(bits, UNIFORM_BITS, "quantize")
+    _check_last_axis(x.shape, bits, "quantize")
+    ax, group, sdt, xg = _prepare(x, axis, group, scale_dtype, "quantize")
+    levels = 2**bits - 1
+    zero = _round_down(jnp.min(xg, axis=ax + 1), sdt)                                 # [..., L/n, ...]
+    scale = _step(jnp.max(xg, axis=ax + 1) - zero.astype(jnp.float32), levels, sdt)
+    z32, s32 = (jnp.expand_dims(a.astype(jnp.float32), ax + 1) for a in (zero, scale))
+    codes = jnp.clip(jnp.round((xg - z32) / s32), 0, levels).astype(jnp.uint8).reshape(x.shape)
+    return QuantizedArray(codes=pack(codes, bits), scale=scale, zero=zero, kind="uniform",
+                          bits=bits, axis=ax - x.ndim, group=group)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group", "scale_dtype"))
+def quantize_int8(x: jax.Array, *, axis: int = -1, group: int | None = None,
+                  scale_dtype=None) -> QuantizedArray:
+    """Symmetric int8: scale = absmax / 127 per group (rounded up, >= tiny), codes = round(x / scale).
+
+    The default (axis=-1, group=None) is one scale per token per head. |x - deq| <= scale / 2.
+    Args/shapes as `quantize`; codes are int8 [..., C] (not packed), zero is None.
+    """
+    ax, group, sdt, xg = _prepare(x, axis, group, scale_dtype, "quantize_int8")
+    scale = _step(jnp.max(jnp.abs(xg), axis=ax + 1), INT8_MAX, sdt)
+    s32 = jnp.expand_dims(scale.astype(jnp.float32), ax + 1)
+    codes = jnp.clip(jnp.round(xg / s32), -INT8_MAX, INT8_MAX).astype(jnp.int8).reshape(x.shape)
+    return QuantizedArray(codes=codes, scale=scale, zero=None, kind="int8", bits=8,
+                          axis=ax - x.ndim, group=group)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group", "scale_dtype"))
+def quantize_fp8(x: jax.Array, *, axis: int = -1, group: int | None = None,
+                 scale_dtype=None) -> QuantizedArray:
+    """float8 e4m3: scale = absmax / 448 per group (rounded up, >= tiny), codes = fp8(x / scale).
+
+    e4m3 keeps 3 mantissa bits, so with y = x / scale (|y| <= 448):
+      |y - fp8(y)| <= 2^-4 |y|  for |y| >= 2^-6 (normal numbers), <= 2^-10 below (subnormal step 2^-9),
+    i.e. |x - deq| <= max(2^-4 |x|, 2^-10 scale) up to float32 arithmetic. Values are clipped to
+    +-448 before the cast (e4m3fn has no Inf: an overflowing cast gives NaN).
+    Args/shapes as `quantize`; codes are float8_e4m3fn [..., C], zero is None.
+    """
+    ax, group, sdt, xg = _prepare(x, axis, group, scale_dtype, "quantize_fp8")
+    scale = _step(jnp.max(jnp.abs(xg), axis=ax + 1), FP8_MAX, sdt)
+    s32 = jnp.expand_dims(scale.astype(jnp.float32), ax + 1)
+    codes = jnp.clip(xg / s32, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).reshape(x.shape)
+    return QuantizedArray(codes=codes, scale=scale, zero=None, kind="fp8", bits=8,
+                          axis=ax - x.ndim, group=group)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def dequantize(qa: QuantizedArray, dtype=None) -> jax.Array:
+    """codes * scale (+ zero), computed in float32 and cast to `dtype` (default: the scale dtype).
+
+    Returns: [..., C], the shape `qa` was quantized from.
+    """
+    shape = qa.shape
+    ax = qa.axis % len(shape)
+    if qa.kind == "uniform":
+        codes = unpack(qa.codes, qa.bits, shape[-1])
+    elif qa.kind in ("int8", "fp8"):
+        codes = qa.codes
+    else:
+        raise ValueError(f"dequantize: unknown kind {qa.kind!r}; expected one of {KINDS}")
+    c = _groups(codes.astype(jnp.float32), ax, qa.group)
+    out = c * jnp.expand_dims(qa.scale.astype(jnp.float32), ax + 1)
+    if qa.zero is not None:
+        out = out + jnp.expand_dims(qa.zero.astype(jnp.float32), ax + 1)
+    return out.reshape(shape).astype(qa.scale.dtype if dtype is None else dtype)
+
+
+# ------------------------------------------------------------------------------------ debugging
+
+
+def check_finite(x, name: str) -> None:
+    """Debug-mode check: raise ValueError naming `name` if `x` holds NaN or Inf.
+
+    Host-side (it reads the values back), so call it outside jit, e.g. on K/V before they enter a
+    quantized cache. Without it, non-finite inputs propagate into scales and dequantized values;
+    finite inputs never produce NaN (scales are floored, see the module docstring).
+    """
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"check_finite({name!r}) reads values on the host; call it outside jit")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return
+    n_nan = int(jnp.sum(jnp.isnan(x)))
+    n_inf = int(jnp.sum(jnp.isinf(x)))
+    if n_nan or n_inf:
+        first = np.argwhere(~np.asarray(jnp.isfinite(x)))[0]
+        raise ValueError(f"{name} has non-finite values: {n_nan} NaN and {n_inf} Inf of {x.size} "
+                         f"(shape {x.shape}, first at index {tuple(int(i) for i in first)})")
