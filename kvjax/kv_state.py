@@ -73,13 +73,8 @@ class DenseKV:
         """
         b, n_kv, t = k.shape[:3]
         pos_bkt = jnp.broadcast_to(pos[:, None, :], (b, n_kv, t)).astype(jnp.int32)
-        # One scatter with in-bounds, unique indices: XLA updates the buffer in place (a vmapped
-        # dynamic_update_slice lowers to a select that copies the whole cache every decode step).
-        idx = (jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None],
-               (self.length[:, None] + jnp.arange(t))[:, None, :])  # broadcast to [B, K, T]
-        write = lambda buf, new: buf.at[idx].set(new.astype(buf.dtype), mode="promise_in_bounds",  # noqa: E731
-                                                 unique_indices=True)
-        return DenseKV(k=write(self.k, k), v=write(self.v, v), pos=write(self.pos, pos_bkt),
+        return DenseKV(k=write_slots(self.k, k, self.length), v=write_slots(self.v, v, self.length),
+                       pos=write_slots(self.pos, pos_bkt, self.length),
                        length=self.length + n_valid.astype(jnp.int32))
 
     def attend(self, q: jax.Array, q_pos: jax.Array, block: int | None = None, return_lse: bool = False):
@@ -145,6 +140,19 @@ class KVCache:
 
         `round_up` maps a slot count to the capacity to allocate (e.g. a bucket)."""
         return dataclasses.replace(self, layers=tuple(layer.with_room(n, round_up) for layer in self.layers))
+
+
+def write_slots(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """buf [B, K, S, ...] with new [B, K, T, ...] written at slots [start[b], start[b] + T) of each row.
+
+    One scatter with in-bounds, unique indices, so XLA updates the buffer in place (a vmapped
+    dynamic_update_slice lowers to a select that copies the whole cache every decode step).
+    The caller guarantees start + T <= S.
+    """
+    b, n_kv, t = new.shape[:3]
+    idx = (jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None],
+           (start[:, None] + jnp.arange(t))[:, None, :])  # broadcast to [B, K, T]
+    return buf.at[idx].set(new.astype(buf.dtype), mode="promise_in_bounds", unique_indices=True)
 
 
 def tree_nbytes(tree) -> int:

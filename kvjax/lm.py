@@ -9,6 +9,7 @@ Inputs are validated on the host, before anything is compiled; bad input raises 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Iterator, Mapping, Sequence
 
@@ -16,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, methods
+from kvjax import generation, methods, quantizers
 from kvjax.compress import compress, resolve_keep
 from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
-from kvjax.kv_state import KVCache, cache_nbytes, init_cache
+from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache
 from kvjax.models.config import LlamaConfig
+from kvjax.quant_kv import QuantKV
 from kvjax.timing import compile_seconds
 from kvjax.tokenizer import Tokenizer
 
@@ -82,38 +84,46 @@ class LM:
         return out[0] if single else out
 
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
-                budget: int | None = None, seed: int = 0) -> KVCache:
+                budget: int | None = None, seed: int = 0, quant=None) -> KVCache:
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
         `budget` (tokens kept per layer and KV head), the cache is compressed after the prefill
-        (kvpress semantics); its arrays then hold only the kept tokens.
-        `capacity`: slots to allocate for an uncompressed cache (default: the prompt's bucket).
+        (kvpress semantics); its arrays then hold only the kept tokens. With `quant` (a spec such as
+        "kivi-2", "per_token-4", "int8", "fp8", or a quantizer object), what is kept is stored
+        quantized (`QuantKV`). `capacity`: slots to allocate for an uncompressed cache.
         """
         rows, _ = self._as_rows(ids)
-        plan = self._plan(method, ratio, budget, rows, cache=None)
+        plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant)
         return self._prefill(rows, capacity or 0, plan=plan, seed=seed)[1]
 
-    def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None):
-        """Validate a compression request before anything compiles.
-
-        Returns None (no compression) or (method, n_keep int32 [L, B], rolling capacity or None).
-        """
+    def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None):
+        """Validate a compression request before anything compiles: a `_Plan`, or None for none."""
+        quantizer = None
+        if quant is not None:
+            quantizer = quantizers.get(quant)
+            quantizer.check(self.cfg.head_dim)
         if method is None or method == "full":
             if ratio is not None or budget is not None or capacity is not None:
                 raise ValueError("ratio= / budget= / capacity= need a method= to compress with")
-            return None
+            if quantizer is not None and cache is not None:
+                raise ValueError("quantization applies to a fresh prefill: do not pass cache= with quant=")
+            return None if quantizer is None else _Plan(None, None, None, quantizer)
         method = methods.get(method)
         if cache is not None:
             raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
         lengths = [len(r) for r in rows]
         if capacity is not None:
-            return method, self._rolling_keep(method, capacity, ratio, budget, lengths), capacity
+            if quantizer is not None:
+                raise ValueError("capacity= (decode-time eviction) does not combine with quant= yet")
+            return _Plan(method, self._rolling_keep(method, capacity, ratio, budget, lengths), capacity, None)
         if ratio is None and budget is None:
             raise ValueError(f"method {method.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
                              "or capacity= (cache bound while decoding)")
+        if quantizer is not None and isinstance(method, methods.AdaKV):
+            raise ValueError("per-head budgets (adakv) do not combine with quant= yet: use a uniform method")
         n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), lengths, self.cfg.n_layers)
-        return method, n_keep, None
+        return _Plan(method, n_keep, None, quantizer)
 
     def _rolling_keep(self, method, capacity, ratio, budget, lengths) -> np.ndarray:
         if ratio is not None or budget is not None:
@@ -133,7 +143,7 @@ class LM:
     def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
                  seed: int = 0):
         """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length,
-        then compress with `plan` (from `_plan`) if given."""
+        then compress / quantize with `plan` (from `_plan`) if given."""
         tokens, lengths = self._pad(rows)
         room = max(tokens.shape[1], extra)
         if cache is None:
@@ -148,21 +158,27 @@ class LM:
         if plan is None:
             logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
             return logits, cache
-        method, n_keep, rolling = plan
-        logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
-                                                observe=method.observations())
+        observe = plan.method.observations() if plan.method is not None else None
+        logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe)
         # `extra` beyond the prompt is room for decoding: allocate it now (64-slot steps), not later
         room = max(0, extra - int(lengths.max()))
-        capacities = tuple(rolling or (_round64(int(max(row)) + room) if room else int(max(row))) for row in n_keep)
-        cache = compress(cache, obs, jnp.asarray(n_keep), jax.random.key(seed), method=method, cfg=self.cfg,
-                         capacities=capacities, rolling=rolling is not None)
+        if plan.method is not None:
+            quantized_later = plan.quantizer is not None
+            capacities = tuple(plan.rolling or (_round64(int(max(row)) + room) if room and not quantized_later
+                                                else int(max(row))) for row in plan.n_keep)
+            cache = compress(cache, obs, jnp.asarray(plan.n_keep), jax.random.key(seed), method=plan.method,
+                             cfg=self.cfg, capacities=capacities, rolling=plan.rolling is not None)
+        if plan.quantizer is not None:
+            kept = [int(max(row)) for row in plan.n_keep] if plan.method is not None else [int(lengths.max())] * len(
+                cache.layers)
+            cache = quantize_cache(cache, quantizer=plan.quantizer, tokens=tuple(n + room for n in kept))
         return logits, cache
 
     # ------------------------------------------------------------------------------ generate
     def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
                  stop_at_eos: bool = True, method=None, ratio: float | None = None,
-                 budget: int | None = None, capacity: int | None = None) -> Generation:
+                 budget: int | None = None, capacity: int | None = None, quant=None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
@@ -170,17 +186,18 @@ class LM:
         With `method` and `ratio`/`budget`, the prompt's cache is compressed before decoding. With
         `method` and `capacity=C` (streaming_llm, h2o, tova), the cache holds at most C tokens per layer
         and KV head for the whole generation: a longer prompt is compressed to C, then each new
-        token first evicts one under the method's decode rule (`kvjax.rolling_kv`).
+        token first evicts one under the method's decode rule (`kvjax.rolling_kv`). With `quant`, the
+        kept cache is stored quantized and new tokens join it through the residual window.
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
                                   stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
-                                  capacity=capacity))
+                                  capacity=capacity, quant=quant))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None, stop_at_eos: bool = True,
                every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
-               budget: int | None = None, capacity: int | None = None) -> Iterator[Generation]:
+               budget: int | None = None, capacity: int | None = None, quant=None) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -190,7 +207,7 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
-        plan = self._plan(method, ratio, budget, rows, cache, capacity)
+        plan = self._plan(method, ratio, budget, rows, cache, capacity, quant)
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, seed)
         if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)
@@ -276,6 +293,28 @@ class LM:
         if end.max() > self.cfg.max_positions:
             raise ValueError(f"cache + prompt reach position {end.max()}, beyond the model's maximum "
                              f"positions ({self.cfg.max_positions})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A validated compression request: eviction (method, n_keep int32 [L, B], rolling capacity) and/or
+    quantization (quantizer)."""
+
+    method: object
+    n_keep: np.ndarray | None
+    rolling: int | None
+    quantizer: object
+
+
+@functools.partial(jax.jit, static_argnames=("quantizer", "tokens"))
+def quantize_cache(cache: KVCache, *, quantizer, tokens: tuple[int, ...]) -> KVCache:
+    """Every dense layer of a cache stored quantized (`QuantKV`); layer l will hold `tokens[l]` at most."""
+    layers = []
+    for layer, n in zip(cache.layers, tokens):
+        if not isinstance(layer, DenseKV):
+            raise ValueError(f"cannot quantize a {type(layer).__name__} layer")
+        layers.append(QuantKV.from_dense(layer, quantizer, n))
+    return dataclasses.replace(cache, layers=tuple(layers))
 
 
 def _round64(n: int) -> int:

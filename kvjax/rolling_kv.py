@@ -9,7 +9,7 @@ masks by stored positions, so order does not matter. Rules (`rule`, static):
   `n_sink` first positions.
 * "h2o" (Zhang et al. 2023): evict the token with the least attention accumulated over all steps so
   far (prefill column sums, then each decode query's attention, mean over the KV group), never one of
-  the `recent` newest tokens.
+  the `recent` latest positions of the sequence.
 * "tova" (Oren et al. 2024): evict the token the newest query attended to least (mean over all
   heads; one choice shared by every KV head).
 
@@ -56,13 +56,13 @@ class RollingKV:
     def with_room(self, n: int, round_up=lambda c: c) -> "RollingKV":
         return self  # bounded by design
 
-    def victim(self) -> jax.Array:
-        """int32 [B, K]: the slot each head evicts next under the rule."""
+    def victim(self, newest) -> jax.Array:
+        """int32 [B, K]: the slot each head evicts next under the rule; `newest` int32 [B] is the
+        sequence's latest position (the recent window is counted from it, not from what a head holds)."""
         if self.rule == "streaming":
             key = jnp.where(self.pos < self.n_sink, jnp.inf, self.pos.astype(jnp.float32))
         else:
-            newest = jnp.max(self.pos, axis=2, keepdims=True)
-            key = jnp.where(self.pos > newest - self.recent, jnp.inf, self.score)
+            key = jnp.where(self.pos > (newest[:, None, None] - self.recent), jnp.inf, self.score)
         return jnp.argmin(key, axis=2).astype(jnp.int32)
 
     def append(self, k, v, pos, n_valid) -> "RollingKV":
@@ -74,7 +74,7 @@ class RollingKV:
             raise ValueError("a capacity-bounded cache takes one token per step (decode); prefill first")
         b, n_kv = k.shape[:2]
         full = (self.length >= self.capacity)[:, None]  # [B, 1]
-        slot = jnp.where(full, self.victim(), jnp.minimum(self.length, self.capacity - 1)[:, None])  # [B, K]
+        slot = jnp.where(full, self.victim(pos[:, 0] - 1), jnp.minimum(self.length, self.capacity - 1)[:, None])
         rows, heads = jnp.arange(b)[:, None], jnp.arange(n_kv)[None, :]
         write = lambda buf, new: buf.at[rows, heads, slot].set(new.astype(buf.dtype))  # noqa: E731
         live = (n_valid > 0)[:, None]

@@ -27,7 +27,8 @@ class TOVA(EvictionMethod):
         return ("tova", 0, 0)
 
     def decode_init_score(self, ctx: ScoreContext):
-        return self.score(ctx)
+        # the last prompt query's attention itself (no kvpress protection of the last token)
+        return jnp.broadcast_to(window_attention(ctx, 1)[:, :, 0].mean(1, keepdims=True), ctx.pos.shape)
 
     def score(self, ctx: ScoreContext):
         attn = window_attention(ctx, 1)[:, :, 0]  # [B, H, S]

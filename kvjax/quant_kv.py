@@ -1,0 +1,201 @@
+"""`QuantKV`: a layer state that stores K and V quantized (bit-packed codes + scales), with the newest
+tokens in a full-precision residual window (KIVI's streaming scheme, Liu et al. 2024, Alg. 1).
+
+New tokens go into the residual; when a row's residual holds `residual` tokens, all of them are
+quantized and flushed into the packed store (a `lax.cond`, inside the jitted decode loop). No
+full-precision copy of a quantized token is kept: attention dequantizes the store transiently.
+Prefill attention runs at full precision on a `DenseKV`; `from_dense` then quantizes what is kept.
+
+Legend: B batch, K KV heads, Q store slots (a multiple of R), R residual slots, D head dim, T new tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import quant
+from kvjax.attention import blockwise_attention
+from kvjax.kv_state import EMPTY_POS, DenseKV, tree_nbytes, write_slots
+from kvjax.quantizers import Quantizer
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _write_tokens(store: quant.QuantizedArray, block: quant.QuantizedArray, start) -> quant.QuantizedArray:
+    """Write a quantized block of tokens into the store at token `start[b]` (a multiple of the group)."""
+    def leaf(buf, new):
+        per = store.codes.shape[2] // buf.shape[2]  # tokens per entry on axis 2 (key scales: per group)
+        return write_slots(buf, new, start // per)
+
+    return jax.tree_util.tree_map(leaf, store, block)
+
+
+def _pad_tokens(qa: quant.QuantizedArray, tokens: int) -> quant.QuantizedArray:
+    """Grow the token axis (2) of a quantized [B, K, S, ...] array to `tokens` (new entries zero)."""
+    def leaf(x):
+        per = qa.codes.shape[2] // x.shape[2]
+        return jnp.pad(x, [(0, 0), (0, 0), (0, tokens // per - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
+
+    return jax.tree_util.tree_map(leaf, qa)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantKV:
+    """Attributes:
+      kq, vq: quantized store of Q slots (`QuantizedArray`: codes + scales (+ zero-points)).
+      pos: int32 [B, K, Q] positions of the stored tokens (`EMPTY_POS` where unused).
+      k_res, v_res: [B, K, R, D] full-precision residual; pos_res: int32 [B, K, R].
+      n_q: int32 [B] tokens in the store (a multiple of R); n_r: int32 [B] tokens in the residual.
+      quantizer: the method (static).
+    """
+
+    kq: quant.QuantizedArray
+    vq: quant.QuantizedArray
+    pos: jax.Array
+    k_res: jax.Array
+    v_res: jax.Array
+    pos_res: jax.Array
+    n_q: jax.Array
+    n_r: jax.Array
+    quantizer: Quantizer = dataclasses.field(metadata=dict(static=True), default=None)
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[2]
+
+    @property
+    def residual(self) -> int:
+        return self.k_res.shape[2]
+
+    @property
+    def length(self) -> jax.Array:
+        return self.n_q + self.n_r
+
+    @classmethod
+    def from_dense(cls, state: DenseKV, quantizer: Quantizer, tokens: int) -> "QuantKV":
+        """Quantize a dense state whose rows hold their tokens in slots [0, length), in position order.
+
+        Each row's first floor(length / R) * R tokens go to the store, the rest to the residual.
+        `tokens` (static): the most tokens a row will hold (>= its length); the store gets that
+        rounded up to a multiple of R.
+        """
+        r = quantizer.residual
+        s = state.capacity
+        cap = _round_up(tokens, r)
+        fit = lambda x, fill: (x[:, :, :cap] if cap <= s else  # noqa: E731
+                               jnp.pad(x, [(0, 0), (0, 0), (0, cap - s)] + [(0, 0)] * (x.ndim - 3),
+                                       constant_values=fill))
+        k, v, pos = fit(state.k, 0), fit(state.v, 0), fit(state.pos, EMPTY_POS)
+        n_q = (state.length // r) * r
+        slots = jnp.arange(cap)[None, None, :]
+        store_pos = jnp.where(slots < n_q[:, None, None], pos, EMPTY_POS)
+        res_idx = n_q[:, None, None] + jnp.arange(r)[None, None, :]  # [B, 1, R]
+        in_res = res_idx < state.length[:, None, None]
+        take = lambda x: jnp.take_along_axis(x, jnp.minimum(res_idx, cap - 1)[..., None], axis=2)  # noqa: E731
+        return cls(kq=quantizer.quantize_keys(k), vq=quantizer.quantize_values(v), pos=store_pos,
+                   k_res=jnp.where(in_res[..., None], take(k), 0).astype(k.dtype),
+                   v_res=jnp.where(in_res[..., None], take(v), 0).astype(v.dtype),
+                   pos_res=jnp.where(in_res, jnp.take_along_axis(pos, jnp.minimum(res_idx, cap - 1), axis=2),
+                                     EMPTY_POS),
+                   n_q=n_q.astype(jnp.int32), n_r=(state.length - n_q).astype(jnp.int32), quantizer=quantizer)
+
+    def has_room(self, n: int = 1) -> jax.Array:
+        return jnp.all(self.n_q + self.n_r + n <= self.capacity)
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "QuantKV":
+        """Grow the store so `n` more tokens fit (host-side), in multiples of the residual."""
+        need = _round_up(round_up(int(np.max(np.asarray(self.length))) + n), self.residual)
+        if need <= self.capacity:
+            return self
+        return dataclasses.replace(self, kq=_pad_tokens(self.kq, need), vq=_pad_tokens(self.vq, need),
+                                   pos=jnp.pad(self.pos, [(0, 0), (0, 0), (0, need - self.capacity)],
+                                               constant_values=EMPTY_POS))
+
+    def _append_one(self, k, v, pos, valid) -> "QuantKV":
+        """One token per row (k, v [B, K, D], pos [B], valid bool [B]) into the residual, then flush."""
+        b, n_kv = k.shape[:2]
+        st = dataclasses.replace(
+            self, k_res=write_slots(self.k_res, k[:, :, None], self.n_r),
+            v_res=write_slots(self.v_res, v[:, :, None], self.n_r),
+            pos_res=write_slots(self.pos_res, jnp.where(valid, pos, EMPTY_POS)[:, None, None]
+                                .repeat(n_kv, 1), self.n_r),
+            n_r=self.n_r + valid.astype(jnp.int32))
+        return jax.lax.cond(jnp.any(st.n_r >= st.residual), QuantKV._flush, lambda x: x, st)
+
+    def _flush(self) -> "QuantKV":
+        """Quantize full residuals into the store (rows whose residual is not full are unchanged)."""
+        full = self.n_r >= self.residual  # [B]
+        kb, vb = self.quantizer.quantize_keys(self.k_res), self.quantizer.quantize_values(self.v_res)
+        # every row writes at its own n_q; only full rows count it (others' writes land past n_q)
+        pos_block = jnp.where(full[:, None, None], self.pos_res, EMPTY_POS)
+        return dataclasses.replace(
+            self, kq=_write_tokens(self.kq, kb, self.n_q), vq=_write_tokens(self.vq, vb, self.n_q),
+            pos=write_slots(self.pos, pos_block, self.n_q),
+            pos_res=jnp.where(full[:, None, None], EMPTY_POS, self.pos_res),
+            n_q=self.n_q + jnp.where(full, self.residual, 0), n_r=jnp.where(full, 0, self.n_r))
+
+    def append(self, k, v, pos, n_valid) -> "QuantKV":
+        """T tokens per row (k, v [B, K, T, D], pos [B, T]), one at a time through the residual."""
+        t = k.shape[2]
+        if t == 1:
+            return self._append_one(k[:, :, 0], v[:, :, 0], pos[:, 0], n_valid > 0)
+        return jax.lax.fori_loop(0, t, lambda i, st: st._append_one(
+            k[:, :, i], v[:, :, i], pos[:, i], i < n_valid), self)
+
+    def attend(self, q, q_pos, block=None, return_lse: bool = False):
+        """Attention over the dequantized store and the residual (one pass; causal by positions)."""
+        dt = self.k_res.dtype
+        k = jnp.concatenate([quant.dequantize(self.kq, dt), self.k_res], axis=2)
+        v = jnp.concatenate([quant.dequantize(self.vq, dt), self.v_res], axis=2)
+        pos = jnp.concatenate([self.pos, self.pos_res], axis=2)
+        everything = jnp.full(self.n_q.shape, pos.shape[2], jnp.int32)  # unused slots hold EMPTY_POS
+        return blockwise_attention(q, q_pos, k, v, pos, everything, None, return_lse)
+
+    def observe_query(self, q, q_pos) -> "QuantKV":
+        return self
+
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def positions(self) -> jax.Array:
+        """int32 [B, K, Q + R]: positions held, ascending, unused (`EMPTY_POS`) last."""
+        return jnp.sort(jnp.concatenate([self.pos, self.pos_res], axis=2), axis=2)
+
+
+def memory_report(cache) -> dict:
+    """Bytes per component of a cache, and effective bits per element vs the full-precision K/V.
+
+    Components: codes, scales, zeros (quantized store), residual (full-precision K/V), outliers
+    (kvquant, when present), kv (full-precision K/V of unquantized layers), positions/lengths (metadata).
+    """
+    out = dict(codes=0, scales=0, zeros=0, residual=0, kv=0, metadata=0)
+    elements = 0
+    full_itemsize = None
+    for layer in cache.layers:
+        if isinstance(layer, QuantKV):
+            for qa in (layer.kq, layer.vq):
+                out["codes"] += tree_nbytes(qa.codes)
+                out["scales"] += tree_nbytes(qa.scale)
+                out["zeros"] += tree_nbytes(qa.zero) if qa.zero is not None else 0
+            out["residual"] += tree_nbytes((layer.k_res, layer.v_res))
+            out["metadata"] += tree_nbytes((layer.pos, layer.pos_res, layer.n_q, layer.n_r))
+            elements += 2 * (layer.pos.size + layer.pos_res.size) * layer.k_res.shape[-1]
+            full_itemsize = layer.k_res.dtype.itemsize
+        else:
+            kv = tree_nbytes((layer.k, layer.v))
+            out["kv"] += kv
+            out["metadata"] += tree_nbytes(layer) - kv
+            elements += layer.k.size + layer.v.size
+            full_itemsize = layer.k.dtype.itemsize
+    out["metadata"] += tree_nbytes(cache.next_pos)
+    out["total"] = sum(out.values())
+    data = out["total"] - out["metadata"]
+    out["bits_per_element"] = 8 * data / max(elements, 1)
+    out["full_precision_bytes"] = elements * (full_itemsize or 4)
+    return out
