@@ -8,7 +8,9 @@
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache, kept_positions
 from kvjax.lm import LM, Generation, load
+from kvjax.quant_kv import QuantKV, memory_report
 
-__all__ = ["load", "LM", "Generation", "DenseKV", "KVCache", "cache_nbytes", "init_cache", "kept_positions",
+__all__ = ["load", "LM", "Generation", "DenseKV", "QuantKV", "KVCache", "cache_nbytes", "memory_report", "init_cache",
+           "kept_positions",
            "DEFAULT_MODEL", "KNOWN_MODELS"]
 __version__ = "0.1.0"

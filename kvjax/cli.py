@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on accelerators")
     _compression_args(g)
+    g.add_argument("--quant", default=None,
+                   help="store the KV cache quantized: kivi-2, kivi-4, per_token-2/4/8, int8, fp8")
     g.add_argument("--capacity", type=int, default=None,
                    help="bound the cache to this many tokens per layer/head while decoding "
                         "(decode-time eviction: streaming_llm, h2o, tova)")
@@ -61,7 +63,7 @@ def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> Non
 
 
 def _compression(args) -> dict:
-    return dict(method=args.method, ratio=args.ratio, budget=args.budget, capacity=args.capacity)
+    return dict(method=args.method, ratio=args.ratio, budget=args.budget, capacity=args.capacity, quant=args.quant)
 
 
 def _generate(args) -> None:
@@ -89,6 +91,11 @@ def _generate(args) -> None:
     print(f"[prompt {len(ids)} tokens | new {n_new} tokens | prefill {len(ids) / max(result.prefill_s, 1e-9):.1f} tok/s "
           f"| decode {max(n_new - 1, 0) / max(result.decode_s, 1e-9):.1f} tok/s | compile {result.compile_s:.1f} s "
           f"| KV cache {result.cache_bytes:,} bytes]")
+    if args.quant:
+        rep = kvjax.memory_report(result.cache)
+        parts = ", ".join(f"{k} {rep[k]:,}" for k in ("codes", "scales", "zeros", "residual", "kv", "metadata") if rep[k])
+        print(f"[quantized cache: {parts} bytes | {rep['bits_per_element']:.2f} bits per element | "
+              f"{rep['full_precision_bytes']:,} bytes at full precision]")
 
 
 def _methods(args) -> None:
