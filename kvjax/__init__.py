@@ -8,6 +8,7 @@
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache, kept_positions
 from kvjax.lm import LM, Generation, load
+from kvjax import methods, quantizers
 from kvjax.quant_kv import QuantKV, memory_report
 
 __all__ = ["load", "LM", "Generation", "DenseKV", "QuantKV", "KVCache", "cache_nbytes", "memory_report", "init_cache",
