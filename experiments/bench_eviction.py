@@ -20,7 +20,7 @@ from tqdm import tqdm
 import kvjax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import prompt_ids  # noqa: E402
+from bench_generate import emit, prompt_ids  # noqa: E402
 
 DEFAULT_METHODS = ["streaming_llm", "snapkv", "pyramidkv", "tova", "knorm", "observed_attention",
                    "expected_attention", "adakv:snapkv"]
@@ -62,11 +62,7 @@ def main(argv=None) -> int:
         lines.append(f"| {m} | {r} | {kept:.3f} | {row['bytes']:,} | {row['bytes'] / full['bytes']:.3f} | "
                      f"{row['prefill_s']:.2f} ({full['prefill_s']:.2f}) | {row['decode_tok_s']:.1f} "
                      f"({full['decode_tok_s']:.1f}) | {row['compile_s']:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    emit(lines, args.out)
     return 0
 
 

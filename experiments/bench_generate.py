@@ -26,6 +26,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print a markdown table and, with `out`, write it there too."""
+    table = "\n".join(lines)
+    print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+
+
 def prompt_ids(lm, n: int) -> np.ndarray:
     """n real-text token ids (Paul Graham essays if present, else a fixed pseudo-random sequence)."""
     if ESSAYS.is_dir():
@@ -133,11 +142,7 @@ def main(argv=None) -> int:
         ratio = f"{row['tok_s'] / other:.2f}x" if other else "-"
         other_s = f"{other:.1f}" if other else "-"
         lines.append(f"| {name} | {row['tok_s']:.1f} | {row['compile_s']:.1f} | {other_s} | {ratio} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    emit(lines, args.out)
     return 0
 
 

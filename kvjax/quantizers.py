@@ -109,28 +109,21 @@ class PerToken(Quantizer):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8(Quantizer):
     residual: int = 32
+    _quantize: ClassVar = staticmethod(quant.quantize_int8)
 
     def __post_init__(self):
         _positive(residual=self.residual)
 
     def quantize_keys(self, k):
-        return quant.quantize_int8(k, axis=-1)
+        return self._quantize(k, axis=-1)  # one scale per token per head
 
     quantize_values = quantize_keys
 
 
 @_register("fp8")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FP8(Quantizer):
-    residual: int = 32
-
-    def __post_init__(self):
-        _positive(residual=self.residual)
-
-    def quantize_keys(self, k):
-        return quant.quantize_fp8(k, axis=-1)
-
-    quantize_values = quantize_keys
+class FP8(Int8):
+    _quantize: ClassVar = staticmethod(quant.quantize_fp8)
 
 
 def registry() -> dict[str, type]:
