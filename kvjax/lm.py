@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, methods, quantizers
+from kvjax import generation, methods, quant, quantizers
 from kvjax.compress import compress, resolve_keep
 from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
@@ -84,17 +84,20 @@ class LM:
         return out[0] if single else out
 
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
-                budget: int | None = None, seed: int = 0, quant=None) -> KVCache:
+                budget: int | None = None, seed: int = 0, quant=None, check_finite: bool = False) -> KVCache:
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
         `budget` (tokens kept per layer and KV head), the cache is compressed after the prefill
         (kvpress semantics); its arrays then hold only the kept tokens. With `quant` (a spec such as
         "kivi-2", "per_token-4", "int8", "fp8", or a quantizer object), what is kept is stored
-        quantized (`QuantKV`). `capacity`: slots to allocate for an uncompressed cache.
+        quantized (`QuantKV`); `check_finite=True` (debug mode) first checks the K/V for NaN/Inf and
+        raises a ValueError naming the layer. `capacity`: slots to allocate for an uncompressed cache.
         """
         rows, _ = self._as_rows(ids)
         plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant)
+        if check_finite and plan is not None:
+            plan = dataclasses.replace(plan, check_finite=True)
         return self._prefill(rows, capacity or 0, plan=plan, seed=seed)[1]
 
     def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None):
@@ -169,6 +172,10 @@ class LM:
             cache = compress(cache, obs, jnp.asarray(plan.n_keep), jax.random.key(seed), method=plan.method,
                              cfg=self.cfg, capacities=capacities, rolling=plan.rolling is not None)
         if plan.quantizer is not None:
+            if plan.check_finite:
+                for i, layer in enumerate(cache.layers):
+                    quant.check_finite(layer.k, f"layer {i} keys")
+                    quant.check_finite(layer.v, f"layer {i} values")
             kept = [int(max(row)) for row in plan.n_keep] if plan.method is not None else [int(lengths.max())] * len(
                 cache.layers)
             cache = quantize_cache(cache, quantizer=plan.quantizer, tokens=tuple(n + room for n in kept))
@@ -304,6 +311,7 @@ class _Plan:
     n_keep: np.ndarray | None
     rolling: int | None
     quantizer: object
+    check_finite: bool = False
 
 
 @functools.partial(jax.jit, static_argnames=("quantizer", "tokens"))

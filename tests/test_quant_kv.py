@@ -139,3 +139,14 @@ def test_quantizer_argument_checks():
         quantizers.KIVI(group=32, residual=48)
     with pytest.raises(ValueError, match="positive"):
         quantizers.Int8(residual=0)
+
+
+def test_check_finite_debug_mode_names_the_layer():
+    lm = tiny_lm(seed=0)
+    bad = jax.tree_util.tree_map(lambda x: x, lm.params)
+    bad["layers_1"]["attn"]["k_proj"]["kernel"] = bad["layers_1"]["attn"]["k_proj"]["kernel"].at[0, 0].set(jnp.nan)
+    broken = kvjax.LM(lm.cfg, bad, lm.tokenizer)
+    ids = list(range(3, 40))
+    with pytest.raises(ValueError, match="layer 1 keys has non-finite values"):
+        broken.prefill(ids, quant="int8", check_finite=True)
+    assert np.isfinite(np.asarray(lm.prefill(ids, quant="int8", check_finite=True).layers[0].k_res)).all()
