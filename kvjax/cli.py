@@ -59,7 +59,6 @@ def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> Non
     budget = p.add_mutually_exclusive_group(required=required)
     budget.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's tokens removed")
     budget.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
-    p.add_argument("--compress-seed", type=int, default=0, help="seed of randomized methods")
 
 
 def _compression(args) -> dict:
@@ -127,7 +126,7 @@ def _inspect(args) -> None:
     if ids.ndim != 1:
         raise ValueError(f"--input-ids must hold ids [T] or [1, T], got shape {ids.shape}")
     lm = kvjax.load(args.model, dtype=args.dtype)
-    cache = lm.prefill(ids, method=args.method, ratio=args.ratio, budget=args.budget, seed=args.compress_seed)
+    cache = lm.prefill(ids, method=args.method, ratio=args.ratio, budget=args.budget)
     out = {}
     for i, layer in enumerate(kvjax.kept_positions(cache)):
         if isinstance(layer, list):  # per-head counts differ: [K, max_n] padded with -1

@@ -64,7 +64,7 @@ def keep_top(state: DenseKV, scores, n_keep, capacity: int, carry=None):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "cfg", "capacities", "rolling"))
-def compress(cache: KVCache, obs, n_keep, key, *, method: EvictionMethod, cfg: LlamaConfig,
+def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaConfig,
              capacities: tuple[int, ...], rolling: bool = False) -> KVCache:
     """Evict every layer of a freshly prefilled cache down to `n_keep` int32 [L, B] tokens per head.
 
@@ -75,8 +75,7 @@ def compress(cache: KVCache, obs, n_keep, key, *, method: EvictionMethod, cfg: L
     layers = []
     for i, (state, layer_obs) in enumerate(zip(cache.layers, obs)):
         ctx = ScoreContext(k=state.k, v=state.v, pos=state.pos, length=state.length, n_tokens=cache.next_pos,
-                           obs=layer_obs, layer=i, n_layers=len(cache.layers), cfg=cfg,
-                           key=jax.random.fold_in(key, i))
+                           obs=layer_obs, layer=i, n_layers=len(cache.layers), cfg=cfg)
         with jax.named_scope(f"evict_{i}"):
             scores = method.score(ctx).astype(jnp.float32)
             if rolling:

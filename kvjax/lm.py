@@ -84,7 +84,7 @@ class LM:
         return out[0] if single else out
 
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
-                budget: int | None = None, seed: int = 0, quant=None, check_finite: bool = False) -> KVCache:
+                budget: int | None = None, quant=None, check_finite: bool = False) -> KVCache:
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
@@ -98,7 +98,7 @@ class LM:
         plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
-        return self._prefill(rows, capacity or 0, plan=plan, seed=seed)[1]
+        return self._prefill(rows, capacity or 0, plan=plan)[1]
 
     def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None):
         """Validate a compression request before anything compiles: a `_Plan`, or None for none."""
@@ -143,8 +143,7 @@ class LM:
                              f"{n_sink} sinks and {recent} recent tokens)")
         return np.array([[min(n, int(capacity)) for n in lengths]] * self.cfg.n_layers, np.int32)
 
-    def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
-                 seed: int = 0):
+    def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None):
         """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length,
         then compress / quantize with `plan` (from `_plan`) if given."""
         tokens, lengths = self._pad(rows)
@@ -169,7 +168,7 @@ class LM:
             quantized_later = plan.quantizer is not None
             capacities = tuple(plan.rolling or (_round64(int(max(row)) + room) if room and not quantized_later
                                                 else int(max(row))) for row in plan.n_keep)
-            cache = compress(cache, obs, jnp.asarray(plan.n_keep), jax.random.key(seed), method=plan.method,
+            cache = compress(cache, obs, jnp.asarray(plan.n_keep), method=plan.method,
                              cfg=self.cfg, capacities=capacities, rolling=plan.rolling is not None)
         if plan.quantizer is not None:
             if plan.check_finite:
@@ -216,7 +215,7 @@ class LM:
                              f"model's maximum positions ({self.cfg.max_positions})")
         plan = self._plan(method, ratio, budget, rows, cache, capacity, quant)
         c0, t0 = compile_seconds(), time.perf_counter()
-        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, seed)
+        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan)
         if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)
             cache = cache.with_room(max_new_tokens, _round64)
         logits.block_until_ready()

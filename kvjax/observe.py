@@ -26,17 +26,6 @@ class ObsSpec:
     col_sums: bool = False
     qstats_from: int | None = None  # first position counted in query statistics (None: no stats)
 
-    def merge(self, other: "ObsSpec") -> "ObsSpec":
-        froms = [f for f in (self.qstats_from, other.qstats_from) if f is not None]
-        if len(set(froms)) > 1:
-            raise ValueError(f"methods need query statistics from different positions: {froms}")
-        return ObsSpec(max(self.window, other.window), self.col_sums or other.col_sums,
-                       froms[0] if froms else None)
-
-    @property
-    def empty(self) -> bool:
-        return self.window == 0 and not self.col_sums and self.qstats_from is None
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

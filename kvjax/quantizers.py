@@ -17,6 +17,7 @@ import dataclasses
 from typing import ClassVar
 
 from kvjax import quant
+from kvjax.methods.base import check_positive
 
 _REGISTRY: dict[str, type] = {}
 
@@ -47,17 +48,6 @@ class Quantizer(abc.ABC):
     def check(self, head_dim: int) -> None:
         """Validate against the model's head dim (ValueError), before anything compiles."""
 
-    @property
-    def spec(self) -> str:
-        bits = getattr(self, "bits", None)
-        return f"{self.name}-{bits}" if bits is not None and self.name not in ("int8", "fp8") else self.name
-
-
-def _positive(**kw) -> None:
-    for k, v in kw.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
-
 
 @_register("kivi")
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +58,7 @@ class KIVI(Quantizer):
 
     def __post_init__(self):
         quant.check_bits(self.bits, (2, 4), "kivi")
-        _positive(group=self.group, residual=self.residual)
+        check_positive(group=self.group, residual=self.residual)
         if self.residual % self.group:
             raise ValueError(f"kivi: residual ({self.residual}) must be a multiple of group ({self.group}): "
                              "keys are quantized in groups of tokens when the residual flushes")
@@ -93,7 +83,7 @@ class PerToken(Quantizer):
 
     def __post_init__(self):
         quant.check_bits(self.bits, (2, 4, 8), "per_token")
-        _positive(group=self.group, residual=self.residual)
+        check_positive(group=self.group, residual=self.residual)
 
     def check(self, head_dim: int) -> None:
         if head_dim % self.group:
@@ -112,7 +102,7 @@ class Int8(Quantizer):
     _quantize: ClassVar = staticmethod(quant.quantize_int8)
 
     def __post_init__(self):
-        _positive(residual=self.residual)
+        check_positive(residual=self.residual)
 
     def quantize_keys(self, k):
         return self._quantize(k, axis=-1)  # one scale per token per head

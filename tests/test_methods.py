@@ -70,7 +70,7 @@ def make_ctx(k, length, g, obs=None, v=None, pos=None, layer=0, n_layers=2, rope
     cfg = tiny_config(n_heads=n_kv * g, n_kv_heads=n_kv, head_dim=d, rope_theta=rope_theta)
     return ScoreContext(k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos, jnp.int32),
                         length=jnp.asarray(length), n_tokens=jnp.asarray(length), obs=obs or make_obs(b, n_kv * g, d),
-                        layer=layer, n_layers=n_layers, cfg=cfg, key=jax.random.key(0))
+                        layer=layer, n_layers=n_layers, cfg=cfg)
 
 
 def score(method, ctx) -> np.ndarray:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ class ScoreContext:
       pos: int32 [B, K, S] original positions.  length: int32 [B] slots in use.
       n_tokens: int32 [B] prompt tokens seen (= length for an uncompressed prefill).
       obs: the layer's `LayerObs`.  layer, n_layers: which layer of how many.
-      cfg: model config (RoPE, heads).  key: PRNG key for this layer.
+      cfg: model config (RoPE, heads).
     """
 
     k: jax.Array
@@ -72,7 +72,6 @@ class ScoreContext:
     layer: int
     n_layers: int
     cfg: LlamaConfig
-    key: jax.Array
 
     @property
     def used(self) -> jax.Array:  # bool [B, 1, S] slots holding a token
@@ -143,8 +142,6 @@ class EvictionMethod(abc.ABC):
         """Position of the next token after compression (kvpress: the original length, unchanged)."""
         return next_pos
 
-    def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def group_mean(x: jax.Array, n_kv: int) -> jax.Array:
