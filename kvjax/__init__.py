@@ -10,8 +10,9 @@ from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache, kept_posi
 from kvjax.lm import LM, Generation, load
 from kvjax import methods, quantizers
 from kvjax.quant_kv import QuantKV, memory_report
+from kvjax.calibrate import calibrate_kvquant
 
 __all__ = ["load", "LM", "Generation", "DenseKV", "QuantKV", "KVCache", "cache_nbytes", "memory_report", "init_cache",
-           "kept_positions",
+           "kept_positions", "calibrate_kvquant",
            "DEFAULT_MODEL", "KNOWN_MODELS"]
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ from kvjax import generation, methods, quant, quantizers
 from kvjax.compress import compress, resolve_keep
 from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
+from kvjax.kernels.dispatch import resolve_impl
 from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.quant_kv import QuantKV
@@ -84,7 +85,8 @@ class LM:
         return out[0] if single else out
 
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
-                budget: int | None = None, quant=None, check_finite: bool = False) -> KVCache:
+                budget: int | None = None, quant=None, check_finite: bool = False,
+                attention_impl: str | None = None) -> KVCache:
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
@@ -93,19 +95,21 @@ class LM:
         "kivi-2", "per_token-4", "int8", "fp8", or a quantizer object), what is kept is stored
         quantized (`QuantKV`); `check_finite=True` (debug mode) first checks the K/V for NaN/Inf and
         raises a ValueError naming the layer. `capacity`: slots to allocate for an uncompressed cache.
+        `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU) or None
+        (pallas on GPU/TPU, xla on CPU).
         """
+        impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
         plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
-        return self._prefill(rows, capacity or 0, plan=plan)[1]
+        return self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)[1]
 
     def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None):
         """Validate a compression request before anything compiles: a `_Plan`, or None for none."""
         quantizer = None
         if quant is not None:
-            quantizer = quantizers.get(quant)
-            quantizer.check(self.cfg.head_dim)
+            quantizer = quantizers.get(quant).for_model(self.cfg)
         if method is None or method == "full":
             if ratio is not None or budget is not None or capacity is not None:
                 raise ValueError("ratio= / budget= / capacity= need a method= to compress with")
@@ -143,7 +147,8 @@ class LM:
                              f"{n_sink} sinks and {recent} recent tokens)")
         return np.array([[min(n, int(capacity)) for n in lengths]] * self.cfg.n_layers, np.int32)
 
-    def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None):
+    def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
+                 attention_impl: str = "xla"):
         """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length,
         then compress / quantize with `plan` (from `_plan`) if given."""
         tokens, lengths = self._pad(rows)
@@ -158,10 +163,12 @@ class LM:
             cache = jax.tree_util.tree_map(jnp.copy, cache).with_room(room, bucket)
         self._check_positions(cache, lengths)
         if plan is None:
-            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
+            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
+                                                  attention_impl=attention_impl)
             return logits, cache
         observe = plan.method.observations() if plan.method is not None else None
-        logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe)
+        logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe,
+                                                attention_impl=attention_impl)
         # `extra` beyond the prompt is room for decoding: allocate it now (64-slot steps), not later
         room = max(0, extra - int(lengths.max()))
         if plan.method is not None:
@@ -184,7 +191,8 @@ class LM:
     def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
                  stop_at_eos: bool = True, method=None, ratio: float | None = None,
-                 budget: int | None = None, capacity: int | None = None, quant=None) -> Generation:
+                 budget: int | None = None, capacity: int | None = None, quant=None,
+                 attention_impl: str | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
@@ -194,20 +202,24 @@ class LM:
         and KV head for the whole generation: a longer prompt is compressed to C, then each new
         token first evicts one under the method's decode rule (`kvjax.rolling_kv`). With `quant`, the
         kept cache is stored quantized and new tokens join it through the residual window.
+        `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU) or None
+        (pallas on GPU/TPU, xla on CPU).
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
                                   stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
-                                  capacity=capacity, quant=quant))
+                                  capacity=capacity, quant=quant, attention_impl=attention_impl))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None, stop_at_eos: bool = True,
                every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
-               budget: int | None = None, capacity: int | None = None, quant=None) -> Iterator[Generation]:
+               budget: int | None = None, capacity: int | None = None, quant=None,
+               attention_impl: str | None = None) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         sampler = Sampler(float(temperature), top_k, float(top_p))
+        impl = resolve_impl(attention_impl)
         rows, single = self._as_rows(ids_or_text)
         longest = max(len(r) for r in rows) + (int(np.max(np.asarray(cache.next_pos))) if cache else 0)
         if longest + max_new_tokens > self.cfg.max_positions:
@@ -215,7 +227,7 @@ class LM:
                              f"model's maximum positions ({self.cfg.max_positions})")
         plan = self._plan(method, ratio, budget, rows, cache, capacity, quant)
         c0, t0 = compile_seconds(), time.perf_counter()
-        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan)
+        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, impl)
         if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)
             cache = cache.with_room(max_new_tokens, _round64)
         logits.block_until_ready()
@@ -231,7 +243,8 @@ class LM:
         while True:
             if remaining > 0:
                 out, state = generation.decode(self.params, cache, logits, done, key, jnp.int32(remaining),
-                                               cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer)
+                                               cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer,
+                                               attention_impl=impl)
                 out = np.asarray(out)
                 cache, logits, done, key = state.cache, state.logits, state.done, state.key
                 for r, row in enumerate(out):
@@ -317,10 +330,10 @@ class _Plan:
 def quantize_cache(cache: KVCache, *, quantizer, tokens: tuple[int, ...]) -> KVCache:
     """Every dense layer of a cache stored quantized (`QuantKV`); layer l will hold `tokens[l]` at most."""
     layers = []
-    for layer, n in zip(cache.layers, tokens):
+    for i, (layer, n) in enumerate(zip(cache.layers, tokens)):
         if not isinstance(layer, DenseKV):
             raise ValueError(f"cannot quantize a {type(layer).__name__} layer")
-        layers.append(QuantKV.from_dense(layer, quantizer, n))
+        layers.append(QuantKV.from_dense(layer, quantizer.for_layer(i), n))
     return dataclasses.replace(cache, layers=tuple(layers))
 
 

@@ -62,7 +62,8 @@ PACK_BITS = tuple(sorted(_BLOCK))   # bit widths `pack`/`unpack` support
 UNIFORM_BITS = PACK_BITS            # bit widths of asymmetric uniform quantization
 FP8_MAX = 448.0                     # largest finite float8_e4m3fn
 INT8_MAX = 127                      # symmetric int8: codes in [-127, 127]
-KINDS = ("uniform", "int8", "fp8")
+KINDS = ("uniform", "nuq", "int8", "fp8")
+MAX_OUTLIER_GROUP = 256             # outlier indices within a group are stored as uint8
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -166,20 +167,28 @@ class QuantizedArray:
       codes: [..., P] — kind "uniform": uint8 bit-packed along the last axis; "int8": int8 [..., C];
         "fp8": float8_e4m3fn [..., C].
       scale: x's shape with the `axis` length L replaced by L / group, in the scale dtype.
-      zero: like `scale` (the group minimum, rounded down) for "uniform"; None for int8/fp8.
-      kind: "uniform" (asymmetric min/max, `bits` wide), "int8" (symmetric) or "fp8" (e4m3). Static.
+      zero: like `scale` (the group minimum, rounded down) for "uniform"/"nuq"; None for int8/fp8.
+      outlier_val, outlier_idx: the dense-and-sparse side store (KVQuant), or None. `scale`'s shape
+        with a new axis of n outliers right after the group axis (values per token: [..., S, D/n_g, n];
+        keys per channel: [..., S/n_g, n, D]); values in the scale dtype, indices uint8 within the group.
+      kind: "uniform" (asymmetric min/max, `bits` wide), "nuq" (asymmetric, non-uniform `levels`),
+        "int8" (symmetric) or "fp8" (e4m3). Static.
       bits: code width (8 for int8 and fp8). Static.
       axis: the axis the groups run along, as a negative index (stays right under vmap). Static.
       group: elements per group along `axis`. Static.
+      levels: "nuq" only: the 2^bits code points in [0, 1] (ascending); x ~ zero + levels[code] * scale.
     """
 
     codes: jax.Array
     scale: jax.Array
     zero: jax.Array | None
+    outlier_val: jax.Array | None = None
+    outlier_idx: jax.Array | None = None
     kind: str = dataclasses.field(metadata=dict(static=True), default="uniform")
     bits: int = dataclasses.field(metadata=dict(static=True), default=8)
     axis: int = dataclasses.field(metadata=dict(static=True), default=-1)
     group: int = dataclasses.field(metadata=dict(static=True), default=1)
+    levels: tuple[float, ...] | None = dataclasses.field(metadata=dict(static=True), default=None)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -189,7 +198,7 @@ class QuantizedArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays held: codes + scales (+ zero-points)."""
+        """Bytes of the arrays held: codes + scales (+ zero-points) (+ outlier values and indices)."""
         return sum(int(leaf.size) * leaf.dtype.itemsize for leaf in jax.tree.leaves(self))
 
     @property
@@ -199,23 +208,25 @@ class QuantizedArray:
 
 
 def quantized_nbytes(shape, *, kind: str = "uniform", bits: int = 8, axis: int = -1, group=None,
-                     scale_dtype=jnp.float32) -> int:
+                     scale_dtype=jnp.float32, outliers: int = 0) -> int:
     """Exact bytes of the `QuantizedArray` that quantizing an array of `shape` gives.
 
-    codes: prod(shape[:-1]) * C * bits / 8 (uniform; 3 bits: 3/8 byte per code), prod(shape) bytes
-    (int8, fp8); scale: prod(shape) / group * itemsize(scale_dtype); zero: the same again (uniform).
+    codes: prod(shape[:-1]) * C * bits / 8 (uniform/nuq; 3 bits: 3/8 byte per code), prod(shape)
+    bytes (int8, fp8); scale: prod(shape) / group * itemsize(scale_dtype); zero: the same again
+    (uniform/nuq); outliers: prod(shape) / group * outliers * (itemsize(scale_dtype) + 1).
     """
     if kind not in KINDS:
         raise ValueError(f"quantized_nbytes: kind must be one of {KINDS}, got {kind!r}")
-    bits = bits if kind == "uniform" else 8
+    bits = bits if kind in ("uniform", "nuq") else 8
     check_bits(bits, UNIFORM_BITS, "quantized_nbytes")
     _, group = _check_group_args(shape, axis, group, "quantized_nbytes")
     _check_last_axis(shape, bits, "quantized_nbytes")
     size = math.prod(shape)
     codes = packed_nbytes(size, bits)
     n_scales = size // group
-    per_scale = jnp.dtype(scale_dtype).itemsize * (2 if kind == "uniform" else 1)
-    return codes + n_scales * per_scale
+    itemsize = jnp.dtype(scale_dtype).itemsize
+    per_scale = itemsize * (2 if kind in ("uniform", "nuq") else 1)
+    return codes + n_scales * per_scale + n_scales * outliers * (itemsize + 1)
 
 
 def _groups(x: jax.Array, ax: int, group: int) -> jax.Array:
@@ -249,10 +260,70 @@ def _prepare(x, axis, group, scale_dtype, who):
     return ax, group, scale_dtype, _groups(x.astype(jnp.float32), ax, group)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "axis", "group", "scale_dtype"))
-def quantize(x: jax.Array, bits: int, *, axis: int = -1, group: int | None = None,
-             scale_dtype=None) -> QuantizedArray:
-    """Asymmetric min/max uniform quantization in groups of `group` consecutive elements along `axis`.
+def check_levels(levels, bits: int, who: str) -> tuple[float, ...]:
+    """Validate a non-uniform codebook: 2^bits ascending floats in [0, 1]; returned as a tuple."""
+    lv = tuple(float(v) for v in np.asarray(levels, np.float64).reshape(-1))
+    if len(lv) != 2**bits or any(b <= a for a, b in zip(lv, lv[1:])) or lv[0] < 0 or lv[-1] > 1:
+        raise ValueError(f"{who}: levels must be {2**bits} strictly ascending values in [0, 1] "
+                         f"for {bits} bits, got {lv}")
+    return lv
+
+
+def _split_outliers(xg: jax.Array, gax: int, n: int):
+    """The n elements of each group (axis `gax` of grouped x) farthest from the group mean.
+
+    Returns (mask: bool like xg, True at outliers; values f32 and indices int32, both xg's shape
+    with the group axis of length n instead of the group size).
+    """
+    dev = jnp.abs(xg - jnp.mean(xg, axis=gax, keepdims=True))
+    _, idx = jax.lax.top_k(jnp.moveaxis(dev, gax, -1), n)
+    idx = jnp.moveaxis(idx, -1, gax)
+    return _outlier_mask(xg.shape, idx, gax), jnp.take_along_axis(xg, idx, axis=gax), idx
+
+
+def _outlier_mask(shape, idx: jax.Array, gax: int) -> jax.Array:
+    iota = jax.lax.broadcasted_iota(jnp.int32, shape, gax)
+    hits = [iota == jax.lax.slice_in_dim(idx, j, j + 1, axis=gax) for j in range(idx.shape[gax])]
+    return functools.reduce(jnp.logical_or, hits)
+
+
+def _range(xg: jax.Array, gax: int, group: int, outliers: int):
+    """Min and max of each group of grouped x, outliers left out. Returns (lo, hi, outlier mask,
+    outlier values, outlier indices); the last three are None without outliers."""
+    if not outliers:
+        return jnp.min(xg, axis=gax), jnp.max(xg, axis=gax), None, None, None
+    if isinstance(outliers, bool) or not isinstance(outliers, int) or not 0 < outliers < group:
+        raise ValueError(f"quantize: outliers must be an int in [0, group={group}), got {outliers!r}")
+    if group > MAX_OUTLIER_GROUP:
+        raise ValueError(f"quantize: outlier indices are uint8, so group must be <= "
+                         f"{MAX_OUTLIER_GROUP} with outliers, got {group}")
+    mask, val, idx = _split_outliers(xg, gax, outliers)
+    lo = jnp.min(jnp.where(mask, jnp.inf, xg), axis=gax)
+    hi = jnp.max(jnp.where(mask, -jnp.inf, xg), axis=gax)
+    return lo, hi, mask, val, idx
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group", "outliers"))
+def unit_range(x: jax.Array, *, axis: int = -1, group: int | None = None, outliers: int = 0):
+    """Each element's place in its group's [min, max] (outliers left out), as `quantize` groups them.
+
+    What a non-uniform codebook is fitted to (KVQuant's normalized activations). Returns
+    (u float32 [x.shape] in [0, 1] for inliers, inlier bool [x.shape]).
+    """
+    _check_float(x, "unit_range")
+    ax, group = _check_group_args(x.shape, axis, group, "unit_range")
+    xg = _groups(x.astype(jnp.float32), ax, group)
+    lo, hi, mask, _, _ = _range(xg, ax + 1, group, outliers)
+    lo, hi = jnp.expand_dims(lo, ax + 1), jnp.expand_dims(hi, ax + 1)
+    u = jnp.clip((xg - lo) / jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny), 0, 1)
+    inlier = jnp.ones(xg.shape, bool) if mask is None else ~mask
+    return u.reshape(x.shape), inlier.reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "axis", "group", "scale_dtype", "outliers", "levels"))
+def quantize(x: jax.Array, bits: int, *, axis: int = -1, group: int | None = None, scale_dtype=None,
+             outliers: int = 0, levels: tuple[float, ...] | None = None) -> QuantizedArray:
+    """Asymmetric min/max quantization in groups of `group` consecutive elements along `axis`.
 
     KIVI (arXiv 2402.02750, Sec. 3): zero = min, scale = (max - min) / (2^b - 1),
     codes = clip(round((x - zero) / scale), 0, 2^b - 1), x ~ zero + codes * scale; keys with
@@ -260,25 +331,50 @@ def quantize(x: jax.Array, bits: int, *, axis: int = -1, group: int | None = Non
     `scale_dtype`, scale is floored at finfo(scale_dtype).tiny (see the module docstring), so
     |x - dequantize(quantize(x))| <= scale / 2 elementwise, up to float32 arithmetic.
 
+    KVQuant (Hooper et al. 2024, arXiv 2401.18079) options:
+      outliers (Sec. 3.5, dense-and-sparse): the `outliers` elements of each group farthest from the
+        group mean are kept exactly in a sparse side store (value + uint8 index) and excluded from
+        the group's min/max, so the other elements get a finer step; dequantization writes them back.
+      levels (Sec. 3.4, non-uniform "nuq" datatype): 2^bits code points in [0, 1]; scale is the
+        whole span max - min (rounded up), codes = the nearest level to (x - zero) / scale, and
+        x ~ zero + levels[code] * scale. The error is at most half the widest gap between levels
+        (or to the ends of [0, 1]) times the scale.
+
     Args:
       x: float [..., L, ..., C].
       bits: 2, 3, 4 or 8.
       axis: axis the groups run along (-1: channels of a token; -2: tokens of a channel).
       group: elements per group; None means the whole axis. Must divide x.shape[axis].
       scale_dtype: dtype of scale and zero (default x.dtype, the model dtype).
+      outliers: elements per group kept full precision (0: none; < group <= 256).
+      levels: non-uniform code points (a tuple, static) or None for uniform codes.
     Returns:
-      QuantizedArray(kind="uniform"): codes uint8 [..., C * bits / 8], scale/zero [..., L/n, ..., C].
+      QuantizedArray(kind="uniform" | "nuq"): codes uint8 [..., C * bits / 8], scale/zero
+      [..., L/n, ..., C], outlier values/indices as documented on `QuantizedArray`.
     """
     check_bits(bits, UNIFORM_BITS, "quantize")
     _check_last_axis(x.shape, bits, "quantize")
     ax, group, sdt, xg = _prepare(x, axis, group, scale_dtype, "quantize")
-    levels = 2**bits - 1
-    zero = _round_down(jnp.min(xg, axis=ax + 1), sdt)                                 # [..., L/n, ...]
-    scale = _step(jnp.max(xg, axis=ax + 1) - zero.astype(jnp.float32), levels, sdt)
-    z32, s32 = (jnp.expand_dims(a.astype(jnp.float32), ax + 1) for a in (zero, scale))
-    codes = jnp.clip(jnp.round((xg - z32) / s32), 0, levels).astype(jnp.uint8).reshape(x.shape)
-    return QuantizedArray(codes=pack(codes, bits), scale=scale, zero=zero, kind="uniform",
-                          bits=bits, axis=ax - x.ndim, group=group)
+    gax = ax + 1
+    lo, hi, _, out_val, out_idx = _range(xg, gax, group, outliers)
+    if outliers:
+        out_val, out_idx = out_val.astype(sdt), out_idx.astype(jnp.uint8)
+    zero = _round_down(lo, sdt)                                                       # [..., L/n, ...]
+    span = hi - zero.astype(jnp.float32)
+    if levels is None:
+        kind, top = "uniform", 2**bits - 1
+        scale = _step(span, top, sdt)
+        z32, s32 = (jnp.expand_dims(a.astype(jnp.float32), gax) for a in (zero, scale))
+        codes = jnp.clip(jnp.round((xg - z32) / s32), 0, top)
+    else:
+        kind, levels = "nuq", check_levels(levels, bits, "quantize")
+        scale = _step(span, 1.0, sdt)
+        z32, s32 = (jnp.expand_dims(a.astype(jnp.float32), gax) for a in (zero, scale))
+        lv = np.asarray(levels, np.float32)
+        codes = jnp.searchsorted(jnp.asarray((lv[1:] + lv[:-1]) / 2), (xg - z32) / s32)
+    return QuantizedArray(codes=pack(codes.astype(jnp.uint8).reshape(x.shape), bits), scale=scale,
+                          zero=zero, outlier_val=out_val, outlier_idx=out_idx, kind=kind, bits=bits,
+                          axis=ax - x.ndim, group=group, levels=levels)
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "group", "scale_dtype"))
@@ -318,22 +414,30 @@ def quantize_fp8(x: jax.Array, *, axis: int = -1, group: int | None = None,
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(qa: QuantizedArray, dtype=None) -> jax.Array:
-    """codes * scale (+ zero), computed in float32 and cast to `dtype` (default: the scale dtype).
+    """codes * scale (+ zero) (levels[codes] for "nuq"), outliers written back; computed in float32
+    and cast to `dtype` (default: the scale dtype).
 
     Returns: [..., C], the shape `qa` was quantized from.
     """
     shape = qa.shape
     ax = qa.axis % len(shape)
-    if qa.kind == "uniform":
+    if qa.kind in ("uniform", "nuq"):
         codes = unpack(qa.codes, qa.bits, shape[-1])
     elif qa.kind in ("int8", "fp8"):
         codes = qa.codes
     else:
         raise ValueError(f"dequantize: unknown kind {qa.kind!r}; expected one of {KINDS}")
-    c = _groups(codes.astype(jnp.float32), ax, qa.group)
+    c = _groups(codes, ax, qa.group)
+    c = (jnp.asarray(qa.levels, jnp.float32)[c.astype(jnp.int32)] if qa.kind == "nuq"
+         else c.astype(jnp.float32))
     out = c * jnp.expand_dims(qa.scale.astype(jnp.float32), ax + 1)
     if qa.zero is not None:
         out = out + jnp.expand_dims(qa.zero.astype(jnp.float32), ax + 1)
+    if qa.outlier_val is not None:  # write the sparse side store back over the dense codes
+        iota = jax.lax.broadcasted_iota(jnp.int32, out.shape, ax + 1)
+        for j in range(qa.outlier_idx.shape[ax + 1]):
+            at = functools.partial(jax.lax.slice_in_dim, start_index=j, limit_index=j + 1, axis=ax + 1)
+            out = jnp.where(iota == at(qa.outlier_idx).astype(jnp.int32), at(qa.outlier_val).astype(jnp.float32), out)
     return out.reshape(shape).astype(qa.scale.dtype if dtype is None else dtype)
 
 

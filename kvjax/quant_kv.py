@@ -5,8 +5,11 @@ New tokens go into the residual; when a row's residual holds `residual` tokens, 
 quantized and flushed into the packed store (a `lax.cond`, inside the jitted decode loop). No
 full-precision copy of a quantized token is kept: attention dequantizes the store transiently.
 Prefill attention runs at full precision on a `DenseKV`; `from_dense` then quantizes what is kept.
+A quantizer with `sink` > 0 (KVQuant's attention sink) keeps each row's first `sink` tokens in a
+full-precision sink store that never flushes.
 
-Legend: B batch, K KV heads, Q store slots (a multiple of R), R residual slots, D head dim, T new tokens.
+Legend: B batch, K KV heads, Q store slots (a multiple of R), R residual slots, N sink slots,
+D head dim, T new tokens.
 """
 from __future__ import annotations
 
@@ -35,6 +38,13 @@ def _write_tokens(store: quant.QuantizedArray, block: quant.QuantizedArray, star
     return jax.tree_util.tree_map(leaf, store, block)
 
 
+def _slots(x: jax.Array, start: int, n: int, fill) -> jax.Array:
+    """Slots [start, start + n) of axis 2 of x, padded with `fill` past x's end."""
+    short = max(start + n - x.shape[2], 0)
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, short)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+    return x[:, :, start:start + n]
+
+
 def _pad_tokens(qa: quant.QuantizedArray, tokens: int) -> quant.QuantizedArray:
     """Grow the token axis (2) of a quantized [B, K, S, ...] array to `tokens` (new entries zero)."""
     def leaf(x):
@@ -52,6 +62,7 @@ class QuantKV:
       pos: int32 [B, K, Q] positions of the stored tokens (`EMPTY_POS` where unused).
       k_res, v_res: [B, K, R, D] full-precision residual; pos_res: int32 [B, K, R].
       n_q: int32 [B] tokens in the store (a multiple of R); n_r: int32 [B] tokens in the residual.
+      k_sink, v_sink: [B, K, N, D] full-precision first tokens; pos_sink: int32 [B, K, N] (N may be 0).
       quantizer: the method (static).
     """
 
@@ -63,6 +74,9 @@ class QuantKV:
     pos_res: jax.Array
     n_q: jax.Array
     n_r: jax.Array
+    k_sink: jax.Array
+    v_sink: jax.Array
+    pos_sink: jax.Array
     quantizer: Quantizer = dataclasses.field(metadata=dict(static=True), default=None)
 
     @property
@@ -75,42 +89,46 @@ class QuantKV:
 
     @property
     def length(self) -> jax.Array:
-        return self.n_q + self.n_r
+        return jnp.sum(self.pos_sink[:, 0] != EMPTY_POS, axis=-1, dtype=jnp.int32) + self.n_q + self.n_r
 
     @classmethod
     def from_dense(cls, state: DenseKV, quantizer: Quantizer, tokens: int) -> "QuantKV":
         """Quantize a dense state whose rows hold their tokens in slots [0, length), in position order.
 
-        Each row's first floor(length / R) * R tokens go to the store, the rest to the residual.
-        `tokens` (static): the most tokens a row will hold (>= its length); the store gets that
-        rounded up to a multiple of R.
+        The first `quantizer.sink` tokens of a row go to the sink store; of the others, the first
+        floor(n / R) * R go to the quantized store, the rest to the residual. `tokens` (static): the
+        most tokens a row will hold (>= its length); the store gets what the sink does not take,
+        rounded up to a multiple of R (at least R).
         """
-        r = quantizer.residual
-        s = state.capacity
-        cap = _round_up(tokens, r)
-        fit = lambda x, fill: (x[:, :, :cap] if cap <= s else  # noqa: E731
-                               jnp.pad(x, [(0, 0), (0, 0), (0, cap - s)] + [(0, 0)] * (x.ndim - 3),
-                                       constant_values=fill))
-        k, v, pos = fit(state.k, 0), fit(state.v, 0), fit(state.pos, EMPTY_POS)
-        n_q = (state.length // r) * r
+        r, n_sink_slots = quantizer.residual, quantizer.sink
+        cap = _round_up(max(tokens - n_sink_slots, 1), r)
+        n_sink = jnp.minimum(state.length, n_sink_slots)
+        in_sink = jnp.arange(n_sink_slots)[None, None, :] < n_sink[:, None, None]
+        k, v = _slots(state.k, n_sink_slots, cap, 0), _slots(state.v, n_sink_slots, cap, 0)
+        pos = _slots(state.pos, n_sink_slots, cap, EMPTY_POS)
+        length = state.length - n_sink
+        n_q = (length // r) * r
         slots = jnp.arange(cap)[None, None, :]
-        store_pos = jnp.where(slots < n_q[:, None, None], pos, EMPTY_POS)
         res_idx = n_q[:, None, None] + jnp.arange(r)[None, None, :]  # [B, 1, R]
-        in_res = res_idx < state.length[:, None, None]
-        take = lambda x: jnp.take_along_axis(x, jnp.minimum(res_idx, cap - 1)[..., None], axis=2)  # noqa: E731
-        return cls(kq=quantizer.quantize_keys(k), vq=quantizer.quantize_values(v), pos=store_pos,
-                   k_res=jnp.where(in_res[..., None], take(k), 0).astype(k.dtype),
-                   v_res=jnp.where(in_res[..., None], take(v), 0).astype(v.dtype),
-                   pos_res=jnp.where(in_res, jnp.take_along_axis(pos, jnp.minimum(res_idx, cap - 1), axis=2),
-                                     EMPTY_POS),
-                   n_q=n_q.astype(jnp.int32), n_r=(state.length - n_q).astype(jnp.int32), quantizer=quantizer)
+        in_res = res_idx < length[:, None, None]
+        idx = jnp.minimum(res_idx, cap - 1)
+        take_kv = lambda x: jnp.where(in_res[..., None], jnp.take_along_axis(x, idx[..., None], axis=2), 0)  # noqa: E731
+        sink = lambda x: jnp.where(in_sink[..., None], _slots(x, 0, n_sink_slots, 0), 0)  # noqa: E731
+        return cls(kq=quantizer.quantize_keys(k, pos), vq=quantizer.quantize_values(v),
+                   pos=jnp.where(slots < n_q[:, None, None], pos, EMPTY_POS),
+                   k_res=take_kv(k), v_res=take_kv(v),
+                   pos_res=jnp.where(in_res, jnp.take_along_axis(pos, idx, axis=2), EMPTY_POS),
+                   n_q=n_q.astype(jnp.int32), n_r=(length - n_q).astype(jnp.int32),
+                   k_sink=sink(state.k), v_sink=sink(state.v),
+                   pos_sink=jnp.where(in_sink, _slots(state.pos, 0, n_sink_slots, EMPTY_POS), EMPTY_POS),
+                   quantizer=quantizer)
 
     def has_room(self, n: int = 1) -> jax.Array:
         return jnp.all(self.n_q + self.n_r + n <= self.capacity)
 
     def with_room(self, n: int, round_up=lambda c: c) -> "QuantKV":
         """Grow the store so `n` more tokens fit (host-side), in multiples of the residual."""
-        need = _round_up(round_up(int(np.max(np.asarray(self.length))) + n), self.residual)
+        need = _round_up(round_up(int(np.max(np.asarray(self.n_q + self.n_r))) + n), self.residual)
         if need <= self.capacity:
             return self
         return dataclasses.replace(self, kq=_pad_tokens(self.kq, need), vq=_pad_tokens(self.vq, need),
@@ -131,7 +149,8 @@ class QuantKV:
     def _flush(self) -> "QuantKV":
         """Quantize full residuals into the store (rows whose residual is not full are unchanged)."""
         full = self.n_r >= self.residual  # [B]
-        kb, vb = self.quantizer.quantize_keys(self.k_res), self.quantizer.quantize_values(self.v_res)
+        kb = self.quantizer.quantize_keys(self.k_res, self.pos_res)
+        vb = self.quantizer.quantize_values(self.v_res)
         # every row writes at its own n_q; only full rows count it (others' writes land past n_q)
         pos_block = jnp.where(full[:, None, None], self.pos_res, EMPTY_POS)
         return dataclasses.replace(
@@ -149,11 +168,11 @@ class QuantKV:
             k[:, :, i], v[:, :, i], pos[:, i], i < n_valid), self)
 
     def attend(self, q, q_pos, block=None, return_lse: bool = False):
-        """Attention over the dequantized store and the residual (one pass; causal by positions)."""
+        """Attention over the sink, the dequantized store and the residual (one pass; causal by positions)."""
         dt = self.k_res.dtype
-        k = jnp.concatenate([quant.dequantize(self.kq, dt), self.k_res], axis=2)
-        v = jnp.concatenate([quant.dequantize(self.vq, dt), self.v_res], axis=2)
-        pos = jnp.concatenate([self.pos, self.pos_res], axis=2)
+        k = jnp.concatenate([self.k_sink, self.quantizer.dequantize_keys(self.kq, self.pos, dt), self.k_res], axis=2)
+        v = jnp.concatenate([self.v_sink, self.quantizer.dequantize_values(self.vq, dt), self.v_res], axis=2)
+        pos = jnp.concatenate([self.pos_sink, self.pos, self.pos_res], axis=2)
         everything = jnp.full(self.n_q.shape, pos.shape[2], jnp.int32)  # unused slots hold EMPTY_POS
         return blockwise_attention(q, q_pos, k, v, pos, everything, None, return_lse)
 
@@ -164,17 +183,19 @@ class QuantKV:
         return tree_nbytes(self)
 
     def positions(self) -> jax.Array:
-        """int32 [B, K, Q + R]: positions held, ascending, unused (`EMPTY_POS`) last."""
-        return jnp.sort(jnp.concatenate([self.pos, self.pos_res], axis=2), axis=2)
+        """int32 [B, K, N + Q + R]: positions held, ascending, unused (`EMPTY_POS`) last."""
+        return jnp.sort(jnp.concatenate([self.pos_sink, self.pos, self.pos_res], axis=2), axis=2)
 
 
 def memory_report(cache) -> dict:
     """Bytes per component of a cache, and effective bits per element vs the full-precision K/V.
 
-    Components: codes, scales, zeros (quantized store), residual (full-precision K/V), outliers
-    (kvquant, when present), kv (full-precision K/V of unquantized layers), positions/lengths (metadata).
+    Components: codes, scales, zeros, outliers (values + indices; kvquant) of the quantized stores,
+    residual and sink (full-precision K/V of quantized layers), kv (K/V of unquantized layers),
+    metadata (positions, lengths). `bits_per_element` counts all K/V data (metadata excluded) per
+    K/V element held; `full_precision_bytes` is what the same slots take unquantized.
     """
-    out = dict(codes=0, scales=0, zeros=0, residual=0, kv=0, metadata=0)
+    out = dict(codes=0, scales=0, zeros=0, outliers=0, residual=0, sink=0, kv=0, metadata=0)
     elements = 0
     full_itemsize = None
     for layer in cache.layers:
@@ -182,10 +203,12 @@ def memory_report(cache) -> dict:
             for qa in (layer.kq, layer.vq):
                 out["codes"] += tree_nbytes(qa.codes)
                 out["scales"] += tree_nbytes(qa.scale)
-                out["zeros"] += tree_nbytes(qa.zero) if qa.zero is not None else 0
+                out["zeros"] += tree_nbytes(qa.zero)
+                out["outliers"] += tree_nbytes((qa.outlier_val, qa.outlier_idx))
             out["residual"] += tree_nbytes((layer.k_res, layer.v_res))
-            out["metadata"] += tree_nbytes((layer.pos, layer.pos_res, layer.n_q, layer.n_r))
-            elements += 2 * (layer.pos.size + layer.pos_res.size) * layer.k_res.shape[-1]
+            out["sink"] += tree_nbytes((layer.k_sink, layer.v_sink))
+            out["metadata"] += tree_nbytes((layer.pos, layer.pos_res, layer.pos_sink, layer.n_q, layer.n_r))
+            elements += 2 * layer.positions().size * layer.k_res.shape[-1]
             full_itemsize = layer.k_res.dtype.itemsize
         else:
             kv = tree_nbytes((layer.k, layer.v))

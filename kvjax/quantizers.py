@@ -9,6 +9,10 @@
 * `per_token` (HF transformers `QuantizedCache`, quanto backend): keys and values per token, groups of
   `group` channels (64), residual 128, bits 2/4/8.
 * `int8` / `fp8`: one symmetric scale per token per head (e4m3 for fp8), residual 32.
+* `kvquant` (Hooper et al. 2024, arXiv 2401.18079): keys per channel *before RoPE* (RoPE applied
+  after dequantization), values per token, ~1% outliers in a sparse full-precision side store, the
+  first `sink` tokens in full precision, bits 2/3/4, optional non-uniform codebooks from calibration
+  (`calibrate_kvquant`).
 """
 from __future__ import annotations
 
@@ -16,8 +20,13 @@ import abc
 import dataclasses
 from typing import ClassVar
 
+import jax.numpy as jnp
+import numpy as np
+
 from kvjax import quant
 from kvjax.methods.base import check_positive
+from kvjax.models.config import rope_inv_freq
+from kvjax.models.llama import apply_rope
 
 _REGISTRY: dict[str, type] = {}
 
@@ -32,21 +41,39 @@ def _register(name: str):
 
 
 class Quantizer(abc.ABC):
-    """Base of quantization methods (frozen kw-only dataclasses; hashable, used as static args)."""
+    """Base of quantization methods (frozen kw-only dataclasses; hashable, used as static args).
+
+    Keys arrive RoPE-rotated, with their positions (a method that quantizes pre-RoPE keys undoes the
+    rotation); `sink` leading tokens of each row stay in full precision (0 for most methods).
+    """
 
     name: ClassVar[str] = "?"
     residual: int
+    sink: ClassVar[int] = 0
 
     @abc.abstractmethod
-    def quantize_keys(self, k):
-        """[B, K, S, D] -> QuantizedArray."""
+    def quantize_keys(self, k, pos):
+        """k [B, K, S, D] (rotated), pos int32 [B, K, S] -> QuantizedArray."""
 
     @abc.abstractmethod
     def quantize_values(self, v):
         """[B, K, S, D] -> QuantizedArray."""
 
-    def check(self, head_dim: int) -> None:
-        """Validate against the model's head dim (ValueError), before anything compiles."""
+    def dequantize_keys(self, qa, pos, dtype):
+        """QuantizedArray, pos [B, K, S] -> rotated keys [B, K, S, D] in `dtype`."""
+        return quant.dequantize(qa, dtype)
+
+    def dequantize_values(self, qa, dtype):
+        return quant.dequantize(qa, dtype)
+
+    def for_model(self, cfg) -> "Quantizer":
+        """Validate against the model config (ValueError, before anything compiles); the quantizer
+        to use with it (bound to what it needs of the config)."""
+        return self
+
+    def for_layer(self, layer: int) -> "Quantizer":
+        """The quantizer of one layer (methods with per-layer parameters override)."""
+        return self
 
 
 @_register("kivi")
@@ -63,11 +90,12 @@ class KIVI(Quantizer):
             raise ValueError(f"kivi: residual ({self.residual}) must be a multiple of group ({self.group}): "
                              "keys are quantized in groups of tokens when the residual flushes")
 
-    def check(self, head_dim: int) -> None:
-        if head_dim % self.group:
-            raise ValueError(f"kivi: group {self.group} does not divide the head dim {head_dim} (value groups)")
+    def for_model(self, cfg) -> Quantizer:
+        if cfg.head_dim % self.group:
+            raise ValueError(f"kivi: group {self.group} does not divide the head dim {cfg.head_dim} (value groups)")
+        return self
 
-    def quantize_keys(self, k):
+    def quantize_keys(self, k, pos):
         return quant.quantize(k, self.bits, axis=-2, group=self.group)
 
     def quantize_values(self, v):
@@ -85,14 +113,16 @@ class PerToken(Quantizer):
         quant.check_bits(self.bits, (2, 4, 8), "per_token")
         check_positive(group=self.group, residual=self.residual)
 
-    def check(self, head_dim: int) -> None:
-        if head_dim % self.group:
-            raise ValueError(f"per_token: group {self.group} does not divide the head dim {head_dim}")
+    def for_model(self, cfg) -> Quantizer:
+        if cfg.head_dim % self.group:
+            raise ValueError(f"per_token: group {self.group} does not divide the head dim {cfg.head_dim}")
+        return self
 
-    def quantize_keys(self, k):
-        return quant.quantize(k, self.bits, axis=-1, group=self.group)
+    def quantize_keys(self, k, pos):
+        return self.quantize_values(k)
 
-    quantize_values = quantize_keys
+    def quantize_values(self, v):
+        return quant.quantize(v, self.bits, axis=-1, group=self.group)
 
 
 @_register("int8")
@@ -104,10 +134,11 @@ class Int8(Quantizer):
     def __post_init__(self):
         check_positive(residual=self.residual)
 
-    def quantize_keys(self, k):
-        return self._quantize(k, axis=-1)  # one scale per token per head
+    def quantize_keys(self, k, pos):
+        return self.quantize_values(k)
 
-    quantize_values = quantize_keys
+    def quantize_values(self, v):
+        return self._quantize(v, axis=-1)  # one scale per token per head
 
 
 @_register("fp8")
@@ -116,12 +147,102 @@ class FP8(Int8):
     _quantize: ClassVar = staticmethod(quant.quantize_fp8)
 
 
+@_register("kvquant")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVQuant(Quantizer):
+    """KVQuant (Hooper et al. 2024, arXiv 2401.18079), with KIVI's streaming residual.
+
+    * Keys per channel, pre-RoPE (Sec. 3.1-3.2): on flush, keys are rotated back by -position,
+      quantized in groups of `group` tokens per channel, and RoPE is re-applied after
+      dequantization (the positions are stored anyway).
+    * Values per token (all D channels of a head share one scale and zero-point).
+    * Dense-and-sparse outliers (Sec. 3.5): per quantization vector (a key channel's `group` tokens,
+      a value token's D channels), the n = max(1, round(outliers * length)) elements farthest from
+      the vector's mean are kept exactly (value + uint8 index) and left out of its range. The paper
+      calibrates percentile thresholds that remove ~1% per vector; a fixed count keeps shapes static
+      (at the defaults: 1 of 128 per key channel group, 1 of 64 or 128 per value token).
+    * Attention sink (Sec. 3.6): the first `sink` tokens of each row stay in full precision.
+    * Non-uniform datatype (Sec. 3.4, "nuq"): `codebooks`, per layer a pair (key levels, value levels)
+      of 2^bits code points in [0, 1], from `calibrate_kvquant`. The paper's k-means is weighted by
+      Fisher information; ours is unweighted (its "nuq without sensitivity" ablation). None: uniform.
+
+    `inv_freq` is bound from the model config by `for_model` (RoPE inverse frequencies).
+    """
+
+    bits: int = 3
+    group: int = 128
+    residual: int = 128
+    outliers: float = 0.01
+    sink: int = 1
+    codebooks: tuple | None = None
+    layer: int | None = None
+    inv_freq: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        quant.check_bits(self.bits, (2, 3, 4), "kvquant")
+        check_positive(group=self.group, residual=self.residual)
+        if self.residual % self.group:
+            raise ValueError(f"kvquant: residual ({self.residual}) must be a multiple of group ({self.group}): "
+                             "keys are quantized in groups of tokens when the residual flushes")
+        if not 0 <= self.outliers < 0.5:
+            raise ValueError(f"kvquant: outliers is a fraction in [0, 0.5), got {self.outliers!r}")
+        if self.outliers and self.group > quant.MAX_OUTLIER_GROUP:
+            raise ValueError(f"kvquant: group must be <= {quant.MAX_OUTLIER_GROUP} with outliers, got {self.group}")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"kvquant: sink must be an int >= 0, got {self.sink!r}")
+        if self.codebooks is not None:
+            if any(len(pair) != 2 for pair in self.codebooks):
+                raise ValueError("kvquant: codebooks holds one (key levels, value levels) pair per layer")
+            object.__setattr__(self, "codebooks", tuple(
+                (quant.check_levels(k, self.bits, "kvquant codebook"), quant.check_levels(v, self.bits, "kvquant codebook"))
+                for k, v in self.codebooks))
+
+    def for_model(self, cfg) -> Quantizer:
+        if cfg.head_dim > quant.MAX_OUTLIER_GROUP and self.outliers:
+            raise ValueError(f"kvquant: value outliers need head_dim <= {quant.MAX_OUTLIER_GROUP}, got {cfg.head_dim}")
+        if cfg.head_dim % 8:
+            raise ValueError(f"kvquant: head_dim must be a multiple of 8 (3-bit packing), got {cfg.head_dim}")
+        if self.codebooks is not None and len(self.codebooks) != cfg.n_layers:
+            raise ValueError(f"kvquant: codebooks for {len(self.codebooks)} layers, the model has {cfg.n_layers}")
+        return dataclasses.replace(self, inv_freq=tuple(float(f) for f in rope_inv_freq(cfg)))
+
+    def for_layer(self, layer: int) -> Quantizer:
+        return self if self.codebooks is None else dataclasses.replace(self, layer=layer)
+
+    def _levels(self, which: int):
+        if self.codebooks is None:
+            return None
+        if self.layer is None:
+            raise ValueError("kvquant with codebooks quantizes per layer: use quantizer.for_layer(i)")
+        return self.codebooks[self.layer][which]
+
+    def n_outliers(self, length: int) -> int:
+        return max(1, round(self.outliers * length)) if self.outliers else 0
+
+    def rotate(self, k, pos, sign: int):
+        if self.inv_freq is None:
+            raise ValueError("kvquant quantizes pre-RoPE keys: bind the model with quantizer.for_model(cfg)")
+        return apply_rope(k, sign * pos, np.asarray(self.inv_freq, np.float32))
+
+    def quantize_keys(self, k, pos):
+        return quant.quantize(self.rotate(k, pos, -1), self.bits, axis=-2, group=self.group,
+                              outliers=self.n_outliers(self.group), levels=self._levels(0))
+
+    def dequantize_keys(self, qa, pos, dtype):
+        return self.rotate(quant.dequantize(qa, jnp.float32), pos, 1).astype(dtype)
+
+    def quantize_values(self, v):
+        return quant.quantize(v, self.bits, axis=-1, outliers=self.n_outliers(v.shape[-1]),
+                              levels=self._levels(1))
+
+
 def registry() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
 def get(spec) -> Quantizer:
-    """A quantizer from an object or a spec string: "kivi-2", "kivi-4", "per_token-4", "int8", "fp8"."""
+    """A quantizer from an object or a spec string: "kivi-2", "kivi-4", "per_token-4", "kvquant-3",
+    "int8", "fp8"."""
     if isinstance(spec, Quantizer):
         return spec
     if not isinstance(spec, str):

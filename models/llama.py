@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kvjax.kernels import dispatch
 from kvjax.kv_state import KVCache
 from kvjax.models.config import LlamaConfig, rope_inv_freq
 from kvjax.observe import ObsSpec, observe_chunk
@@ -36,9 +37,10 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE (Su et al. 2021, HF convention). x [B, T, N, D], positions int [B, T]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    """Rotate-half RoPE (Su et al. 2021, HF convention). x [..., D], positions int [...] (x's leading
+    axes, or broadcastable to them); rotating by -positions undoes it."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -47,6 +49,7 @@ class Attention(nn.Module):
     cfg: LlamaConfig
     attn_block: int | None = None
     observe: ObsSpec | None = None
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, state, n_valid, obs=None):
@@ -59,17 +62,21 @@ class Attention(nn.Module):
         q_pre = q
         with jax.named_scope("rope"):
             inv_freq = jnp.asarray(rope_inv_freq(cfg))
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            q, k = (apply_rope(x, positions[:, :, None], inv_freq) for x in (q, k))
         with jax.named_scope("cache_update"):
             state = state.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid)
         with jax.named_scope("attend"):
             need_lse = self.observe is not None and self.observe.col_sums
-            out = state.attend(q, positions, self.attn_block, return_lse=need_lse)  # [B, T, H, D]
+            if self.attention_impl == "pallas":
+                out = dispatch.attend(state, q, positions, return_lse=need_lse)  # [B, T, H, D]
+            else:
+                out = state.attend(q, positions, self.attn_block, return_lse=need_lse)
             out, lse = out if need_lse else (out, None)
             state = state.observe_query(q, positions)
         if self.observe is not None:
             with jax.named_scope("observe"):
-                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block)
+                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block,
+                                    self.attention_impl)
         out = dense(cfg.d_model, "o_proj", False)(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
         return out, state, obs
 
@@ -89,11 +96,12 @@ class Block(nn.Module):
     cfg: LlamaConfig
     attn_block: int | None = None
     observe: ObsSpec | None = None
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, state, n_valid, obs=None):
         cfg = self.cfg
-        h, state, obs = Attention(cfg, self.attn_block, self.observe, name="attn")(
+        h, state, obs = Attention(cfg, self.attn_block, self.observe, self.attention_impl, name="attn")(
             RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, state, n_valid, obs)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="mlp_norm")(x))
@@ -102,11 +110,14 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """The decoder. `attn_block` is the key block of the attention's online softmax (None: one pass);
-    `observe` (static) makes the call gather eviction observations (`kvjax.observe`)."""
+    `observe` (static) makes the call gather eviction observations (`kvjax.observe`);
+    `attention_impl` "xla" attends with the states' plain-jnp `attend`, "pallas" with their kernels
+    (`kvjax.kernels.dispatch`)."""
 
     cfg: LlamaConfig
     attn_block: int | None = None
     observe: ObsSpec | None = None
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: KVCache, n_valid=None, logits_at=None, obs=None):
@@ -131,7 +142,7 @@ class Llama(nn.Module):
         x = embed(tokens)
         layers, new_obs = [], []
         for i, state in enumerate(cache.layers):
-            x, state, layer_obs = Block(cfg, self.attn_block, self.observe, name=f"layers_{i}")(
+            x, state, layer_obs = Block(cfg, self.attn_block, self.observe, self.attention_impl, name=f"layers_{i}")(
                 x, positions, state, n_valid, None if obs is None else obs[i])
             layers.append(state)
             new_obs.append(layer_obs)

@@ -307,13 +307,14 @@ def test_apply_rope_identity_at_zero_norm_preserving_and_relative():
     rng = np.random.default_rng(0)
     inv = jnp.asarray(rope_inv_freq(tiny_config()))
     x = jnp.asarray(rng.normal(size=(2, 5, 3, 8)), jnp.float32)
-    np.testing.assert_allclose(apply_rope(x, jnp.zeros((2, 5), jnp.int32), inv), x, rtol=1e-6, atol=1e-7)
-    pos = jnp.asarray(rng.integers(0, 5000, size=(2, 5)), jnp.int32)
+    np.testing.assert_allclose(apply_rope(x, jnp.zeros((2, 5, 1), jnp.int32), inv), x, rtol=1e-6, atol=1e-7)
+    pos = jnp.asarray(rng.integers(0, 5000, size=(2, 5, 3)), jnp.int32)
     rotated = apply_rope(x, pos, inv)
     np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(apply_rope(rotated, -pos, inv), x, rtol=1e-4, atol=1e-4)  # -pos undoes it
     # q(m) . k(n) depends on m - n only
     q, k = x[:1, :1], x[1:, :1]
-    dots = [float(jnp.sum(apply_rope(q, jnp.array([[m]]), inv) * apply_rope(k, jnp.array([[n]]), inv)))
+    dots = [float(jnp.sum(apply_rope(q, jnp.array([[[m]]]), inv) * apply_rope(k, jnp.array([[[n]]]), inv)))
             for m, n in [(7, 3), (104, 100), (4, 0)]]
     np.testing.assert_allclose(dots, dots[0], rtol=1e-4)
     # and rotate-half layout: pair (i, i + D/2) rotated by angle m * inv_freq[i]
@@ -321,7 +322,7 @@ def test_apply_rope_identity_at_zero_norm_preserving_and_relative():
     angle = m * np.asarray(inv)
     x1, x2 = np.asarray(x[0, 0, 0, :4]), np.asarray(x[0, 0, 0, 4:])
     expected = np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)])
-    np.testing.assert_allclose(apply_rope(x[:1, :1], jnp.array([[m]]), inv)[0, 0, 0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply_rope(x[:1, :1], jnp.array([[[m]]]), inv)[0, 0, 0], expected, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -162,6 +162,71 @@ def test_uniform_error_at_most_half_step(case, bits):
     assert np.all(scale <= np.maximum(bound, float(jnp.finfo(sdt).tiny)))
 
 
+def _levels(bits, power=2.0):
+    """A non-uniform codebook: 2^bits points in [0, 1], denser near 0.5 (like k-means on bell data)."""
+    u = np.linspace(-1, 1, 2**bits)
+    return tuple(float(v) for v in (np.sign(u) * np.abs(u) ** power + 1) / 2)
+
+
+@PROPS
+@given(case=quant_case(), bits=st.sampled_from(q.UNIFORM_BITS), n_out=st.integers(1, 2))
+def test_outliers_exact_and_the_rest_within_half_their_step(case, bits, n_out):
+    # KVQuant dense-and-sparse: the n elements farthest from each group's mean are stored exactly
+    # and excluded from the group's range; every other element is within half the (finer) step.
+    x, axis, group, sdt = case
+    if n_out >= group:
+        return
+    qa = q.quantize(x, bits, axis=axis, group=group, scale_dtype=sdt, outliers=n_out)
+    x32 = np.asarray(x, np.float32)
+    deq = np.asarray(q.dequantize(qa, jnp.float32))
+    ax = qa.axis % x.ndim
+    grouped = lambda a: np.moveaxis(a.reshape(*a.shape[:ax], a.shape[ax] // group, group, *a.shape[ax + 1:]),
+                                    ax + 1, -1)  # noqa: E731  [..., groups, ..., n]
+    xg, dg = grouped(x32), grouped(deq)
+    dev = np.abs(xg - xg.mean(-1, keepdims=True))
+    idx = np.moveaxis(np.asarray(qa.outlier_idx, np.int64), ax + 1, -1)
+    assert qa.outlier_idx.shape[ax + 1] == n_out and qa.outlier_val.dtype == sdt
+    # the chosen elements are the farthest from the mean (up to float32 ties)
+    kth = np.sort(dev, -1)[..., -n_out][..., None]
+    assert np.all(np.take_along_axis(dev, idx, -1) >= kth - 1e-5 * (1 + kth))
+    is_out = np.zeros(xg.shape, bool)
+    np.put_along_axis(is_out, idx, True, -1)
+    np.testing.assert_array_equal(dg[is_out], np.asarray(jnp.asarray(xg[is_out]).astype(sdt), np.float32))
+    s = grouped(_per_element(qa.scale, qa))
+    z = grouped(_per_element(qa.zero, qa))
+    tol = s / 2 + 4 * EPS32 * (np.abs(xg) + np.abs(z) + (2**bits - 1) * s)
+    assert np.all(np.abs(xg - dg)[~is_out] <= tol[~is_out])
+
+
+@PROPS
+@given(case=quant_case(), bits=st.sampled_from((2, 3, 4)), power=st.sampled_from([1.0, 2.0, 3.0]))
+def test_nuq_maps_to_the_nearest_level(case, bits, power):
+    # KVQuant "nuq": x ~ zero + levels[code] * scale with the nearest level; error at most half the
+    # widest gap (or the distance to the ends of [0, 1]) times the scale.
+    x, axis, group, sdt = case
+    lv = _levels(bits, power)
+    qa = q.quantize(x, bits, axis=axis, group=group, scale_dtype=sdt, levels=lv)
+    assert qa.kind == "nuq" and qa.levels == lv
+    x32 = np.asarray(x, np.float32)
+    deq = np.asarray(q.dequantize(qa, jnp.float32))
+    s, z = _per_element(qa.scale, qa), _per_element(qa.zero, qa)
+    u = (x32 - z) / s
+    best = np.min(np.abs(u[..., None] - np.asarray(lv)), axis=-1)  # distance to the nearest level
+    assert np.all(np.abs(x32 - deq) <= (best + 1e-5) * s + 4 * EPS32 * (np.abs(x32) + np.abs(z) + s))
+    widest = max(lv[0], 1 - lv[-1], *(np.diff(lv) / 2))
+    assert np.all(np.abs(x32 - deq) <= widest * s * (1 + 1e-5) + 4 * EPS32 * (np.abs(x32) + np.abs(z) + s))
+
+
+def test_quantize_rejects_bad_outliers_and_levels():
+    x = jnp.ones((2, 8, 8))
+    with pytest.raises(ValueError, match="outliers"):
+        q.quantize(x, 4, group=4, outliers=4)
+    with pytest.raises(ValueError, match="levels"):
+        q.quantize(x, 2, levels=(0.0, 0.5, 0.4, 1.0))
+    with pytest.raises(ValueError, match="levels"):
+        q.quantize(x, 2, levels=(0.0, 1.0))
+
+
 @PROPS
 @given(shape=st.sampled_from(SHAPES), axis=st.sampled_from([-1, -2]), bits=st.sampled_from(q.UNIFORM_BITS),
        dtypes=st.sampled_from(DTYPES), seed=st.integers(0, 2**31))
@@ -226,19 +291,22 @@ def test_fp8_error_bound(case):
 
 
 @PROPS
-@given(case=quant_case(), kind=st.sampled_from(q.KINDS), bits=st.sampled_from(q.UNIFORM_BITS))
-def test_nbytes_matches_formula(case, kind, bits):
+@given(case=quant_case(), kind=st.sampled_from(q.KINDS), bits=st.sampled_from(q.UNIFORM_BITS),
+       outliers=st.integers(0, 1))
+def test_nbytes_matches_formula(case, kind, bits, outliers):
     x, axis, group, sdt = case
-    fn = {"uniform": lambda x, **kw: q.quantize(x, bits, **kw),
+    outliers = outliers if kind in ("uniform", "nuq") else 0
+    fn = {"uniform": lambda x, **kw: q.quantize(x, bits, outliers=outliers, **kw),
+          "nuq": lambda x, **kw: q.quantize(x, bits, outliers=outliers, levels=_levels(bits), **kw),
           "int8": q.quantize_int8, "fp8": q.quantize_fp8}[kind]
     kwargs = dict(axis=axis, group=group, scale_dtype=sdt)
     qa = fn(x, **kwargs)
-    expected = q.quantized_nbytes(x.shape, kind=kind, bits=bits, **kwargs)
+    expected = q.quantized_nbytes(x.shape, kind=kind, bits=bits, outliers=outliers, **kwargs)
     leaves = sum(leaf.nbytes for leaf in jax.tree.leaves(qa))
     abstract = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(jax.eval_shape(
         lambda x: fn(x, **kwargs), x)))
     assert qa.nbytes == leaves == abstract == expected
-    n_bits = bits if kind == "uniform" else 8
+    n_bits = bits if kind in ("uniform", "nuq") else 8
     assert qa.bits_per_element == 8 * expected / math.prod(x.shape)
     assert qa.bits_per_element > n_bits  # scales are never free
 

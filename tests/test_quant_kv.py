@@ -5,6 +5,7 @@ the real model checks that int8 keeps the golden greedy continuations and that e
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import quant, quantizers
-from kvjax.kv_state import EMPTY_POS, DenseKV
+from kvjax import calibrate, quant, quantizers
+from kvjax.kv_state import EMPTY_POS, DenseKV, tree_nbytes
 from kvjax.quant_kv import QuantKV, memory_report
 from kvjax.testing import tiny_lm
 
@@ -54,8 +55,15 @@ def test_from_dense_splits_store_and_residual(spec):
             or isinstance(spec, quantizers.FP8)
 
 
-def test_streaming_append_flushes_each_token_exactly_once():
-    spec = quantizers.KIVI(bits=4, group=4, residual=8)
+def bound(spec):
+    """A quantizer bound to the tiny model's RoPE (KVQuant rotates keys back before quantizing)."""
+    return spec.for_model(tiny_lm(seed=0).cfg)
+
+
+@pytest.mark.parametrize("spec", [quantizers.KIVI(bits=4, group=4, residual=8),
+                                  quantizers.KVQuant(bits=4, group=4, residual=8, sink=2)])
+def test_streaming_append_flushes_each_token_exactly_once(spec):
+    spec = bound(spec)
     q = QuantKV.from_dense(dense_state([5, 11], 16), spec, tokens=64)
     keys = jax.random.normal(jax.random.key(1), (30, B, K, 1, D))
     step = jax.jit(lambda st, k, p, nv: st.append(k, k * 2, p, nv))
@@ -72,8 +80,63 @@ def test_streaming_append_flushes_each_token_exactly_once():
         np.testing.assert_array_equal(held[b, 0, :n], np.arange(n))
     # a token flushed into the store dequantizes close to what was appended (row 0, position 5 + 3)
     slot = int(np.nonzero(np.asarray(q.pos[0, 0]) == 8)[0][0])
-    deq = np.asarray(quant.dequantize(q.kq, jnp.float32))[0, :, slot]
+    deq = np.asarray(spec.dequantize_keys(q.kq, q.pos, jnp.float32))[0, :, slot]
     assert np.abs(deq - np.asarray(keys[3][0, :, 0])).max() < 0.5
+    np.testing.assert_array_equal(q.pos_sink[:, 0], [[0, 1]] * B if spec.sink else np.zeros((B, 0)))
+
+
+def test_kvquant_quantizes_keys_before_rope():
+    # Keys whose pre-RoPE channels are constant along tokens: every per-channel group is constant
+    # before RoPE, so KVQuant stores them exactly (up to float32 rotation), while per-channel
+    # quantization of the rotated keys (KIVI) sees them spin with position and loses precision.
+    spec = bound(quantizers.KVQuant(bits=2, group=8, residual=16, sink=0, outliers=0.0))
+    n = 32
+    pre = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (B, K, 1, D)), (B, K, n, D))
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, K, n))
+    k = spec.rotate(pre, pos, 1)
+    kq = spec.quantize_keys(k, pos)
+    np.testing.assert_allclose(spec.dequantize_keys(kq, pos, jnp.float32), k, atol=1e-5)
+    kivi = quantizers.KIVI(bits=2, group=8, residual=16)
+    assert float(jnp.abs(quant.dequantize(kivi.quantize_keys(k, pos), jnp.float32) - k).max()) > 0.05
+
+
+def test_kvquant_sink_and_outliers_are_exact():
+    spec = bound(quantizers.KVQuant(bits=2, group=8, residual=8, sink=3, outliers=0.1))
+    st = dense_state([27, 13], 32)
+    spiky = st.k.at[0, 1, 10, 2].set(50.0)  # one huge key element (row 0, head 1, slot 10, channel 2)
+    st = dataclasses.replace(st, k=spiky, v=st.v.at[1, 0, 5, 7].set(-40.0))
+    q = QuantKV.from_dense(st, spec, tokens=32)
+    np.testing.assert_array_equal(q.k_sink, st.k[:, :, :3])  # the first 3 tokens stay exact
+    np.testing.assert_array_equal(q.pos_sink[:, 0], [[0, 1, 2]] * B)
+    np.testing.assert_array_equal(q.length, [27, 13])
+    keys = spec.dequantize_keys(q.kq, q.pos, jnp.float32)  # store slot s holds token s + 3
+    values = spec.dequantize_values(q.vq, jnp.float32)
+    assert abs(float(keys[0, 1, 7, 2]) - 50.0) < 1e-4
+    assert float(values[1, 0, 2, 7]) == -40.0
+    # with the spikes stored aside, the other elements keep a fine step: small errors everywhere
+    n_q = [int(x) for x in q.n_q]
+    for b in range(B):
+        assert float(jnp.abs(keys[b, :, :n_q[b]] - st.k[b, :, 3:3 + n_q[b]]).max()) < 1.5
+    rep = memory_report(kvjax.KVCache(layers=(q,), next_pos=jnp.zeros(B, jnp.int32)))
+    assert rep["outliers"] == tree_nbytes((q.kq.outlier_val, q.kq.outlier_idx, q.vq.outlier_val, q.vq.outlier_idx)) > 0
+    assert rep["sink"] == 2 * B * K * 3 * D * 4
+
+
+def test_calibrated_codebook_fits_better_than_uniform_and_generates():
+    lm = tiny_lm(seed=0)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 200, 70)]
+    q = kvjax.calibrate_kvquant(lm, ids, bits=2, group=8, residual=16)
+    assert len(q.codebooks) == lm.cfg.n_layers
+    # k-means from the uniform grid: the calibration values' squared error is at most the grid's
+    u = np.random.default_rng(0).beta(2, 2, 5000)
+    lv = np.asarray(calibrate.kmeans_1d(u, 4))
+    err = lambda c: np.mean(np.min((u[:, None] - c) ** 2, axis=1))  # noqa: E731
+    assert err(lv) < err(np.linspace(0, 1, 4)) and np.all(np.diff(lv) > 0)
+    out = lm.generate([ids], max_new_tokens=20, stop_at_eos=False, quant=q)
+    assert len(out.ids[0]) == 20 and out.cache.layers[1].kq.kind == "nuq"
+    assert out.cache.layers[1].kq.levels == q.codebooks[1][0]
+    with pytest.raises(ValueError, match="calibration tokens"):
+        kvjax.calibrate_kvquant(lm, ids[:5], bits=2, group=8, residual=16)
 
 
 def test_nbytes_is_codes_scales_zeros_residual_and_positions():
@@ -125,6 +188,8 @@ def test_eviction_then_quantization_composes(smollm2):
     (dict(quant="nope-2"), "unknown quantization"),
     (dict(quant="int8-4"), "fixed width"),
     (dict(quant=quantizers.PerToken(group=3)), "does not divide the head dim"),
+    (dict(quant="kvquant-8"), "bits must be one of"),
+    (dict(quant=quantizers.KVQuant(bits=2, codebooks=(((0, .3, .6, 1),) * 2,) * 9)), "codebooks for 9 layers"),
     (dict(method="adakv:snapkv", ratio=0.5, quant="int8"), "per-head budgets"),
     (dict(method="streaming_llm", capacity=8, quant="int8"), "does not combine with quant"),
 ])
@@ -139,6 +204,12 @@ def test_quantizer_argument_checks():
         quantizers.KIVI(group=32, residual=48)
     with pytest.raises(ValueError, match="positive"):
         quantizers.Int8(residual=0)
+    with pytest.raises(ValueError, match="fraction"):
+        quantizers.KVQuant(outliers=0.7)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        quantizers.KVQuant(bits=2, codebooks=(((0, .5, .4, 1), (0, .3, .6, 1)),))
+    with pytest.raises(ValueError, match="for_model"):
+        quantizers.KVQuant().quantize_keys(jnp.zeros((1, 1, 128, 8)), jnp.zeros((1, 1, 128), jnp.int32))
 
 
 def test_check_finite_debug_mode_names_the_layer():

@@ -38,12 +38,12 @@ class StreamingLLM(EvictionMethod):
         if not self.rerotate:
             return state
         # R(slot) k = R(slot - pos) R(pos) k: move each kept key to its cache-slot position
-        b, n_kv, c, d = state.k.shape
+        b, n_kv, c, _ = state.k.shape
         slot = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, n_kv, c))
         kept = slot < n_keep[:, None, None]
-        delta = jnp.where(kept, slot - state.pos, 0).reshape(b * n_kv, c)
-        k = apply_rope(state.k.reshape(b * n_kv, c, 1, d), delta, jnp.asarray(rope_inv_freq(ctx.cfg)))
-        return dataclasses.replace(state, k=k.reshape(state.k.shape), pos=jnp.where(kept, slot, state.pos))
+        delta = jnp.where(kept, slot - state.pos, 0)
+        k = apply_rope(state.k, delta, jnp.asarray(rope_inv_freq(ctx.cfg)))
+        return dataclasses.replace(state, k=k, pos=jnp.where(kept, slot, state.pos))
 
     def decode_rule(self, capacity: int):
         if self.rerotate:
