@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 
 
@@ -34,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     _compression_args(g)
     g.add_argument("--quant", default=None,
                    help="store the KV cache quantized: kivi-2, kivi-4, per_token-2/4/8, int8, fp8")
+    g.add_argument("--attention-impl", default=None, choices=["xla", "pallas"],
+                   help="attention kernels: xla (plain jnp) or pallas (kvjax.kernels; interpreted on CPU); "
+                        "default pallas on GPU/TPU, xla on CPU")
     g.add_argument("--capacity", type=int, default=None,
                    help="bound the cache to this many tokens per layer/head while decoding "
                         "(decode-time eviction: streaming_llm, h2o, tova)")
@@ -50,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print the model config and KV-cache bytes per token")
     i.add_argument("--model", default=DEFAULT_MODEL)
     i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+    eval_command.add_parsers(sub)
     return p
 
 
@@ -80,7 +86,8 @@ def _generate(args) -> None:
     shown = ""
     result = None
     for result in lm.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, **_compression(args)):
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            attention_impl=args.attention_impl, **_compression(args)):
         text = result.text.rstrip("\ufffd")  # hold back a partly decoded UTF-8 character
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
@@ -157,7 +164,8 @@ def _info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect}[args.command](args)
+        {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect,
+         "eval": eval_command.run_eval, "plot": eval_command.run_plot}[args.command](args)
     except ValueError as e:
         print(f"kvjax: error: {e}", file=sys.stderr)
         return 2

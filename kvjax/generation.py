@@ -71,17 +71,19 @@ class Sampler:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "observe"), donate_argnames=("cache", "obs"))
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "observe", "attention_impl"),
+                   donate_argnames=("cache", "obs"))
 def prefill_chunk(params, tokens, n_valid, cache: KVCache, last_logits, obs=None, *, cfg: LlamaConfig,
-                  all_logits: bool = False, observe: ObsSpec | None = None):
+                  all_logits: bool = False, observe: ObsSpec | None = None, attention_impl: str = "xla"):
     """Feed one chunk. tokens int32 [B, C]; n_valid int32 [B] real tokens of each row in this chunk.
 
     Returns (logits, cache, obs): with `all_logits`, logits float32 [B, C, V]; otherwise [B, V] at
     each row's last real token so far (`last_logits` carried over for rows with nothing in this
     chunk). With `observe`, `obs` (a tuple of `LayerObs`) gathers what eviction scorers need.
+    `attention_impl`: "xla" (plain jnp) or "pallas" (`kvjax.kernels`).
     """
     positions = cache.next_pos[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    model = Llama(cfg, attn_block=PREFILL_CHUNK, observe=observe)
+    model = Llama(cfg, attn_block=PREFILL_CHUNK, observe=observe, attention_impl=attention_impl)
     logits_at = None if all_logits else jnp.maximum(n_valid - 1, 0)
     out = model.apply({"params": params}, tokens, positions, cache, n_valid, logits_at, obs)
     logits, cache, obs = out if observe is not None else (*out, None)
@@ -91,7 +93,7 @@ def prefill_chunk(params, tokens, n_valid, cache: KVCache, last_logits, obs=None
 
 
 def prefill(params, cfg: LlamaConfig, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache,
-            all_logits: bool = False, observe: ObsSpec | None = None):
+            all_logits: bool = False, observe: ObsSpec | None = None, attention_impl: str = "xla"):
     """Right-padded tokens int [B, T_pad] with real lengths [B] onto `cache`, chunk by chunk.
 
     Returns (logits, cache, obs): logits [B, V] at each row's last token, or [B, T_pad, V] with
@@ -109,7 +111,7 @@ def prefill(params, cfg: LlamaConfig, tokens: np.ndarray, lengths: np.ndarray, c
         n_valid = np.clip(lengths - start, 0, chunk).astype(np.int32)
         logits, cache, obs = prefill_chunk(params, jnp.asarray(tokens[:, start:start + chunk], jnp.int32),
                                            jnp.asarray(n_valid), cache, last, obs, cfg=cfg,
-                                           all_logits=all_logits, observe=observe)
+                                           all_logits=all_logits, observe=observe, attention_impl=attention_impl)
         if all_logits:
             outs.append(logits)
         else:
@@ -139,16 +141,17 @@ class DecodeState:
     step: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "eos_ids", "n_buffer"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "eos_ids", "n_buffer", "attention_impl"),
+                   donate_argnames=("cache",))
 def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaConfig, sampler: Sampler,
-           eos_ids: tuple[int, ...], n_buffer: int):
+           eos_ids: tuple[int, ...], n_buffer: int, attention_impl: str = "xla"):
     """Sample up to min(max_steps, N) tokens per row: sample from `logits`, feed the token, repeat.
 
     Returns (out int32 [B, N] with -1 where nothing was emitted, final DecodeState).
     The token sampled last is fed too, so the returned logits/cache continue the sequence.
     """
     b = done.shape[0]
-    model = Llama(cfg)
+    model = Llama(cfg, attention_impl=attention_impl)
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
     def cond(s: DecodeState):

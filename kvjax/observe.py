@@ -18,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from kvjax.attention import attention_column_sums
+from kvjax.kernels import dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,15 @@ def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity
     )
 
 
-def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, state, lse, block) -> LayerObs:
+def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, state, lse, block,
+                  attention_impl: str = "xla") -> LayerObs:
     """Fold one prefill chunk into a layer's observations.
 
     Args:
       q_pre, q: [B, T, H, D] queries before / after RoPE.  positions: int32 [B, T].
       n_valid: int32 [B] real tokens of each row in this chunk.  state: the layer state after the
         chunk was appended.  lse: [B, K, G*T] log-sum-exp of the chunk's attention (col sums only).
+      attention_impl: "pallas" sums columns with the key-major kernel (`kvjax.kernels`), "xla" in jnp.
     """
     valid = jnp.arange(q.shape[1])[None, :] < n_valid[:, None]  # [B, T]
     updates = {}
@@ -77,8 +80,11 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
         picked = jnp.take_along_axis(q, jnp.clip(idx, 0, q.shape[1] - 1)[:, :, None, None], axis=1)
         updates["q_win"] = jnp.where(here[:, :, None, None], picked.astype(obs.q_win.dtype), obs.q_win)
     if spec.col_sums:
-        updates["col_sum"] = obs.col_sum + attention_column_sums(
-            q, positions, valid, state.k, state.pos, state.length, lse, block)
+        if attention_impl == "pallas":
+            col = dispatch.column_sums(q, positions, valid, state, lse)
+        else:
+            col = attention_column_sums(q, positions, valid, state.k, state.pos, state.length, lse, block)
+        updates["col_sum"] = obs.col_sum + col
     if spec.qstats_from is not None:
         m = (valid & (positions >= spec.qstats_from)).astype(jnp.float32)  # [B, T]
         q32 = q_pre.astype(jnp.float32)

@@ -1,0 +1,268 @@
+"""The evaluation engine: one prefill per batch of samples, one branch per configuration.
+
+The prefill does not depend on the eviction method (kvpress semantics: each layer's attention sees the
+full prompt; compression happens afterwards), so a batch of samples is prefilled once, recording the
+union of the observations every requested method needs, and each configuration (method, budget,
+quantizer) *branches* the prefilled cache: compress (and quantize) it, feed the suffix on top, decode.
+The prefilled cache is never donated, so every branch starts from the same arrays.
+
+Compiled programs stay few: samples of one length share shapes (contexts have exactly `length`
+tokens; batches are padded with copies of their last sample); eviction runs in the prefill cache's
+capacity, so `compress` compiles once per (method, length) whatever the ratio (`n_keep` is traced),
+and the result is cut to a bucketed capacity (kept tokens + room for the suffix and the answer), so
+the answer programs are shared by every method at that capacity. The bytes a configuration reports
+are those of its cache at its exact size (the `nbytes` of what `LM.prefill(context, method=...,
+ratio=...)` returns), computed from the same `compress` call on abstract shapes (`jax.eval_shape`).
+
+Legend: B batch (samples), L layers, T context tokens, C slot capacity, M teacher-forced tokens, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import generation, methods, quantizers
+from kvjax.compress import compress, resolve_keep
+from kvjax.eval.prompts import Sample
+from kvjax.eval.records import row_key
+from kvjax.eval.scoring import SCORERS
+from kvjax.generation import bucket
+from kvjax.kv_state import DenseKV, init_cache, tree_nbytes
+from kvjax.lm import LM, quantize_cache
+from kvjax.models.config import LlamaConfig
+from kvjax.observe import ObsSpec, init_layer_obs
+from kvjax.ragged_kv import RaggedKV
+from kvjax.timing import compile_seconds
+
+Emit = Callable[[list[dict]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One compression configuration: `method` ("full" or a method spec) with `ratio` (fraction
+    removed) or `budget` (tokens kept per layer and head), and `quant` (a quantizer spec or None)."""
+
+    method: str
+    ratio: float | None = None
+    budget: int | None = None
+    quant: str | None = None
+
+    @property
+    def evicts(self) -> bool:
+        return self.method != "full"
+
+    def key(self) -> dict:
+        return dict(method=self.method, ratio=self.ratio, budget=self.budget, quant=self.quant)
+
+
+def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budgets: Sequence[int] = (),
+                 quants: Sequence[str | None] = (None,)) -> list[Config]:
+    """Every method x budget x quantizer ("full" takes no budget); ValueError on a bad combination."""
+    if ratios and budgets:
+        raise ValueError("give --ratio or --budget, not both")
+    out = []
+    for q in quants:
+        for m in method_specs:
+            if m == "full":
+                out.append(Config("full", quant=q))
+                continue
+            if not ratios and not budgets:
+                raise ValueError(f"method {m!r} needs --ratio or --budget")
+            out += [Config(m, ratio=float(r), quant=q) for r in ratios]
+            out += [Config(m, budget=int(b), quant=q) for b in budgets]
+    if not out:
+        raise ValueError("no configuration to evaluate: give at least one --method")
+    return list(dict.fromkeys(out))
+
+
+def check_configs(cfg: LlamaConfig, configs: Sequence[Config], lengths: Iterable[int]) -> None:
+    """Everything that can be checked before a long run: names, budgets at every length, combinations."""
+    for c in configs:
+        if c.quant is not None:
+            quantizers.get(c.quant).for_model(cfg)
+        if not c.evicts:
+            continue
+        m = methods.get(c.method)
+        if c.quant is not None and isinstance(m, methods.AdaKV):
+            raise ValueError(f"{c.method} (per-head budgets) does not combine with a quantizer yet")
+        budget = methods.Budget(ratio=c.ratio, tokens=c.budget)
+        for n in lengths:
+            resolve_keep(m, budget, [n], cfg.n_layers)
+
+
+def union_spec(configs: Sequence[Config]) -> ObsSpec | None:
+    """The observations every evicting configuration needs, recorded once by the shared prefill."""
+    specs = [methods.get(c.method).observations() for c in configs if c.evicts]
+    if not specs:
+        return None
+    starts = {s.qstats_from for s in specs} - {None}
+    if len(starts) > 1:
+        raise ValueError(f"the methods need query statistics from different positions {sorted(starts)}: "
+                         "evaluate them in separate runs")
+    return ObsSpec(window=max(s.window for s in specs), col_sums=any(s.col_sums for s in specs),
+                   qstats_from=starts.pop() if starts else None)
+
+
+# ------------------------------------------------------------------------------------ memory
+@functools.lru_cache(maxsize=None)
+def cache_bytes(cfg: LlamaConfig, config: Config, length: int) -> int:
+    """Bytes of the cache `LM.prefill` builds for a `length`-token context under `config` (one row)."""
+    capacity = bucket(length)
+    cache = jax.eval_shape(lambda: init_cache(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim,
+                                              cfg.jnp_dtype))
+    kept = (length,) * cfg.n_layers
+    if config.evicts:
+        m = methods.get(config.method)
+        spec = m.observations()
+        lengths = np.array([length])
+        obs = jax.eval_shape(lambda: tuple(init_layer_obs(spec, lengths, cfg.n_heads, cfg.head_dim, capacity,
+                                                          cfg.jnp_dtype) for _ in range(cfg.n_layers)))
+        n_keep = resolve_keep(m, methods.Budget(ratio=config.ratio, tokens=config.budget), lengths, cfg.n_layers)
+        kept = tuple(int(r.max()) for r in n_keep)
+        cache = jax.eval_shape(functools.partial(compress, method=m, cfg=cfg, capacities=kept),
+                               cache, obs, jnp.asarray(n_keep))
+    if config.quant is not None:
+        cache = jax.eval_shape(functools.partial(quantize_cache, quantizer=quantizers.get(config.quant).for_model(cfg),
+                                                 tokens=kept), cache)
+    return tree_nbytes(cache)
+
+
+def kept_fraction(cfg: LlamaConfig, config: Config, length: int) -> float:
+    """Mean over layers of the tokens kept per head / context tokens."""
+    if not config.evicts:
+        return 1.0
+    n_keep = resolve_keep(methods.get(config.method), methods.Budget(ratio=config.ratio, tokens=config.budget),
+                          [length], cfg.n_layers)
+    return float(n_keep.mean() / length)
+
+
+# ------------------------------------------------------------------------------ prefill/branch
+def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spec: ObsSpec | None):
+    """Prefill equal-length contexts (ids [B, T]) into a cache of `capacity` slots, recording `spec`.
+
+    Returns (logits float32 [B, V] at the last context token, cache, obs, seconds (compile excluded))."""
+    tokens = np.asarray(contexts, np.int32)
+    lengths = np.full((len(contexts),), tokens.shape[1], np.int32)
+    cfg = lm.cfg
+    cache = init_cache(cfg.n_layers, len(contexts), cfg.n_kv_heads, capacity, cfg.head_dim, cfg.jnp_dtype)
+    c0, t0 = compile_seconds(), time.perf_counter()
+    logits, cache, obs = generation.prefill(lm.params, lm.cfg, tokens, lengths, cache, observe=spec)
+    logits.block_until_ready()
+    return logits, cache, obs, time.perf_counter() - t0 - (compile_seconds() - c0)
+
+
+def branch(lm: LM, cache, obs, config: Config, length: int, room: int):
+    """The prefilled cache (B rows of `length` tokens) compressed / quantized under `config`, with
+    `room` free slots per head for what is fed on top. New arrays: the prefilled cache stays valid.
+
+    Eviction runs in the prefill cache's capacity (one `compress` program per method and length,
+    whatever the ratio); the kept tokens are then cut down to the smallest bucketed capacity that
+    holds the longest layer plus `room`, the same for every layer, so decoding reads what the
+    method kept and the answer programs are shared by every method at that capacity."""
+    capacity = cache.capacity
+    n_layers = lm.cfg.n_layers
+    if not config.evicts and config.quant is None:  # a copy: the callers' steps donate their cache
+        cache = jax.tree_util.tree_map(jnp.copy, cache)
+    if config.evicts:
+        m = methods.get(config.method)
+        n_keep = resolve_keep(m, methods.Budget(ratio=config.ratio, tokens=config.budget),
+                              [length] * cache.batch, n_layers)
+        cache = compress(cache, obs, jnp.asarray(n_keep), method=m, cfg=lm.cfg, capacities=(capacity,) * n_layers)
+        need = bucket(int(n_keep.max()) + room)
+        cache = dataclasses.replace(cache, layers=tuple(_shrink(layer, need, room) for layer in cache.layers))
+    if config.quant is not None:
+        cache = quantize_cache(cache, quantizer=quantizers.get(config.quant).for_model(lm.cfg),
+                               tokens=(capacity,) * n_layers)
+    return cache
+
+
+def _shrink(layer, capacity: int, room: int):
+    """A freshly compressed layer in `capacity` slots (dense: slots past every row's kept tokens
+    dropped) or, per-head pools, re-laid with `room` free slots after each head's tokens."""
+    if isinstance(layer, DenseKV):
+        if capacity >= layer.capacity:
+            return layer
+        return DenseKV(k=layer.k[:, :, :capacity], v=layer.v[:, :, :capacity], pos=layer.pos[:, :, :capacity],
+                       length=layer.length)
+    if isinstance(layer, RaggedKV):
+        return layer.with_room(room, bucket)
+    raise ValueError(f"cannot shrink a {type(layer).__name__} layer")
+
+
+def batches(items: Sequence, max_batch: int) -> list[tuple[list, int]]:
+    """Equal-size batches of at most `max_batch` items, as (batch, number of real items): a short last
+    batch is padded with copies of its last item, so every batch has the same shapes."""
+    n_batches = -(-len(items) // max_batch)
+    size = -(-len(items) // n_batches)
+    out = []
+    for i in range(0, len(items), size):
+        part = list(items[i:i + size])
+        out.append((part + [part[-1]] * (size - len(part)), len(part)))
+    return out
+
+
+def config_fields(cfg: LlamaConfig, config: Config, length: int) -> dict:
+    """The columns a configuration determines at a context length (besides its key)."""
+    return dict(kept_fraction=kept_fraction(cfg, config, length),
+                cache_bytes=cache_bytes(cfg, config, length),
+                full_cache_bytes=cache_bytes(cfg, Config("full", quant=None), length))
+
+
+# ------------------------------------------------------------------------------------ retrieval
+def run_retrieval(lm: LM, samples: Sequence[Sample], configs: Sequence[Config], *, max_batch: int,
+                  todo: Callable[[tuple], bool], emit: Emit, progress=None) -> None:
+    """Answer every sample under every configuration; `emit` gets the rows of each (batch, config).
+
+    Samples are grouped by (task, subtask, length) and batched; `todo(row_key)` says which rows still
+    need computing (resume): a batch with nothing to do is skipped, prefill included."""
+    spec = union_spec(configs)
+    groups: dict[tuple, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.task, s.subtask, s.length), []).append(s)
+    for (_, _, length), group in groups.items():
+        for batch, n_real in batches(group, max_batch):
+            real = batch[:n_real]
+            wanted = [c for c in configs if any(todo(sample_key(s, c)) for s in real)]
+            if not wanted:
+                continue
+            suffix_max = max(len(s.suffix) for s in batch)
+            new_max = max(s.max_new_tokens for s in batch)
+            room = max(bucket(suffix_max), suffix_max + new_max)
+            logits, cache, obs, prefill_s = shared_prefill(lm, [s.context for s in batch], bucket(length + room), spec)
+            del logits  # the answer starts from the suffix's logits
+            for config in wanted:
+                c0, t0 = compile_seconds(), time.perf_counter()
+                state = branch(lm, cache, obs, config, length, room)
+                jax.block_until_ready(state)
+                branch_compile = compile_seconds() - c0
+                compress_s = time.perf_counter() - t0 - branch_compile
+                gen = lm.generate([list(s.suffix) for s in batch], cache=state, max_new_tokens=new_max)
+                fields = {**config.key(), **config_fields(lm.cfg, config, length)}
+                rows = []
+                for i, s in enumerate(real):
+                    score = SCORERS[s.task](gen.text[i], s.answers)
+                    rows.append(dict(**sample_fields(s), **fields, answer=gen.text[i], expected="|".join(s.answers),
+                                     score=score, correct=int(score == 1.0), prefill_s=prefill_s / len(batch),
+                                     compress_s=compress_s / len(batch),
+                                     answer_s=(gen.prefill_s + gen.decode_s) / len(batch),
+                                     compile_s=branch_compile + gen.compile_s, batch=len(batch)))
+                rows = [r for r in rows if todo(row_key(r))]
+                emit(rows)
+                if progress is not None:
+                    progress.update(len(rows))
+            del cache, obs
+
+
+def sample_fields(s: Sample) -> dict:
+    return dict(task=s.task, subtask=s.subtask, length=s.length, depth=s.depth, sample=s.index,
+                needle_depth=s.needle_depth)
+
+
+def sample_key(s: Sample, config: Config) -> tuple[str, ...]:
+    return row_key({**sample_fields(s), **config.key()})

@@ -1,0 +1,61 @@
+"""`attention_impl="pallas"` end to end: the same greedy tokens as the jnp path for every state type."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kvjax import methods, quantizers, testing
+from kvjax.cli import main
+from kvjax.kernels import dispatch
+
+CASES = {
+    "dense": {},
+    "kivi-2": dict(quant=quantizers.KIVI(bits=2, group=16, residual=32)),
+    "per_token-4": dict(quant=quantizers.PerToken(bits=4, group=16, residual=32)),
+    "int8": dict(quant="int8"),
+    "adakv (ragged)": dict(method=methods.AdaKV(methods.SnapKV(window=4)), ratio=0.5),
+    "h2o (column sums)": dict(method="observed_attention", ratio=0.5),
+    "streaming (rolling)": dict(method="streaming_llm", capacity=24),
+}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return testing.tiny_lm(head_dim=32, n_heads=6, n_kv_heads=2)  # G = 3
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return [testing.random_ids(45, 1).tolist(), testing.random_ids(30, 2).tolist()]  # different lengths
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_same_greedy_tokens(lm, rows, name):
+    run = lambda impl: lm.generate(rows, max_new_tokens=12, stop_at_eos=False, attention_impl=impl,  # noqa: E731
+                                   **CASES[name]).ids
+    assert run("pallas") == run("xla")
+
+
+@pytest.mark.parametrize("name", ["kivi-2", "adakv (ragged)"])
+def test_question_on_top_of_a_compressed_cache(lm, rows, name):
+    # several tokens at once over a quantized / ragged state: the kernels' causal (T > 1) path
+    question = [testing.random_ids(5, 3).tolist(), testing.random_ids(7, 4).tolist()]
+    run = lambda impl: lm.generate(question, cache=lm.prefill(rows, attention_impl=impl, **CASES[name]),  # noqa: E731
+                                   max_new_tokens=6, stop_at_eos=False, attention_impl=impl).ids
+    assert run("pallas") == run("xla")
+
+
+def test_impl_choice():
+    assert dispatch.resolve_impl("xla") == "xla" and dispatch.resolve_impl("pallas") == "pallas"
+    assert dispatch.resolve_impl(None) == ("xla" if jax.default_backend() == "cpu" else "pallas")
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        dispatch.resolve_impl("triton")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--attention-impl", "triton"])
+    assert e.value.code == 2
+
+
+def test_state_without_kernel_names_the_fallback():
+    with pytest.raises(ValueError, match=r'no Pallas kernel for a tuple layer state.*attention_impl="xla"'):
+        dispatch.attend((), jnp.zeros((1, 1, 2, 64)), jnp.zeros((1, 1), jnp.int32))
