@@ -35,9 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     _compression_args(g)
     g.add_argument("--quant", default=None,
                    help="store the KV cache quantized: kivi-2, kivi-4, per_token-2/4/8, int8, fp8")
-    g.add_argument("--attention-impl", default=None, choices=["xla", "pallas"],
+    g.add_argument("--attention-impl", default=None, choices=["xla", "pallas", "auto"],
                    help="attention kernels: xla (plain jnp) or pallas (kvjax.kernels; interpreted on CPU); "
-                        "default pallas on GPU/TPU, xla on CPU")
+                        "auto: kernels where a cache layout has one; default auto on GPU/TPU, xla on CPU")
     g.add_argument("--capacity", type=int, default=None,
                    help="bound the cache to this many tokens per layer/head while decoding "
                         "(decode-time eviction: streaming_llm, h2o, tova)")

@@ -25,6 +25,8 @@ from kvjax.kernels.dispatch import resolve_impl
 from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.quant_kv import QuantKV
+from kvjax.quant_ragged_kv import QuantRaggedKV
+from kvjax.ragged_kv import RaggedKV
 from kvjax.timing import compile_seconds
 from kvjax.tokenizer import Tokenizer
 
@@ -95,8 +97,9 @@ class LM:
         "kivi-2", "per_token-4", "int8", "fp8", or a quantizer object), what is kept is stored
         quantized (`QuantKV`); `check_finite=True` (debug mode) first checks the K/V for NaN/Inf and
         raises a ValueError naming the layer. `capacity`: slots to allocate for an uncompressed cache.
-        `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU) or None
-        (pallas on GPU/TPU, xla on CPU).
+        `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU; a state
+        with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
+        xla on CPU).
         """
         impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
@@ -127,8 +130,6 @@ class LM:
         if ratio is None and budget is None:
             raise ValueError(f"method {method.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
                              "or capacity= (cache bound while decoding)")
-        if quantizer is not None and isinstance(method, methods.AdaKV):
-            raise ValueError("per-head budgets (adakv) do not combine with quant= yet: use a uniform method")
         n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), lengths, self.cfg.n_layers)
         return _Plan(method, n_keep, None, quantizer)
 
@@ -184,7 +185,7 @@ class LM:
                     quant.check_finite(layer.v, f"layer {i} values")
             kept = [int(max(row)) for row in plan.n_keep] if plan.method is not None else [int(lengths.max())] * len(
                 cache.layers)
-            cache = quantize_cache(cache, quantizer=plan.quantizer, tokens=tuple(n + room for n in kept))
+            cache = quantize_cache(cache, quantizer=plan.quantizer, tokens=tuple(n + room for n in kept), room=room)
         return logits, cache
 
     # ------------------------------------------------------------------------------ generate
@@ -202,8 +203,9 @@ class LM:
         and KV head for the whole generation: a longer prompt is compressed to C, then each new
         token first evicts one under the method's decode rule (`kvjax.rolling_kv`). With `quant`, the
         kept cache is stored quantized and new tokens join it through the residual window.
-        `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU) or None
-        (pallas on GPU/TPU, xla on CPU).
+        `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU; a state
+        with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
+        xla on CPU).
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
                                   stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
@@ -326,14 +328,18 @@ class _Plan:
     check_finite: bool = False
 
 
-@functools.partial(jax.jit, static_argnames=("quantizer", "tokens"))
-def quantize_cache(cache: KVCache, *, quantizer, tokens: tuple[int, ...]) -> KVCache:
-    """Every dense layer of a cache stored quantized (`QuantKV`); layer l will hold `tokens[l]` at most."""
+@functools.partial(jax.jit, static_argnames=("quantizer", "tokens", "room"))
+def quantize_cache(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room: int) -> KVCache:
+    """Every layer of a cache stored quantized: dense layers as `QuantKV` (layer l will hold
+    `tokens[l]` at most), per-head (ragged) layers as `QuantRaggedKV` (with `room` more per head)."""
     layers = []
     for i, (layer, n) in enumerate(zip(cache.layers, tokens)):
-        if not isinstance(layer, DenseKV):
+        if isinstance(layer, DenseKV):
+            layers.append(QuantKV.from_dense(layer, quantizer.for_layer(i), n))
+        elif isinstance(layer, RaggedKV):
+            layers.append(QuantRaggedKV.from_ragged(layer, quantizer.for_layer(i), room))
+        else:
             raise ValueError(f"cannot quantize a {type(layer).__name__} layer")
-        layers.append(QuantKV.from_dense(layer, quantizer.for_layer(i), n))
     return dataclasses.replace(cache, layers=tuple(layers))
 
 

@@ -70,7 +70,7 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
       q_pre, q: [B, T, H, D] queries before / after RoPE.  positions: int32 [B, T].
       n_valid: int32 [B] real tokens of each row in this chunk.  state: the layer state after the
         chunk was appended.  lse: [B, K, G*T] log-sum-exp of the chunk's attention (col sums only).
-      attention_impl: "pallas" sums columns with the key-major kernel (`kvjax.kernels`), "xla" in jnp.
+      attention_impl: "pallas"/"auto" sum columns with the key-major kernel (`kvjax.kernels`), "xla" in jnp.
     """
     valid = jnp.arange(q.shape[1])[None, :] < n_valid[:, None]  # [B, T]
     updates = {}
@@ -80,7 +80,7 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
         picked = jnp.take_along_axis(q, jnp.clip(idx, 0, q.shape[1] - 1)[:, :, None, None], axis=1)
         updates["q_win"] = jnp.where(here[:, :, None, None], picked.astype(obs.q_win.dtype), obs.q_win)
     if spec.col_sums:
-        if attention_impl == "pallas":
+        if attention_impl in ("pallas", "auto"):
             col = dispatch.column_sums(q, positions, valid, state, lse)
         else:
             col = attention_column_sums(q, positions, valid, state.k, state.pos, state.length, lse, block)

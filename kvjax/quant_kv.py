@@ -190,7 +190,8 @@ class QuantKV:
 def memory_report(cache) -> dict:
     """Bytes per component of a cache, and effective bits per element vs the full-precision K/V.
 
-    Components: codes, scales, zeros, outliers (values + indices; kvquant) of the quantized stores,
+    Components: codes, scales, zeros, outliers (values + indices; kvquant) of the quantized stores
+    (`QuantKV`, `QuantRaggedKV`),
     residual and sink (full-precision K/V of quantized layers), kv (K/V of unquantized layers),
     metadata (positions, lengths). `bits_per_element` counts all K/V data (metadata excluded) per
     K/V element held; `full_precision_bytes` is what the same slots take unquantized.
@@ -199,7 +200,7 @@ def memory_report(cache) -> dict:
     elements = 0
     full_itemsize = None
     for layer in cache.layers:
-        if isinstance(layer, QuantKV):
+        if hasattr(layer, "kq"):  # QuantKV, QuantRaggedKV
             for qa in (layer.kq, layer.vq):
                 out["codes"] += tree_nbytes(qa.codes)
                 out["scales"] += tree_nbytes(qa.scale)
@@ -207,8 +208,10 @@ def memory_report(cache) -> dict:
                 out["outliers"] += tree_nbytes((qa.outlier_val, qa.outlier_idx))
             out["residual"] += tree_nbytes((layer.k_res, layer.v_res))
             out["sink"] += tree_nbytes((layer.k_sink, layer.v_sink))
-            out["metadata"] += tree_nbytes((layer.pos, layer.pos_res, layer.pos_sink, layer.n_q, layer.n_r))
-            elements += 2 * layer.positions().size * layer.k_res.shape[-1]
+            data = tree_nbytes((layer.kq, layer.vq, layer.k_res, layer.v_res, layer.k_sink, layer.v_sink))
+            out["metadata"] += tree_nbytes(layer) - data
+            slots = layer.pos.size + layer.pos_res.size + layer.pos_sink.size
+            elements += 2 * slots * layer.k_res.shape[-1]
             full_itemsize = layer.k_res.dtype.itemsize
         else:
             kv = tree_nbytes((layer.k, layer.v))

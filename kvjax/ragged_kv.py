@@ -64,27 +64,11 @@ class RaggedKV:
         return jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1).astype(jnp.int32)
 
     def attend(self, q, q_pos, block=None, return_lse: bool = False):
-        """Causal attention of q [B, T, H, D] over each query head's own KV head region -> [B, T, H, D].
-
-        Plain jnp, one pass: every query row scores the whole pool and masks other heads' slots
-        (K times the necessary flops, no copy of the pool). The Pallas ragged kernel reads only
-        each head's own slots. `block` is accepted for interface parity and unused.
-        """
+        """Causal attention of q [B, T, H, D] over each query head's own KV head region -> [B, T, H, D]
+        (`head_attention`). `block` is accepted for interface parity and unused."""
         if return_lse:
             raise ValueError("RaggedKV does not provide observations for eviction (compress a fresh prefill)")
-        b, t, h, d = q.shape
-        g = h // self.start.shape[1]
-        qf = q.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b, h * t, d) * (d ** -0.5)  # row = h*T + t
-        row_head = jnp.repeat(jnp.arange(h) // g, t)  # [H*T]
-        row_pos = jnp.tile(q_pos, (1, h))  # [B, H*T]
-        sc = jnp.einsum("bqd,bpd->bqp", qf, self.k.astype(jnp.float32))
-        visible = (self.slot_head()[:, None, :] == row_head[None, :, None]) & (
-            self.pos[:, None, :] <= row_pos[:, :, None])
-        sc = jnp.where(visible, sc, -jnp.inf)
-        m = jnp.max(sc, axis=-1, keepdims=True)
-        p = jnp.exp(sc - jnp.where(jnp.isneginf(m), 0.0, m))
-        out = jnp.einsum("bqp,bpd->bqd", p, self.v.astype(jnp.float32)) / jnp.maximum(p.sum(-1), 1e-30)[..., None]
-        return out.reshape(b, h, t, d).transpose(0, 2, 1, 3).astype(q.dtype)
+        return head_attention(q, q_pos, self.k, self.v, self.pos, self.slot_head(), self.start.shape[1])
 
     def observe_query(self, q, q_pos) -> "RaggedKV":
         return self
@@ -125,6 +109,29 @@ class RaggedKV:
         return RaggedKV(k=take(self.k, 0), v=take(self.v, 0), pos=take(self.pos, EMPTY_POS),
                         start=jnp.asarray(new_start, jnp.int32), end=jnp.asarray(new_start + size, jnp.int32),
                         length=self.length)
+
+
+def head_attention(q, q_pos, k, v, pos, slot_head, n_kv: int):
+    """Causal attention of q [B, T, H, D] over the slots of a flat pool that belong to each query
+    head's KV head -> [B, T, H, D].
+
+    k, v: [B, P, D]; pos: int32 [B, P]; slot_head: int32 [B, P] the KV head (of `n_kv`) of each
+    slot, -1 for none. Plain jnp, one pass: every query row scores the whole pool and masks other
+    heads' slots (K times the necessary flops, no copy of the pool); the Pallas ragged kernel reads
+    only each head's own slots.
+    """
+    b, t, h, d = q.shape
+    g = h // n_kv
+    qf = q.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b, h * t, d) * (d ** -0.5)  # row = h*T + t
+    row_head = jnp.repeat(jnp.arange(h) // g, t)  # [H*T]
+    row_pos = jnp.tile(q_pos, (1, h))  # [B, H*T]
+    sc = jnp.einsum("bqd,bpd->bqp", qf, k.astype(jnp.float32))
+    visible = (slot_head[:, None, :] == row_head[None, :, None]) & (pos[:, None, :] <= row_pos[:, :, None])
+    sc = jnp.where(visible, sc, -jnp.inf)
+    m = jnp.max(sc, axis=-1, keepdims=True)
+    p = jnp.exp(sc - jnp.where(jnp.isneginf(m), 0.0, m))
+    out = jnp.einsum("bqp,bpd->bqd", p, v.astype(jnp.float32)) / jnp.maximum(p.sum(-1), 1e-30)[..., None]
+    return out.reshape(b, h, t, d).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def ragged_from_selection(k, v, pos, keep, n_kv_total: int) -> RaggedKV:

@@ -67,8 +67,8 @@ class Attention(nn.Module):
             state = state.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid)
         with jax.named_scope("attend"):
             need_lse = self.observe is not None and self.observe.col_sums
-            if self.attention_impl == "pallas":
-                out = dispatch.attend(state, q, positions, return_lse=need_lse)  # [B, T, H, D]
+            if self.attention_impl in ("pallas", "auto"):  # auto: plain jnp for states with no kernel
+                out = dispatch.attend(state, q, positions, return_lse=need_lse, strict=self.attention_impl == "pallas")
             else:
                 out = state.attend(q, positions, self.attn_block, return_lse=need_lse)
             out, lse = out if need_lse else (out, None)

@@ -17,9 +17,13 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16
 MIN_ROWS = 16  # Triton's tensor-core dot needs every dimension >= 16
 
 
-def unsupported(msg: str) -> ValueError:
-    """A ValueError for input a kernel does not handle, naming the plain-jnp fallback."""
-    return ValueError(f"{msg}; use {FALLBACK} (the plain-jnp attention) instead")
+class Unsupported(ValueError):
+    """Input a kernel does not handle (a ValueError naming the plain-jnp fallback)."""
+
+
+def unsupported(msg: str) -> Unsupported:
+    """An `Unsupported` error for input a kernel does not handle, naming the plain-jnp fallback."""
+    return Unsupported(f"{msg}; use {FALLBACK} (the plain-jnp attention) instead")
 
 
 def backend(interpret: bool) -> str:

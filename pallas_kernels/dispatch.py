@@ -5,8 +5,10 @@
 
 Dispatch is on the state type: `DenseKV` prefill chunks -> `prefill_attention`, decode steps ->
 `decode_attention` (also `RollingKV`); `QuantKV` -> `quant_decode_attention`; `RaggedKV` ->
-`ragged_decode_attention`. A state or layout with no kernel raises a ValueError naming the fallback
-`attention_impl="xla"`. On CPU the kernels run in the Pallas interpreter (slow; for tests).
+`ragged_decode_attention`. With `attention_impl="pallas"` a state or layout with no kernel raises a
+ValueError naming the fallback `attention_impl="xla"`; the default on GPU/TPU, "auto", uses the
+kernels where they exist and the plain-jnp attention elsewhere (e.g. KVQuant's non-uniform codes,
+quantized per-head pools). On CPU the kernels run in the Pallas interpreter (slow; for tests).
 
 Legend: B batch, T query tokens, H query heads, D head dim.
 """
@@ -23,16 +25,16 @@ from kvjax.kv_state import DenseKV
 from kvjax.ragged_kv import RaggedKV
 from kvjax.rolling_kv import RollingKV
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "auto")
 QUANTIZERS = ("kivi", "per_token", "int8", "fp8")  # quantizers whose layouts the kernel reads
 
 
 def resolve_impl(impl: str | None) -> str:
-    """None picks "pallas" on GPU/TPU and "xla" on CPU; anything but "xla"/"pallas" is a ValueError."""
+    """None picks "auto" (kernels where a state has one) on GPU/TPU and "xla" on CPU."""
     if impl is None:
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        return "auto" if jax.default_backend() in ("gpu", "tpu") else "xla"
     if impl not in IMPLS:
-        raise ValueError(f"attention_impl must be one of {IMPLS} (or None: pallas on GPU/TPU, xla on CPU), "
+        raise ValueError(f"attention_impl must be one of {IMPLS} (or None: auto on GPU/TPU, xla on CPU), "
                          f"got {impl!r}")
     return impl
 
@@ -41,12 +43,22 @@ def _interpret() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def attend(state, q, q_pos, return_lse: bool = False):
+def attend(state, q, q_pos, return_lse: bool = False, strict: bool = True):
     """Attention of q [B, T, H, D] (positions q_pos int32 [B, T]) over a layer state, by its kernel.
 
     Same contract as the states' own `attend` (the plain-jnp path); `return_lse` (the log-sum-exp
-    [B, K, G*T] that column-sum observations reuse) is available for dense prefill chunks.
+    [B, K, G*T] that column-sum observations reuse) is available for dense prefill chunks. A state
+    with no kernel: ValueError if `strict`, else the state's own plain-jnp `attend`.
     """
+    try:
+        return _kernel_attend(state, q, q_pos, return_lse)
+    except C.Unsupported:
+        if strict:
+            raise
+        return state.attend(q, q_pos, return_lse=return_lse)
+
+
+def _kernel_attend(state, q, q_pos, return_lse: bool):
     from kvjax.quant_kv import QuantKV  # quantizers import the methods, whose modules import the model
 
     interpret = _interpret()

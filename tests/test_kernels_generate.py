@@ -48,7 +48,7 @@ def test_question_on_top_of_a_compressed_cache(lm, rows, name):
 
 def test_impl_choice():
     assert dispatch.resolve_impl("xla") == "xla" and dispatch.resolve_impl("pallas") == "pallas"
-    assert dispatch.resolve_impl(None) == ("xla" if jax.default_backend() == "cpu" else "pallas")
+    assert dispatch.resolve_impl(None) == ("xla" if jax.default_backend() == "cpu" else "auto")
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         dispatch.resolve_impl("triton")
     with pytest.raises(SystemExit) as e:
@@ -59,3 +59,14 @@ def test_impl_choice():
 def test_state_without_kernel_names_the_fallback():
     with pytest.raises(ValueError, match=r'no Pallas kernel for a tuple layer state.*attention_impl="xla"'):
         dispatch.attend((), jnp.zeros((1, 1, 2, 64)), jnp.zeros((1, 1), jnp.int32))
+
+
+@pytest.mark.parametrize("quant", [quantizers.KVQuant(bits=3, group=16, residual=32), "int8"])
+def test_auto_uses_jnp_where_a_layout_has_no_kernel(lm, rows, quant):
+    # kvquant (sink, outliers, 3-bit) has no kernel: "pallas" refuses it, "auto" falls back per layer;
+    # int8 with adakv is a quantized per-head pool (QuantRaggedKV), which has no kernel either
+    kw = dict(quant=quant) if not isinstance(quant, str) else dict(quant=quant, **CASES["adakv (ragged)"])
+    run = lambda impl: lm.generate(rows, max_new_tokens=8, stop_at_eos=False, attention_impl=impl, **kw).ids  # noqa: E731
+    assert run("auto") == run("xla")
+    with pytest.raises(ValueError, match='attention_impl="xla"'):
+        run("pallas")
