@@ -22,7 +22,7 @@ import kvjax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import emit, prompt_ids  # noqa: E402
 
-DEFAULT_QUANT = ["int8", "fp8", "per_token-4", "kivi-4", "kivi-2"]
+DEFAULT_QUANT = ["int8", "fp8", "per_token-4", "kivi-4", "kivi-2", "kvquant-4", "kvquant-3", "kvquant-2"]
 
 
 def measure(lm, ids, new_tokens, quant):

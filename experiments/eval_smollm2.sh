@@ -19,7 +19,7 @@ for task in "${tasks[@]}"; do
   case $task in
     passkey) run passkey passkey --method $METHODS --ratio $RATIOS --lengths 1024 2048 4096 --n 10 --batch 10 ;;
     passkey_qa) run passkey_qa passkey --question-in-context --method $METHODS --ratio $RATIOS --lengths 1024 2048 4096 --n 10 --batch 10 ;;
-    niah) run niah niah --method $METHODS --ratio $RATIOS --lengths 1024 2048 --depths 0 0.25 0.5 0.75 1 --n 1 --batch 5 ;;
+    niah) run niah niah --method $METHODS --ratio $RATIOS --lengths 1024 2048 4096 --depths 0 0.25 0.5 0.75 1 --n 1 --batch 5 ;;
     ruler) run ruler ruler --method $METHODS --ratio 0.5 --lengths 1024 --n 2 ;;
     ppl) run ppl ppl --method $METHODS --ratio $RATIOS --context-len 2048 --eval-len 128 --n 4 --batch 4 ;;
     bench) run bench bench --method $METHODS --ratio 0.5 --lengths 4096 ;;

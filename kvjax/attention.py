@@ -52,15 +52,16 @@ def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None
 
     Args:
       q: [B, T, H, D] queries (post-RoPE).  q_pos: int32 [B, T].
-      k, v: [B, K, S, D].  kv_pos: int32 [B, K, S].  length: int32 [B].
+      k: [B, K, S, D].  v: [B, K, S, Dv] (Dv = D except for latent states).  kv_pos: int32 [B, K, S].
+      length: int32 [B].
       block: key block size; None (or >= S) attends over all S slots in one pass. S must be a
         multiple of `block`. Blocks past the longest row's length are skipped.
       return_lse: also return the log-sum-exp of each query's scores, float32 [B, K, G*T].
     Returns:
-      [B, T, H, D] in q's dtype (and the lse).
+      [B, T, H, Dv] in q's dtype (and the lse).
     """
-    b, t, h, d = q.shape
-    n_kv = k.shape[1]
+    b, t, h, _ = q.shape
+    n_kv, dv = k.shape[1], v.shape[-1]  # values may have another width than keys (`LatentKV` ranks)
     g = h // n_kv
     qf, qf_pos = _fold_queries(q, q_pos, n_kv)
 
@@ -76,10 +77,10 @@ def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None
         return m_new, l, acc
 
     init = (jnp.full((b, n_kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g * t), jnp.float32),
-            jnp.zeros((b, n_kv, g * t, d), jnp.float32))
+            jnp.zeros((b, n_kv, g * t, dv), jnp.float32))
     m, l, acc = _over_blocks(one_block, init, (k, v, kv_pos), length, block)
     out = acc / jnp.maximum(l, 1e-30)[..., None]  # rows with no visible key (padding) give 0
-    out = out.reshape(b, n_kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+    out = out.reshape(b, n_kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv).astype(q.dtype)
     if return_lse:
         return out, m + jnp.log(jnp.maximum(l, 1e-30))
     return out

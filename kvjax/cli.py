@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: float32 on CPU, bfloat16 on accelerators")
     _compression_args(g)
     g.add_argument("--quant", default=None,
-                   help="store the KV cache quantized: kivi-2, kivi-4, per_token-2/4/8, int8, fp8")
+                   help="store the KV cache quantized: kivi-2, kivi-4, per_token-2/4/8, kvquant-2/3/4, int8, fp8")
     g.add_argument("--attention-impl", default=None, choices=["xla", "pallas", "auto"],
                    help="attention kernels: xla (plain jnp) or pallas (kvjax.kernels; interpreted on CPU); "
                         "auto: kernels where a cache layout has one; default auto on GPU/TPU, xla on CPU")
@@ -99,7 +99,8 @@ def _generate(args) -> None:
           f"| KV cache {result.cache_bytes:,} bytes]")
     if args.quant:
         rep = kvjax.memory_report(result.cache)
-        parts = ", ".join(f"{k} {rep[k]:,}" for k in ("codes", "scales", "zeros", "residual", "kv", "metadata") if rep[k])
+        parts = ", ".join(f"{k} {rep[k]:,}" for k in ("codes", "scales", "zeros", "outliers", "residual", "sink", "kv",
+                                                      "metadata") if rep[k])
         print(f"[quantized cache: {parts} bytes | {rep['bits_per_element']:.2f} bits per element | "
               f"{rep['full_precision_bytes']:,} bytes at full precision]")
 

@@ -106,6 +106,28 @@ def fold_positions(q_pos, g: int):
     return jnp.pad(p, ((0, 0), (0, rows_for(g, t) - g * t)), constant_values=-1)
 
 
+def split_decode(kernel, grid, in_specs, args, *, rows: int, d: int, t: int, h: int, dtype, platform: str,
+                 table: dict, interpret: bool, name: str):
+    """Run a flash-decoding kernel on the (b, kv head, split) grid and merge its splits.
+
+    The kernel writes per split an unnormalized output [M, D] and its running max and sum [M]
+    (`part_spec`); `combine_splits` merges them and `unfold` returns [B, T, H, D] in `dtype`.
+    """
+    shape = tuple(grid) + (rows,)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[part_spec(rows, d), part_spec(rows), part_spec(rows)],
+        out_shape=[jax.ShapeDtypeStruct(shape + (d,), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
+                   jax.ShapeDtypeStruct(shape, jnp.float32)],
+        compiler_params=compiler_params(platform, 3, table),
+        interpret=interpret,
+        name=name,
+    )(*args)
+    return unfold(combine_splits(o, m, l), t, h, dtype)
+
+
 def unfold(o, t: int, h: int, dtype):
     """[B, K, M, D] -> [B, T, H, D] (drops the padding rows)."""
     b, n_kv, _, d = o.shape

@@ -100,22 +100,13 @@ def decode_attention(q, k, v, length, *, block_k: int | None = None, n_splits: i
     qf = C.fold_queries(q, n_kv)  # [B, K, M, D]
     rows = qf.shape[2]
     kernel = functools.partial(_decode_kernel, block_k=block_k, split=split, scale=d ** -0.5)
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=(b, n_kv, n_splits),
-        in_specs=[pl.BlockSpec((None,), lambda i, j, n: (i,)),
-                  pl.BlockSpec((None, None, rows, d), lambda i, j, n: (i, j, 0, 0)),
-                  pl.BlockSpec((None, None, split, d), lambda i, j, n: (i, j, n, 0)),
-                  pl.BlockSpec((None, None, split, d), lambda i, j, n: (i, j, n, 0))],
-        out_specs=[C.part_spec(rows, d), C.part_spec(rows), C.part_spec(rows)],
-        out_shape=[jax.ShapeDtypeStruct((b, n_kv, n_splits, rows, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, n_kv, n_splits, rows), jnp.float32),
-                   jax.ShapeDtypeStruct((b, n_kv, n_splits, rows), jnp.float32)],
-        compiler_params=C.compiler_params(platform, 3, table),
-        interpret=interpret,
-        name="kvjax_decode_attention",
-    )(length.astype(jnp.int32), qf, k, v)
-    return C.unfold(C.combine_splits(o, m, l), t, h, q.dtype)
+    in_specs = [pl.BlockSpec((None,), lambda i, j, n: (i,)),
+                pl.BlockSpec((None, None, rows, d), lambda i, j, n: (i, j, 0, 0)),
+                pl.BlockSpec((None, None, split, d), lambda i, j, n: (i, j, n, 0)),
+                pl.BlockSpec((None, None, split, d), lambda i, j, n: (i, j, n, 0))]
+    return C.split_decode(kernel, (b, n_kv, n_splits), in_specs, (length.astype(jnp.int32), qf, k, v), rows=rows,
+                          d=d, t=t, h=h, dtype=q.dtype, platform=platform, table=table, interpret=interpret,
+                          name="kvjax_decode_attention")
 
 
 def decode_attention_reference(q, k, v, length):

@@ -254,19 +254,8 @@ def quant_decode_attention(q, kq: quant.QuantizedArray, vq: quant.QuantizedArray
         specs += [pl.BlockSpec((None, rows), lambda i, j, n: (i, 0)), store(pos, 1), whole(r)]
     kernel = functools.partial(_quant_kernel, kf=kf, vf=vf, causal=causal, block_k=block_k, block_r=block_r,
                                split=split, n_splits=n_splits, scale=d ** -0.5)
-    shape = (b, n_kv, n_splits + 1, rows)
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=(b, n_kv, n_splits + 1),
-        in_specs=specs,
-        out_specs=[C.part_spec(rows, d), C.part_spec(rows), C.part_spec(rows)],
-        out_shape=[jax.ShapeDtypeStruct(shape + (d,), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
-                   jax.ShapeDtypeStruct(shape, jnp.float32)],
-        compiler_params=C.compiler_params(platform, 3, table),
-        interpret=interpret,
-        name="kvjax_quant_decode_attention",
-    )(*args)
-    return C.unfold(C.combine_splits(o, m, l), t, h, q.dtype)
+    return C.split_decode(kernel, (b, n_kv, n_splits + 1), specs, args, rows=rows, d=d, t=t, h=h, dtype=q.dtype,
+                          platform=platform, table=table, interpret=interpret, name="kvjax_quant_decode_attention")
 
 
 def quant_decode_attention_reference(q, kq, vq, n_q, k_res, v_res, n_r, q_pos=None, pos=None, pos_res=None):

@@ -115,19 +115,9 @@ def ragged_decode_attention(q, k, v, start, length, q_pos=None, pos=None, *, blo
         args += [C.fold_positions(q_pos, h // n_kv), pos.astype(jnp.int32)]
         specs += [pl.BlockSpec((None, rows), lambda i, j, n: (i, 0)),
                   pl.BlockSpec((None, n_pool), lambda i, j, n: (i, 0))]
-    shape = (b, n_kv, n_splits, rows)
-    o, m, l = pl.pallas_call(
-        functools.partial(_ragged_kernel, block_k=block_k, split=split, scale=d ** -0.5, causal=causal),
-        grid=(b, n_kv, n_splits),
-        in_specs=specs,
-        out_specs=[C.part_spec(rows, d), C.part_spec(rows), C.part_spec(rows)],
-        out_shape=[jax.ShapeDtypeStruct(shape + (d,), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
-                   jax.ShapeDtypeStruct(shape, jnp.float32)],
-        compiler_params=C.compiler_params(platform, 3, table),
-        interpret=interpret,
-        name="kvjax_ragged_decode_attention",
-    )(*args)
-    return C.unfold(C.combine_splits(o, m, l), t, h, q.dtype)
+    kernel = functools.partial(_ragged_kernel, block_k=block_k, split=split, scale=d ** -0.5, causal=causal)
+    return C.split_decode(kernel, (b, n_kv, n_splits), specs, args, rows=rows, d=d, t=t, h=h, dtype=q.dtype,
+                          platform=platform, table=table, interpret=interpret, name="kvjax_ragged_decode_attention")
 
 
 def ragged_decode_attention_reference(q, k, v, start, length, q_pos=None, pos=None):

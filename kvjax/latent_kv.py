@@ -1,0 +1,122 @@
+"""`LatentKV`: keys and values stored in per-head orthogonal subspaces (MatryoshkaKV).
+
+MatryoshkaKV (Lin et al. 2024, arXiv 2410.14731) learns, per layer and KV head, orthogonal
+matrices U_k, U_v [D, D] and keeps only the first r columns of each. The cache stores the
+projections instead of the keys and values,
+
+    c_k = k · U_k[:, :r_k]      [B, K, S, r_k]        c_v = v · U_v[:, :r_v]      [B, K, S, r_v]
+
+and attention runs in the projected space: with P = U_k[:, :r_k] (orthonormal columns),
+q · (k P P^T) = (q P) · c_k, so the query is projected with P and scored against c_k directly; the
+attention-weighted sum of c_v is mapped back with U_v[:, :r_v]^T. At r = D this is exact attention.
+Keys are projected after RoPE (the cached key is what is compressed; attention of the projected
+query and key equals attention of q with the key's reconstruction k P P^T).
+
+Legend: B batch, T new tokens, S cache slots, H query heads, K KV heads, G = H/K, D head dim,
+R rank of the key (R_k) or value (R_v) subspace.
+
+`nbytes` is the real memory: the projected arrays, positions and lengths, plus the bases themselves
+(K·D·(R_k + R_v) numbers per layer, independent of S).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.attention import blockwise_attention
+from kvjax.kv_state import EMPTY_POS, KVCache, tree_nbytes, write_slots
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LatentKV:
+    """One layer's keys and values in learned orthogonal subspaces.
+
+    Attributes:
+      ck: [B, K, S, R_k] post-RoPE keys projected on `uk`.
+      cv: [B, K, S, R_v] values projected on `uv`.
+      uk: [K, D, R_k] orthonormal columns (U_k[:, :R_k] of each KV head).
+      uv: [K, D, R_v] orthonormal columns (U_v[:, :R_v]).
+      pos: int32 [B, K, S] original position of each slot (`EMPTY_POS` if unused).
+      length: int32 [B] slots in use per row.
+    """
+
+    ck: jax.Array
+    cv: jax.Array
+    uk: jax.Array
+    uv: jax.Array
+    pos: jax.Array
+    length: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.ck.shape[2]
+
+    @classmethod
+    def init(cls, batch: int, capacity: int, uk: jax.Array, uv: jax.Array, dtype) -> "LatentKV":
+        """An empty state of `capacity` slots per row with bases uk [K, D, R_k], uv [K, D, R_v]."""
+        n_kv = uk.shape[0]
+        return cls(ck=jnp.zeros((batch, n_kv, capacity, uk.shape[2]), dtype),
+                   cv=jnp.zeros((batch, n_kv, capacity, uv.shape[2]), dtype),
+                   uk=jnp.asarray(uk, dtype), uv=jnp.asarray(uv, dtype),
+                   pos=jnp.full((batch, n_kv, capacity), EMPTY_POS, jnp.int32),
+                   length=jnp.zeros((batch,), jnp.int32))
+
+    def append(self, k: jax.Array, v: jax.Array, pos: jax.Array, n_valid: jax.Array) -> "LatentKV":
+        """Project and write T tokens (k, v [B, K, T, D], pos int32 [B, T]) at slots [length, length + T)."""
+        b, n_kv, t = k.shape[:3]
+        ck = jnp.einsum("bktd,kdr->bktr", k, self.uk.astype(k.dtype))
+        cv = jnp.einsum("bktd,kdr->bktr", v, self.uv.astype(v.dtype))
+        pos_bkt = jnp.broadcast_to(pos[:, None, :], (b, n_kv, t)).astype(jnp.int32)
+        return dataclasses.replace(self, ck=write_slots(self.ck, ck, self.length),
+                                   cv=write_slots(self.cv, cv, self.length),
+                                   pos=write_slots(self.pos, pos_bkt, self.length),
+                                   length=self.length + n_valid.astype(jnp.int32))
+
+    def attend(self, q: jax.Array, q_pos: jax.Array, block: int | None = None, return_lse: bool = False):
+        """Attention of q [B, T, H, D] in the projected space -> [B, T, H, D] (and the lse [B, K, G*T]).
+
+        q is projected with U_k[:, :R_k] per KV head and rescaled by sqrt(R_k / D), so the softmax
+        scale stays 1/sqrt(D) (blockwise_attention divides by the square root of its query width)."""
+        b, t, h, d = q.shape
+        n_kv, rk = self.uk.shape[0], self.uk.shape[2]
+        qg = q.reshape(b, t, n_kv, h // n_kv, d)
+        qp = jnp.einsum("btkgd,kdr->btkgr", qg, self.uk.astype(q.dtype)) * jnp.asarray((rk / d) ** 0.5, q.dtype)
+        out = blockwise_attention(qp.reshape(b, t, h, rk), q_pos, self.ck, self.cv, self.pos, self.length, block,
+                                  return_lse)
+        out, lse = out if return_lse else (out, None)
+        full = jnp.einsum("btkgr,kdr->btkgd", out.reshape(b, t, n_kv, h // n_kv, -1), self.uv.astype(out.dtype))
+        full = full.reshape(b, t, h, d)
+        return (full, lse) if return_lse else full
+
+    def observe_query(self, q, q_pos) -> "LatentKV":
+        return self
+
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def positions(self) -> jax.Array:
+        return self.pos
+
+    def has_room(self, n: int = 1) -> jax.Array:
+        """bool []: every row can take `n` more tokens."""
+        return jnp.max(self.length) + n <= self.capacity
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "LatentKV":
+        """At least `n` free slots past the longest row, capacity rounded up by `round_up` (host-side)."""
+        need = round_up(int(np.max(np.asarray(self.length))) + n)
+        extra = max(self.capacity, need) - self.capacity
+        if extra == 0:
+            return self
+        pad = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3),  # noqa: E731
+                                       constant_values=value)
+        return dataclasses.replace(self, ck=pad(self.ck, 0), cv=pad(self.cv, 0), pos=pad(self.pos, EMPTY_POS))
+
+
+def latent_cache(bases_k, bases_v, batch: int, capacity: int, dtype) -> KVCache:
+    """An empty cache of `LatentKV` layers: bases_k[l] [K, D, R_k(l)], bases_v[l] [K, D, R_v(l)]."""
+    layers = tuple(LatentKV.init(batch, capacity, uk, uv, dtype) for uk, uv in zip(bases_k, bases_v))
+    return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32))
