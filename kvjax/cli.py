@@ -2,6 +2,7 @@
 
     kvjax generate --model smollm2-135m --prompt "What is the capital of France?" --chat
     kvjax info --model smollm2-135m
+    kvjax train matryoshka --model smollm2-135m --data ../shared/data/tinyshakespeare.txt --steps 500 --out runs/m
 
 Bad input prints one line `kvjax: error: ...` and exits with status 2 (no traceback).
 """
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kvjax.eval import command as eval_command
+from kvjax.train import command as train_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 
 
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
     eval_command.add_parsers(sub)
+    train_command.add_parser(sub)
     return p
 
 
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect,
-         "eval": eval_command.run_eval, "plot": eval_command.run_plot}[args.command](args)
+         "eval": eval_command.run_eval, "plot": eval_command.run_plot,
+         "train": train_command.run}[args.command](args)
     except ValueError as e:
         print(f"kvjax: error: {e}", file=sys.stderr)
         return 2

@@ -152,6 +152,17 @@ def test_nbytes_is_codes_scales_zeros_residual_and_positions():
     assert kvjax.cache_nbytes(cache) == expected + B * 4  # + next_pos
 
 
+def test_kvquant_nbytes_is_codes_scales_zeros_outliers_residual_sink_and_positions():
+    spec = bound(quantizers.KVQuant(bits=3, group=8, residual=16, sink=2, outliers=0.1))
+    q = QuantKV.from_dense(dense_state([30, 12], 40), spec, tokens=40)
+    shape = (B, K, 48, D)  # store: 40 - 2 sink tokens rounded up to the residual (16)
+    expected = (quant.quantized_nbytes(shape, bits=3, axis=-2, group=8, scale_dtype=jnp.float32, outliers=1)
+                + quant.quantized_nbytes(shape, bits=3, axis=-1, group=D, scale_dtype=jnp.float32, outliers=1)
+                + 2 * B * K * 16 * D * 4 + 2 * B * K * 2 * D * 4  # residual and sink K and V, float32
+                + B * K * (48 + 16 + 2) * 4 + 2 * B * 4)  # positions, n_q, n_r
+    assert q.nbytes() == expected
+
+
 def test_tiny_generate_with_quantized_cache_runs_and_decodes_through_flushes():
     lm = tiny_lm(seed=0)
     ids = [[int(t) for t in np.random.default_rng(0).integers(3, 200, n)] for n in (21, 9)]

@@ -1,0 +1,79 @@
+"""`kvjax train METHOD`: train a learned compressor on a frozen model.
+
+    kvjax train matryoshka --model smollm2-135m --data ../shared/data/tinyshakespeare.txt \\
+        --steps 500 --out runs/matryoshka [--resume] [--cache-fraction 0.5]
+
+Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and with `--cache-fraction` the
+greedy per-layer ranks meeting that fraction of the full K/V bytes to `OUT/ranks.json`.
+Heavy imports (optax, orbax, grain) happen only when the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kvjax.hub import DEFAULT_MODEL
+
+METHODS = ("matryoshka",)
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a learned KV-cache compressor on a frozen model")
+    t.add_argument("method", choices=METHODS)
+    t.add_argument("--model", default=DEFAULT_MODEL)
+    t.add_argument("--data", required=True,
+                   help="a text file, a directory of *.txt, a .npy of token ids, or tfds:NAME[/CONFIG][:SPLIT]")
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.jsonl)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=20)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--clip", type=float, default=1.0)
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--devices", type=int, default=None, help="data-parallel devices (default: all)")
+    t.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    t.add_argument("--n-levels", type=int, default=8, help="matryoshka: nested ranks are multiples of D / n-levels")
+    t.add_argument("--cache-fraction", type=float, default=None,
+                   help="matryoshka: after training, search per-layer ranks storing this fraction of the K/V bytes")
+
+
+def run(args: argparse.Namespace) -> None:
+    import kvjax
+    from kvjax.train.data import TFDS_PREFIX, load_tokens, token_batches
+    from kvjax.train.loop import TrainConfig, check_mesh, make_mesh, train
+    from kvjax.train.matryoshka import MatryoshkaTask
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, save_every=args.save_every,
+                      keep=args.keep, log_every=args.log_every, seed=args.seed)
+    if not args.data.startswith(TFDS_PREFIX) and not Path(args.data).expanduser().exists():
+        raise ValueError(f"--data: no such file or directory {args.data}")
+    mesh = make_mesh(args.devices)
+    check_mesh(mesh, cfg.batch_size)
+    if args.cache_fraction is not None and not 1 / args.n_levels <= args.cache_fraction <= 1:
+        raise ValueError(f"--cache-fraction must be in [1/{args.n_levels}, 1], got {args.cache_fraction}")
+    lm = kvjax.load(args.model, dtype=args.dtype)
+    task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
+    tokens = load_tokens(args.data, lm.tokenizer)
+    batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+    print(f"kvjax train {args.method}: {lm!r}, {len(tokens):,} tokens, {cfg.steps} steps of "
+          f"{cfg.batch_size} x {cfg.seq_len} on {mesh.shape['data']} device(s) -> {args.out}")
+    result = train(task, lm.params, batches, cfg, args.out, resume=args.resume, mesh=mesh)
+    if args.cache_fraction is not None:
+        state = result.state
+        ranks_k, ranks_v, kl = task.search_ranks(state.params, state.const, lm.params, batches[cfg.steps],
+                                                 args.cache_fraction)
+        full = lm.cfg.kv_bytes_per_token()
+        stored = full * (sum(ranks_k) + sum(ranks_v)) // (2 * lm.cfg.n_layers * lm.cfg.head_dim)
+        report = {"cache_fraction": args.cache_fraction, "ranks_k": ranks_k, "ranks_v": ranks_v, "kl": kl,
+                  "kv_bytes_per_token": stored, "full_kv_bytes_per_token": full, "step": int(state.step)}
+        (args.out / "ranks.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"ranks at {args.cache_fraction:.0%} of the K/V bytes ({stored:,} of {full:,} bytes per token): "
+              f"keys {ranks_k}, values {ranks_v}, KL {kl:.4f} -> {args.out / 'ranks.json'}")

@@ -1,0 +1,267 @@
+"""The training loop of kvjax's learned compressors: frozen backbone, small trainable compressor.
+
+    result = train(task, backbone_params, token_batches(tokens, 128, 8, seed=0), TrainConfig(steps=500),
+                   out_dir="runs/matryoshka")
+
+* A **task** (e.g. `MatryoshkaTask`) is a frozen, hashable dataclass with
+  `init(backbone, calib_tokens) -> (params, const)`, `loss(params, const, backbone, tokens, key)
+  -> (loss, metrics)` and `meta() -> dict` (what a checkpoint must match: method and model).
+  `params` is the trainable pytree, `const` what the task computed once and keeps fixed (PCA bases).
+  The backbone's params are an argument of the step, never differentiated or updated.
+* **Step** (`train_step`): pure, jitted once with the `TrainState` donated. Its PRNG key is
+  `fold_in(key(seed), step)` and its batch is `batches[step]`, so the run is a function of (seed, step)
+  and a resumed run repeats an uninterrupted one exactly.
+* **Optimizer**: optax AdamW, linear warmup then cosine decay to 10% of the peak, global-norm clipping
+  (Loshchilov & Hutter 2019; the flax lm1b example's schedule shape).
+* **Data parallel**: a 1-D `jax.sharding.Mesh` with axis "data"; batches are split along it, state and
+  backbone replicated; gradients are averaged by XLA (the loss is a mean over the global batch).
+* **Checkpoints**: an orbax `CheckpointManager` under `out_dir/checkpoints`, every `save_every` steps
+  and at the end, keeping the last `keep`; each holds the state and a JSON `meta`. Resuming restores
+  the newest readable checkpoint: an unreadable one (corrupted files) is skipped with a warning; a
+  checkpoint of another method or model is a ValueError.
+* **Metrics**: loss, grad norm (before clipping), learning rate, the task's own metrics and tokens/s,
+  every `log_every` steps, to `out_dir/metrics.jsonl` (one JSON object per line) and to stdout with a
+  tqdm progress bar. A resumed run first drops the log's records past the restored step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Run-level knobs. `warmup` steps of linear warmup to `lr`, then cosine decay to lr/10 at `steps`."""
+
+    steps: int
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "save_every", "keep", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        for name in ("lr", "clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Attributes: step int32 []; params the trainable pytree; const the task's fixed arrays;
+    opt_state the optax state of `params`."""
+
+    step: jax.Array
+    params: dict
+    const: dict
+    opt_state: tuple
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    log: list[dict]  # the records written to metrics.jsonl by this run
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    warmup = min(cfg.warmup, cfg.steps - 1)
+    return optax.warmup_cosine_decay_schedule(init_value=cfg.lr / (warmup + 1), peak_value=cfg.lr,
+                                              warmup_steps=warmup, decay_steps=cfg.steps, end_value=cfg.lr / 10)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip),
+                       optax.adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay))
+
+
+def make_mesh(n_devices: int | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over the first `n_devices` devices (default: all)."""
+    devices = jax.devices()
+    n = len(devices) if n_devices is None else n_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"mesh size {n} outside [1, {len(devices)}] (the devices JAX sees)")
+    return Mesh(np.array(devices[:n]), (DATA_AXIS,))
+
+
+def check_mesh(mesh: Mesh, batch_size: int) -> None:
+    n = mesh.shape[DATA_AXIS]
+    if batch_size % n:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the mesh's data axis ({n} devices)")
+
+
+def init_state(task, backbone, calib_tokens, cfg: TrainConfig) -> TrainState:
+    params, const = task.init(backbone, jnp.asarray(calib_tokens))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, const=const,
+                      opt_state=make_optimizer(cfg).init(params))
+
+
+def train_step(state: TrainState, backbone, tokens, *, task, cfg: TrainConfig):
+    """One AdamW step on tokens int32 [B, L + 1] -> (new state, metrics {name: float32 []})."""
+    key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+    (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, state.const, backbone, tokens,
+                                                                     key)
+    updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(cfg)(state.step), **aux}
+    return TrainState(step=state.step + 1, params=params, const=state.const, opt_state=opt_state), metrics
+
+
+@functools.lru_cache(maxsize=8)
+def jit_train_step(task, cfg: TrainConfig):
+    """`train_step` jitted once for (task, cfg), the state donated (cached: a resumed or repeated run in
+    the same process reuses the compiled step)."""
+    return jax.jit(functools.partial(train_step, task=task, cfg=cfg), donate_argnums=0)
+
+
+def replicate(mesh: Mesh, tree):
+    """Every array of `tree` replicated over the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(mesh: Mesh, tokens):
+    """tokens [B, ...] split along the mesh's data axis."""
+    return jax.device_put(tokens, NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def train(task, backbone, batches, cfg: TrainConfig, out_dir, *, resume: bool = False, mesh: Mesh | None = None,
+          on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train `task`'s compressor for `cfg.steps` steps on `batches` (batches[s]: int32 [B, L + 1]).
+
+    `resume`: continue from the newest readable checkpoint in `out_dir` (a fresh start if there is
+    none); without it, an `out_dir` that already holds checkpoints is a ValueError. `on_step(step,
+    metrics)` is called after every step (evaluation, early stopping). Returns the final state and
+    the metric records written.
+    """
+    mesh = mesh or make_mesh()
+    check_mesh(mesh, cfg.batch_size)
+    first = np.asarray(batches[0])
+    if first.shape != (cfg.batch_size, cfg.seq_len + 1):
+        raise ValueError(f"batches hold {first.shape}, expected [batch_size, seq_len + 1] = "
+                         f"{(cfg.batch_size, cfg.seq_len + 1)}")
+    out_dir = Path(out_dir)
+    mngr = checkpoint_manager(out_dir, cfg)
+    if mngr.all_steps() and not resume:
+        raise ValueError(f"{out_dir} already holds checkpoints (steps {mngr.all_steps()}): resume, or pick a new "
+                         "output directory")
+    meta = dict(task.meta(), config=dataclasses.asdict(cfg))
+    state = init_state(task, backbone, first, cfg)
+    state, backbone = replicate(mesh, (state, backbone))
+    if resume:
+        state = restore(mngr, state, meta)
+    start = int(state.step)
+    if start > cfg.steps:
+        raise ValueError(f"the checkpoint is at step {start}, past the requested {cfg.steps} steps")
+    log = _open_log(out_dir / "metrics.jsonl", start)
+    step_fn = jit_train_step(task, cfg)
+    records = []
+    bar = tqdm(total=cfg.steps, initial=start, file=sys.stdout, disable=not progress, desc=task.name)
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.steps):
+            state, metrics = step_fn(state, backbone, shard_batch(mesh, np.asarray(batches[step])))
+            done, steps_since = step + 1, steps_since + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                record = {"step": done, **values,
+                          "tokens_per_s": steps_since * cfg.batch_size * cfg.seq_len / (now - t_last)}
+                t_last, steps_since = now, 0
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                records.append(record)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+            mngr.save(done, args=_save_args(state, meta))
+            if on_step is not None:
+                on_step(done, metrics)
+            bar.update(1)
+        if mngr.latest_step() != cfg.steps:
+            mngr.save(cfg.steps, args=_save_args(state, meta), force=True)
+    finally:
+        bar.close()
+        log.close()
+        mngr.wait_until_finished()
+        mngr.close()
+    return TrainResult(state=state, log=records)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def checkpoint_manager(out_dir: Path, cfg: TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(save_interval_steps=cfg.save_every, max_to_keep=cfg.keep, create=True)
+    return ocp.CheckpointManager(Path(out_dir).absolute() / "checkpoints", options=options)
+
+
+def _save_args(state: TrainState, meta: dict):
+    return ocp.args.Composite(state=ocp.args.StandardSave(dataclasses.asdict(state)), meta=ocp.args.JsonSave(meta))
+
+
+def restore(mngr: ocp.CheckpointManager, target: TrainState, meta: dict) -> TrainState:
+    """The newest readable checkpoint restored into `target`'s structure and shardings (`target` itself
+    if there is none). Unreadable checkpoints are skipped with a warning; one whose method or model
+    differs from `meta` raises ValueError."""
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      dataclasses.asdict(target))
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            _check_meta(saved_meta, meta)
+            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
+            warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+            continue
+        return TrainState(**restored)
+    return target
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by another method or for another model."""
+
+
+def _check_meta(saved: dict, meta: dict) -> None:
+    for key in ("method", "model"):
+        if saved.get(key) != meta.get(key):
+            raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for {key} {saved.get(key)!r}, this run "
+                             f"uses {meta.get(key)!r}")
+
+
+def _open_log(path: Path, start: int):
+    """metrics.jsonl opened for appending, keeping only records at or before step `start`."""
+    kept = []
+    if start > 0 and path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip() and json.loads(line)["step"] <= start:
+                kept.append(line + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(kept))
+    return path.open("a")
