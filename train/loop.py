@@ -200,7 +200,8 @@ def train(task, backbone, batches, cfg: TrainConfig, out_dir, *, resume: bool = 
                 log.flush()
                 records.append(record)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-            mngr.save(done, args=_save_args(state, meta))
+            if done % cfg.save_every == 0:
+                mngr.save(done, args=_save_args(state, meta))
             if on_step is not None:
                 on_step(done, metrics)
             bar.update(1)
