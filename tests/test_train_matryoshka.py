@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.attention import blockwise_attention
 from kvjax.kv_state import DenseKV, tree_nbytes
 from kvjax.latent_kv import LatentKV
 from kvjax.testing import random_ids, tiny_lm

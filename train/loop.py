@@ -252,8 +252,8 @@ class CheckpointMismatch(ValueError):
 def _check_meta(saved: dict, meta: dict) -> None:
     for key in ("method", "model"):
         if saved.get(key) != meta.get(key):
-            raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for {key} {saved.get(key)!r}, this run "
-                             f"uses {meta.get(key)!r}")
+            raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for {key} "
+                                     f"{saved.get(key)!r}, this run uses {meta.get(key)!r}")
 
 
 def _open_log(path: Path, start: int):

@@ -3,20 +3,20 @@
 Per layer l and KV head k, orthogonal U_k, U_v [D, D]; the cache keeps the first r columns'
 coordinates (`kvjax.latent_kv.LatentKV`). Training makes every prefix U[:, :r] good at once:
 
-* Parametrization (paper Sec. 3.2): U = U_0 · Cayley(A), Cayley(A) = (I - A)(I + A)^-1 with
-  A skew-symmetric built from the strict upper triangle of W, so U stays exactly orthogonal whatever
-  W; W (the trainable leaf) starts at 0, hence U starts at U_0.
-* Initialization (Sec. 3.3): U_0 = the principal axes of calibration activations, columns sorted by
-  decreasing variance: eigenvectors of the second moment (1/N) sum_t x_t x_t^T of the post-RoPE keys
-  (values) of each head. No centering: the projection has no bias, so the uncentered moment is the
-  one whose top-r subspace minimizes the reconstruction error. At full rank U U^T = I and the model
-  is unchanged.
-* Nested ranks (Sec. 3.2, "Matryoshka training"): every step draws, per layer, head and K/V, a rank
+* Parametrization (the paper's Cayley parametrization): U = U_0 · Cayley(A), Cayley(A) =
+  (I - A)(I + A)^-1 with A skew-symmetric built from the strict upper triangle of W, so U stays
+  exactly orthogonal whatever W; W (the trainable leaf) starts at 0, hence U starts at U_0.
+* Initialization (the paper's PCA initialization): U_0 = the principal axes of calibration
+  activations, columns sorted by decreasing variance: eigenvectors of the second moment
+  (1/N) sum_t x_t x_t^T of the post-RoPE keys (values) of each head. No centering: the projection
+  has no bias, so the uncentered moment is the one whose top-r subspace minimizes the
+  reconstruction error. At full rank U U^T = I and the model is unchanged.
+* Nested ranks ("Matryoshka training"): every step draws, per layer, head and K/V, a rank
   r = (D / n_levels) · j with j uniform in {1..n_levels} (D = 64, 8 levels: 8, 16, ..., 64) and
   truncates U to r columns (columns past r multiplied by 0: training keeps static shapes).
-* Loss (Sec. 3.4, distillation): 0.25 · KL(teacher || student) + 0.75 · CE(student, next token),
-  the teacher being the same frozen model with the full cache.
-* Rank search (Sec. 3.5, greedy allocation): at a target fraction of the full K/V bytes, per layer
+* Loss (distillation, the weights of METHODS.md): 0.25 · KL(teacher || student) + 0.75 ·
+  CE(student, next token), the teacher being the same frozen model with the full cache.
+* Rank search (greedy allocation): at a target fraction of the full K/V bytes, per layer
   ranks for keys and values, lowering one level at a time the (layer, K/V) whose next level costs
   least, the cost being the KL measured on calibration tokens with only that layer truncated
   (one-at-a-time sensitivities, summed as if independent). Ranks are per layer (shared by its
@@ -49,8 +49,26 @@ def cayley(w: jax.Array) -> jax.Array:
     upper = jnp.triu(w, 1)
     a = upper - jnp.swapaxes(upper, -1, -2)
     eye = jnp.eye(w.shape[-1], dtype=w.dtype)
-    # (I + A)^-1 and (I - A) commute, so the product is solve(I + A, I - A)
-    return jnp.linalg.solve(eye + a, jnp.broadcast_to(eye - a, a.shape))
+    # (I + A)^-1 and (I - A) commute, so the product is the solution X of (I + A) X = I - A
+    return _solve_positive_real(eye + a, jnp.broadcast_to(eye - a, a.shape))
+
+
+def _solve_positive_real(m: jax.Array, b: jax.Array) -> jax.Array:
+    """X with m X = b, for m [..., D, D] whose symmetric part is positive definite (here I + skew:
+    x^T m x = |x|^2), by Gauss-Jordan elimination without pivoting, which such matrices never need.
+
+    Plain XLA ops instead of `jnp.linalg.solve`: on the 2-core CPU the LAPACK custom call inside the
+    SmolLM2 train step intermittently deadlocked XLA's CPU runtime (the step never finished, ~0% CPU)."""
+    def eliminate(i, mb):
+        m, b = mb
+        pivot = m[..., i, i][..., None]
+        row_m, row_b = m[..., i, :] / pivot, b[..., i, :] / pivot
+        factor = m[..., :, i].at[..., i].set(0)[..., None]  # [..., D, 1]: multiples of row i to remove
+        m = (m - factor * row_m[..., None, :]).at[..., i, :].set(row_m)
+        b = (b - factor * row_b[..., None, :]).at[..., i, :].set(row_b)
+        return m, b
+
+    return jax.lax.fori_loop(0, m.shape[-1], eliminate, (m, b))[1]
 
 
 def pca_basis(x: np.ndarray) -> np.ndarray:
