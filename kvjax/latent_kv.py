@@ -24,57 +24,58 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kvjax.attention import blockwise_attention
-from kvjax.kv_state import EMPTY_POS, KVCache, tree_nbytes, write_slots
+from kvjax.kv_state import EMPTY_POS, DenseKV, KVCache, tree_nbytes
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LatentKV:
-    """One layer's keys and values in learned orthogonal subspaces.
+    """One layer's keys and values in learned orthogonal subspaces: a `DenseKV` of the projections
+    (its slots, positions, lengths and growth unchanged) plus the bases.
 
     Attributes:
-      ck: [B, K, S, R_k] post-RoPE keys projected on `uk`.
-      cv: [B, K, S, R_v] values projected on `uv`.
+      store: `DenseKV` with k = c_k [B, K, S, R_k] (post-RoPE keys projected on `uk`) and
+        v = c_v [B, K, S, R_v] (values projected on `uv`).
       uk: [K, D, R_k] orthonormal columns (U_k[:, :R_k] of each KV head).
       uv: [K, D, R_v] orthonormal columns (U_v[:, :R_v]).
-      pos: int32 [B, K, S] original position of each slot (`EMPTY_POS` if unused).
-      length: int32 [B] slots in use per row.
     """
 
-    ck: jax.Array
-    cv: jax.Array
+    store: DenseKV
     uk: jax.Array
     uv: jax.Array
-    pos: jax.Array
-    length: jax.Array
+
+    @property
+    def ck(self) -> jax.Array:
+        return self.store.k
+
+    @property
+    def cv(self) -> jax.Array:
+        return self.store.v
 
     @property
     def capacity(self) -> int:
-        return self.ck.shape[2]
+        return self.store.capacity
+
+    @property
+    def length(self) -> jax.Array:
+        return self.store.length
 
     @classmethod
     def init(cls, batch: int, capacity: int, uk: jax.Array, uv: jax.Array, dtype) -> "LatentKV":
         """An empty state of `capacity` slots per row with bases uk [K, D, R_k], uv [K, D, R_v]."""
         n_kv = uk.shape[0]
-        return cls(ck=jnp.zeros((batch, n_kv, capacity, uk.shape[2]), dtype),
-                   cv=jnp.zeros((batch, n_kv, capacity, uv.shape[2]), dtype),
-                   uk=jnp.asarray(uk, dtype), uv=jnp.asarray(uv, dtype),
-                   pos=jnp.full((batch, n_kv, capacity), EMPTY_POS, jnp.int32),
-                   length=jnp.zeros((batch,), jnp.int32))
+        store = DenseKV(k=jnp.zeros((batch, n_kv, capacity, uk.shape[2]), dtype),
+                        v=jnp.zeros((batch, n_kv, capacity, uv.shape[2]), dtype),
+                        pos=jnp.full((batch, n_kv, capacity), EMPTY_POS, jnp.int32),
+                        length=jnp.zeros((batch,), jnp.int32))
+        return cls(store=store, uk=jnp.asarray(uk, dtype), uv=jnp.asarray(uv, dtype))
 
     def append(self, k: jax.Array, v: jax.Array, pos: jax.Array, n_valid: jax.Array) -> "LatentKV":
         """Project and write T tokens (k, v [B, K, T, D], pos int32 [B, T]) at slots [length, length + T)."""
-        b, n_kv, t = k.shape[:3]
         ck = jnp.einsum("bktd,kdr->bktr", k, self.uk.astype(k.dtype))
         cv = jnp.einsum("bktd,kdr->bktr", v, self.uv.astype(v.dtype))
-        pos_bkt = jnp.broadcast_to(pos[:, None, :], (b, n_kv, t)).astype(jnp.int32)
-        return dataclasses.replace(self, ck=write_slots(self.ck, ck, self.length),
-                                   cv=write_slots(self.cv, cv, self.length),
-                                   pos=write_slots(self.pos, pos_bkt, self.length),
-                                   length=self.length + n_valid.astype(jnp.int32))
+        return dataclasses.replace(self, store=self.store.append(ck, cv, pos, n_valid))
 
     def attend(self, q: jax.Array, q_pos: jax.Array, block: int | None = None, return_lse: bool = False):
         """Attention of q [B, T, H, D] in the projected space -> [B, T, H, D] (and the lse [B, K, G*T]).
@@ -85,8 +86,7 @@ class LatentKV:
         n_kv, rk = self.uk.shape[0], self.uk.shape[2]
         qg = q.reshape(b, t, n_kv, h // n_kv, d)
         qp = jnp.einsum("btkgd,kdr->btkgr", qg, self.uk.astype(q.dtype)) * jnp.asarray((rk / d) ** 0.5, q.dtype)
-        out = blockwise_attention(qp.reshape(b, t, h, rk), q_pos, self.ck, self.cv, self.pos, self.length, block,
-                                  return_lse)
+        out = self.store.attend(qp.reshape(b, t, h, rk), q_pos, block, return_lse)
         out, lse = out if return_lse else (out, None)
         full = jnp.einsum("btkgr,kdr->btkgd", out.reshape(b, t, n_kv, h // n_kv, -1), self.uv.astype(out.dtype))
         full = full.reshape(b, t, h, d)
@@ -99,21 +99,13 @@ class LatentKV:
         return tree_nbytes(self)
 
     def positions(self) -> jax.Array:
-        return self.pos
+        return self.store.positions()
 
     def has_room(self, n: int = 1) -> jax.Array:
-        """bool []: every row can take `n` more tokens."""
-        return jnp.max(self.length) + n <= self.capacity
+        return self.store.has_room(n)
 
     def with_room(self, n: int, round_up=lambda c: c) -> "LatentKV":
-        """At least `n` free slots past the longest row, capacity rounded up by `round_up` (host-side)."""
-        need = round_up(int(np.max(np.asarray(self.length))) + n)
-        extra = max(self.capacity, need) - self.capacity
-        if extra == 0:
-            return self
-        pad = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3),  # noqa: E731
-                                       constant_values=value)
-        return dataclasses.replace(self, ck=pad(self.ck, 0), cv=pad(self.cv, 0), pos=pad(self.pos, EMPTY_POS))
+        return dataclasses.replace(self, store=self.store.with_room(n, round_up))
 
 
 def latent_cache(bases_k, bases_v, batch: int, capacity: int, dtype) -> KVCache:

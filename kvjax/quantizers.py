@@ -40,6 +40,13 @@ def _register(name: str):
     return deco
 
 
+def _check_key_groups(who: str, residual: int, group: int) -> None:
+    """Per-channel keys are quantized in groups of tokens when the residual flushes: R % G == 0."""
+    if residual % group:
+        raise ValueError(f"{who}: residual ({residual}) must be a multiple of group ({group}): "
+                         "keys are quantized in groups of tokens when the residual flushes")
+
+
 class Quantizer(abc.ABC):
     """Base of quantization methods (frozen kw-only dataclasses; hashable, used as static args).
 
@@ -86,9 +93,7 @@ class KIVI(Quantizer):
     def __post_init__(self):
         quant.check_bits(self.bits, (2, 4), "kivi")
         check_positive(group=self.group, residual=self.residual)
-        if self.residual % self.group:
-            raise ValueError(f"kivi: residual ({self.residual}) must be a multiple of group ({self.group}): "
-                             "keys are quantized in groups of tokens when the residual flushes")
+        _check_key_groups("kivi", self.residual, self.group)
 
     def for_model(self, cfg) -> Quantizer:
         if cfg.head_dim % self.group:
@@ -181,9 +186,7 @@ class KVQuant(Quantizer):
     def __post_init__(self):
         quant.check_bits(self.bits, (2, 3, 4), "kvquant")
         check_positive(group=self.group, residual=self.residual)
-        if self.residual % self.group:
-            raise ValueError(f"kvquant: residual ({self.residual}) must be a multiple of group ({self.group}): "
-                             "keys are quantized in groups of tokens when the residual flushes")
+        _check_key_groups("kvquant", self.residual, self.group)
         if not 0 <= self.outliers < 0.5:
             raise ValueError(f"kvquant: outliers is a fraction in [0, 0.5), got {self.outliers!r}")
         if self.outliers and self.group > quant.MAX_OUTLIER_GROUP:
