@@ -23,6 +23,7 @@ from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
 from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache
+from kvjax.locret import LocretKV, with_heads
 from kvjax.models.config import LlamaConfig
 from kvjax.quant_kv import QuantKV
 from kvjax.quant_ragged_kv import QuantRaggedKV
@@ -88,7 +89,7 @@ class LM:
 
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
                 budget: int | None = None, quant=None, check_finite: bool = False,
-                attention_impl: str | None = None) -> KVCache:
+                attention_impl: str | None = None, checkpoint=None) -> KVCache:
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
@@ -99,17 +100,24 @@ class LM:
         raises a ValueError naming the layer. `capacity`: slots to allocate for an uncompressed cache.
         `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU; a state
         with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
-        xla on CPU).
+        xla on CPU). `checkpoint`: the run directory of a trained method (`kvjax train locret`).
         """
         impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
-        plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant)
+        plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant, checkpoint=checkpoint)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
         return self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)[1]
 
-    def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None):
+    def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None, checkpoint=None):
         """Validate a compression request before anything compiles: a `_Plan`, or None for none."""
+        if checkpoint is not None:
+            if method is None or isinstance(method, str) and method == "full":
+                raise ValueError("checkpoint= gives a trained method its weights: pass method= too")
+            method = methods.get(method)
+            if "checkpoint" not in {f.name for f in dataclasses.fields(method)}:
+                raise ValueError(f"method {method.name!r} is not trained: it takes no checkpoint=")
+            method = dataclasses.replace(method, checkpoint=checkpoint)
         quantizer = None
         if quant is not None:
             quantizer = quantizers.get(quant).for_model(self.cfg)
@@ -131,6 +139,8 @@ class LM:
             raise ValueError(f"method {method.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
                              "or capacity= (cache bound while decoding)")
         n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), lengths, self.cfg.n_layers)
+        if isinstance(method, methods.Locret):
+            method.heads(self.cfg, self.name)  # load (and check) the trained heads before compiling
         return _Plan(method, n_keep, None, quantizer)
 
     def _rolling_keep(self, method, capacity, ratio, budget, lengths) -> np.ndarray:
@@ -167,17 +177,22 @@ class LM:
             logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
                                                   attention_impl=attention_impl)
             return logits, cache
-        observe = plan.method.observations() if plan.method is not None else None
-        logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe,
-                                                attention_impl=attention_impl)
         # `extra` beyond the prompt is room for decoding: allocate it now (64-slot steps), not later
         room = max(0, extra - int(lengths.max()))
         if plan.method is not None:
             quantized_later = plan.quantizer is not None
             capacities = tuple(plan.rolling or (_round64(int(max(row)) + room) if room and not quantized_later
                                                 else int(max(row))) for row in plan.n_keep)
-            cache = compress(cache, obs, jnp.asarray(plan.n_keep), method=plan.method,
-                             cfg=self.cfg, capacities=capacities, rolling=plan.rolling is not None)
+        if isinstance(plan.method, methods.Locret):
+            logits, cache = self._prefill_locret(plan.method, tokens, lengths, plan.n_keep[0], capacities,
+                                                 attention_impl)
+        else:
+            observe = plan.method.observations() if plan.method is not None else None
+            logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe,
+                                                    attention_impl=attention_impl)
+            if plan.method is not None:
+                cache = compress(cache, obs, jnp.asarray(plan.n_keep), method=plan.method,
+                                 cfg=self.cfg, capacities=capacities, rolling=plan.rolling is not None)
         if plan.quantizer is not None:
             if plan.check_finite:
                 for i, layer in enumerate(cache.layers):
@@ -188,12 +203,27 @@ class LM:
             cache = quantize_cache(cache, quantizer=plan.quantizer, tokens=tuple(n + room for n in kept), room=room)
         return logits, cache
 
+    def _prefill_locret(self, method, tokens, lengths, budget, capacities, attention_impl):
+        """Locret's chunked prefill (`kvjax.locret`): `LocretKV` layers of budget[b] tokens per head (int
+        [B]) evict between chunks, then each is cut to its budget as a `DenseKV` of capacities[l] slots."""
+        c = self.cfg
+        chunk = min(tokens.shape[1], generation.PREFILL_CHUNK)
+        heads = method.heads(c, self.name)
+        stabilizers = [method.n_stabilizers(int(n)) for n in budget]
+        layers = tuple(LocretKV.init(len(lengths), c.n_kv_heads, bucket(int(max(budget)) + chunk), c.head_dim,
+                                     c.jnp_dtype, budget, stabilizers, heads["fc1"]["kernel"].shape[2])
+                       for _ in range(c.n_layers))  # distinct buffers: the prefill donates them
+        cache = KVCache(layers=layers, next_pos=jnp.zeros((len(lengths),), jnp.int32))
+        logits, cache, _ = generation.prefill(with_heads(self.params, heads), c, tokens, lengths, cache,
+                                              attention_impl=attention_impl)
+        return logits, finish_locret(cache, capacities)
+
     # ------------------------------------------------------------------------------ generate
     def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
                  stop_at_eos: bool = True, method=None, ratio: float | None = None,
                  budget: int | None = None, capacity: int | None = None, quant=None,
-                 attention_impl: str | None = None) -> Generation:
+                 attention_impl: str | None = None, checkpoint=None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
@@ -205,18 +235,20 @@ class LM:
         kept cache is stored quantized and new tokens join it through the residual window.
         `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU; a state
         with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
-        xla on CPU).
+        xla on CPU). `checkpoint`: the run directory of a trained method, e.g. `method="locret"`
+        with the --out directory of `kvjax train locret`.
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
                                   stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
-                                  capacity=capacity, quant=quant, attention_impl=attention_impl))
+                                  capacity=capacity, quant=quant, attention_impl=attention_impl,
+                                  checkpoint=checkpoint))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None, stop_at_eos: bool = True,
                every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
                budget: int | None = None, capacity: int | None = None, quant=None,
-               attention_impl: str | None = None) -> Iterator[Generation]:
+               attention_impl: str | None = None, checkpoint=None) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -227,7 +259,7 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
-        plan = self._plan(method, ratio, budget, rows, cache, capacity, quant)
+        plan = self._plan(method, ratio, budget, rows, cache, capacity, quant, checkpoint)
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, impl)
         if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)
@@ -341,6 +373,12 @@ def quantize_cache(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room: 
         else:
             raise ValueError(f"cannot quantize a {type(layer).__name__} layer")
     return dataclasses.replace(cache, layers=tuple(layers))
+
+
+@functools.partial(jax.jit, static_argnames=("capacities",))
+def finish_locret(cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
+    """Every `LocretKV` layer cut to its budget (`LocretKV.finish`) as a `DenseKV` of capacities[l] slots."""
+    return dataclasses.replace(cache, layers=tuple(layer.finish(n) for layer, n in zip(cache.layers, capacities)))
 
 
 def _round64(n: int) -> int:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from kvjax.kernels import dispatch
 from kvjax.kv_state import KVCache
+from kvjax.locret import LocretKV, RetainingHead, token_features
 from kvjax.models.config import LlamaConfig, rope_inv_freq
 from kvjax.observe import ObsSpec, observe_chunk
 
@@ -59,12 +60,18 @@ class Attention(nn.Module):
         q = dense(cfg.n_heads * cfg.head_dim, "q_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        q_pre = q
+        q_pre, k_pre = q, k
+        self.sow("intermediates", "qkv", token_features(q_pre, k_pre, v))  # captured only when asked (Locret training)
         with jax.named_scope("rope"):
             inv_freq = jnp.asarray(rope_inv_freq(cfg))
             q, k = (apply_rope(x, positions[:, :, None], inv_freq) for x in (q, k))
         with jax.named_scope("cache_update"):
-            state = state.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid)
+            kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            if isinstance(state, LocretKV):  # Locret: each new token scored by the layer's retaining head
+                score = RetainingHead(state.hidden, cfg.n_kv_heads, name="retain")(token_features(q_pre, k_pre, v))
+                state = state.append_scored(kt, vt, positions, n_valid, score)
+            else:
+                state = state.append(kt, vt, positions, n_valid)
         with jax.named_scope("attend"):
             need_lse = self.observe is not None and self.observe.col_sums
             if self.attention_impl in ("pallas", "auto"):  # auto: plain jnp for states with no kernel

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -249,11 +250,52 @@ class CheckpointMismatch(ValueError):
     """A checkpoint written by another method or for another model."""
 
 
+def model_id(name: str, cfg) -> str:
+    """`name (hash of the config)`: what a checkpoint records as its model."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list).encode()).hexdigest()
+    return f"{name} ({digest[:12]})"
+
+
+def _same_model(saved: str | None, wanted: str | None) -> bool:
+    """Model ids match by their config hash (the name part may spell the same model differently)."""
+    tail = lambda s: (s or "").rsplit(" (", 1)[-1]  # noqa: E731
+    return tail(saved) == tail(wanted)
+
+
 def _check_meta(saved: dict, meta: dict) -> None:
-    for key in ("method", "model"):
-        if saved.get(key) != meta.get(key):
-            raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for {key} "
-                                     f"{saved.get(key)!r}, this run uses {meta.get(key)!r}")
+    if saved.get("method") != meta.get("method"):
+        raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for method "
+                                 f"{saved.get('method')!r}, this run uses {meta.get('method')!r}")
+    if not _same_model(saved.get("model"), meta.get("model")):
+        raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for model "
+                                 f"{saved.get('model')!r}, this run uses {meta.get('model')!r}")
+
+
+def load_trained(run_dir, method: str, model: str) -> tuple[dict, dict, dict]:
+    """(params, const, meta) of the newest readable checkpoint of a `kvjax train` run directory, for
+    inference. `model` is the loading model's `model_id`. Unreadable checkpoints are skipped with a
+    warning; a run of another method or model, or a directory with no checkpoint, is a ValueError."""
+    root = Path(run_dir).expanduser().absolute()
+    ckpt_dir = root / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise ValueError(f"{run_dir}: no checkpoints/ directory (expected the --out directory of `kvjax train`)")
+    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                _check_meta(meta, {"method": method, "model": model})
+                state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
+                warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+                continue
+            to_jax = functools.partial(jax.tree_util.tree_map, jnp.asarray)
+            return to_jax(state["params"]), to_jax(state["const"]), dict(meta, step=step)
+    finally:
+        mngr.close()
+    raise ValueError(f"{run_dir}: no readable checkpoint")
 
 
 def _open_log(path: Path, start: int):

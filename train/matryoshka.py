@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 from typing import ClassVar
 
 import jax
@@ -40,6 +38,7 @@ from kvjax.kv_state import KVCache, init_cache
 from kvjax.latent_kv import latent_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.models.llama import Llama
+from kvjax.train.loop import model_id
 
 
 def cayley(w: jax.Array) -> jax.Array:
@@ -77,12 +76,6 @@ def pca_basis(x: np.ndarray) -> np.ndarray:
     moment = np.einsum("bktd,bkte->kde", x, x) / (x.shape[0] * x.shape[2])
     _, vecs = np.linalg.eigh(moment)  # ascending eigenvalues
     return vecs[:, :, ::-1].copy()
-
-
-def model_id(name: str, cfg: LlamaConfig) -> str:
-    """`name (hash of the config)`: what a checkpoint records as its model."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list).encode()).hexdigest()
-    return f"{name} ({digest[:12]})"
 
 
 def _forward(backbone, cfg: LlamaConfig, x, cache: KVCache):

@@ -8,6 +8,7 @@ from kvjax.methods.adakv import AdaKV
 from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, lookup, register, registry
 from kvjax.methods.expected_attention import ExpectedAttention
 from kvjax.methods.knorm import Knorm
+from kvjax.methods.locret import Locret
 from kvjax.methods.observed_attention import ObservedAttention
 from kvjax.methods.pyramidkv import PyramidKV
 from kvjax.methods.random import Random
@@ -34,5 +35,5 @@ def get(spec) -> EvictionMethod:
     return lookup(spec)()
 
 
-__all__ = ["get", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod", "ScoreContext", "register", "registry", "ExpectedAttention", "Knorm",
+__all__ = ["get", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod", "ScoreContext", "register", "registry", "ExpectedAttention", "Knorm", "Locret",
            "ObservedAttention", "PyramidKV", "Random", "SnapKV", "StreamingLLM", "TOVA"]

@@ -108,6 +108,7 @@ class EvictionMethod(abc.ABC):
     """Base of eviction methods (subclasses are frozen kw-only dataclasses)."""
 
     name: ClassVar[str] = "?"
+    evicts_while_prefilling: ClassVar[bool] = False  # scores tokens during the prefill itself (Locret)
 
     def observations(self) -> ObsSpec:
         return ObsSpec()

@@ -1,0 +1,141 @@
+"""Locret inference (Huang et al. 2024, arXiv 2410.01805): retaining heads and chunked-prefill eviction.
+
+A **retaining head** per layer maps the concatenated pre-RoPE projections [q, k, v] of a token,
+(H + 2K)·D numbers, through `fc1` (no bias) -> SiLU -> `fc2` (no bias) to one score per KV head:
+the predicted *causal importance* of the token (Locret §3.2; reference `LlamaAttention.fc1/fc2`).
+Its parameters sit in the model's params under `layers_i/attn/retain` (`with_heads`).
+
+**Chunked prefill with eviction** (Locret Algorithm 1): the prompt is fed in chunks; each chunk
+attends over what the cache kept plus itself; its tokens are scored once by the head as they enter
+(scores are stored beside the cache and never recomputed); before the next chunk each KV head keeps
+its own top-`budget` tokens by stored score, the `stabilizers` most recent entries of the head forced
+in. After the last chunk the cache is cut to the budget by score alone (no stabilizers), as in the
+reference, and decoding then appends without evicting (`finish` returns a plain `DenseKV`).
+
+Differences from the reference, on purpose: tokens keep their original positions (the reference
+caches pre-RoPE keys and re-rotates them at compacted positions 0..n-1, kvjax keeps kvpress's
+convention), and the chunk is the prefill chunk of `kvjax.generation` (512; the reference: 3072).
+
+Legend: B batch, T new tokens, S slots, K KV heads, H query heads, D head dim, F head hidden size.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.kv_state import DenseKV, tree_nbytes, write_slots
+
+HIDDEN = 1024  # retaining-head hidden size (the paper's, for every model)
+
+
+class RetainingHead(nn.Module):
+    """[..., (H + 2K) D] pre-RoPE q, k, v of each token -> float32 [..., K] predicted importance."""
+
+    hidden: int
+    n_kv_heads: int
+
+    @nn.compact
+    def __call__(self, qkv):
+        init = nn.initializers.normal(0.02)  # the reference's HF `_init_weights` (initializer_range)
+        h = nn.silu(nn.Dense(self.hidden, use_bias=False, kernel_init=init, name="fc1")(qkv))
+        return nn.Dense(self.n_kv_heads, use_bias=False, kernel_init=init, name="fc2")(h).astype(jnp.float32)
+
+
+def token_features(q_pre, k_pre, v):
+    """The head's input: q [B, T, H, D], k, v [B, T, K, D] (pre-RoPE) -> [B, T, (H + 2K) D]."""
+    b, t = q_pre.shape[:2]
+    return jnp.concatenate([x.reshape(b, t, -1) for x in (q_pre, k_pre, v)], axis=-1)
+
+
+def with_heads(params, heads) -> dict:
+    """Backbone params with layer l's retaining head `heads` (fc1 kernel [L, E, F], fc2 kernel [L, F, K],
+    stacked over layers) under `layers_l/attn/retain`."""
+    out = dict(params)
+    for i in range(heads["fc1"]["kernel"].shape[0]):
+        layer = dict(out[f"layers_{i}"])
+        layer["attn"] = {**layer["attn"], "retain": jax.tree_util.tree_map(lambda x: x[i], heads)}  # noqa: B023
+        out[f"layers_{i}"] = layer
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LocretKV:
+    """A layer's cache during a Locret prefill: kept tokens, their stored scores, the budget.
+
+    Attributes:
+      store: `DenseKV` of S = budget + chunk slots, tokens in position order.
+      score: float32 [B, K, S] each slot's retaining-head score (from when it entered).
+      budget: int32 [B] tokens each KV head keeps per row.
+      stabilizers: int32 [B] most recent entries of each head kept at every eviction but the last.
+      hidden: static; the retaining head's hidden size (to build it inside the model).
+    """
+
+    store: DenseKV
+    score: jax.Array
+    budget: jax.Array
+    stabilizers: jax.Array
+    hidden: int = dataclasses.field(metadata=dict(static=True), default=HIDDEN)
+
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, budget, stabilizers,
+             hidden: int = HIDDEN) -> "LocretKV":
+        return cls(store=DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype),
+                   score=jnp.zeros((batch, n_kv_heads, capacity), jnp.float32),
+                   budget=jnp.asarray(budget, jnp.int32), stabilizers=jnp.asarray(stabilizers, jnp.int32),
+                   hidden=hidden)
+
+    @property
+    def capacity(self) -> int:
+        return self.store.capacity
+
+    @property
+    def length(self) -> jax.Array:
+        return self.store.length
+
+    def append(self, k, v, pos, n_valid):
+        raise ValueError("a Locret cache scores every token with its retaining head: run it through a model "
+                         "(the attention layer calls append_scored)")
+
+    def append_scored(self, k, v, pos, n_valid, score) -> "LocretKV":
+        """Cut rows over budget, then write the T new tokens (k, v [B, K, T, D], pos int32 [B, T],
+        n_valid int32 [B]) and their scores (float32 [B, T, K]). Rows receiving tokens keep their
+        stabilizers; a row with none has seen its last chunk, so its cut is the final one (score alone,
+        as `finish` would make it: later cuts leave it unchanged)."""
+        state = self.evicted(jnp.where(n_valid > 0, self.stabilizers, 0))
+        return dataclasses.replace(state, store=state.store.append(k, v, pos, n_valid),
+                                   score=write_slots(state.score, score.transpose(0, 2, 1), state.length))
+
+    def evicted(self, stabilizers, capacity: int | None = None) -> "LocretKV":
+        """Every row holding more than its budget cut to it: each KV head keeps its top scores, its last
+        `stabilizers` (int32 [B]) entries always in. `capacity`: slots afterwards (default: unchanged)."""
+        from kvjax.compress import keep_top  # compress imports the method registry, which imports this
+
+        slot = jnp.arange(self.capacity)[None, None, :]
+        recent = slot >= (self.length - stabilizers)[:, None, None]
+        ranked = jnp.where(recent, jnp.finfo(jnp.float32).max, self.score)
+        store, score = keep_top(self.store, ranked, jnp.minimum(self.length, self.budget), capacity or self.capacity,
+                                carry=self.score)
+        return dataclasses.replace(self, store=store, score=score)
+
+    def finish(self, capacity: int) -> DenseKV:
+        """The final cut to the budget (by score alone) as a plain dense state of `capacity` slots."""
+        return self.evicted(jnp.zeros_like(self.stabilizers), capacity).store
+
+    def attend(self, q, q_pos, block=None, return_lse: bool = False):
+        return self.store.attend(q, q_pos, block, return_lse)
+
+    def observe_query(self, q, q_pos) -> "LocretKV":
+        return self
+
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def positions(self) -> jax.Array:
+        return self.store.positions()
+
+    def has_room(self, n: int = 1) -> jax.Array:
+        return self.store.has_room(n)

@@ -1,0 +1,64 @@
+"""Locret (Huang et al. 2024, arXiv 2410.01805) as an eviction method: trained retaining heads score
+tokens during a chunked prefill that evicts to the budget between chunks (`kvjax.locret`).
+
+    lm.generate(prompt, method="locret", checkpoint="runs/locret", ratio=0.5)
+    kvjax.methods.Locret(checkpoint="runs/locret", stabilizers=0.4)
+
+The heads come from a `kvjax train locret` run directory (`checkpoint`). Unlike the other methods,
+Locret does not score a finished prefill: `LM` runs the prefill with `LocretKV` layer states.
+
+`stabilizers` is a fraction of the budget: the reference keeps the last 2500 entries at a budget of
+6000 (Phi-3-mini; 0.42) or 16384 (Llama-3.1-8B; 0.15); a fraction carries over to the small budgets
+of small models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import ClassVar
+
+from kvjax.methods.base import EvictionMethod, ScoreContext, register
+
+
+@register("locret")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Locret(EvictionMethod):
+    checkpoint: str | None = None  # a `kvjax train locret --out` directory
+    stabilizers: float = 0.4  # fraction of the budget kept as the most recent entries between chunks
+
+    evicts_while_prefilling: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not 0 <= self.stabilizers < 1:
+            raise ValueError(f"stabilizers must be a fraction of the budget in [0, 1), got {self.stabilizers!r}")
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(Path(self.checkpoint).expanduser().absolute()))
+
+    def score(self, ctx: ScoreContext):
+        raise ValueError("Locret scores tokens while prefilling (its retaining heads need each token's q, k, v): "
+                         "use it through LM.prefill / LM.generate, not on a finished prefill")
+
+    def n_stabilizers(self, budget: int) -> int:
+        return int(self.stabilizers * budget)
+
+    def heads(self, cfg, model_name: str = "") -> dict:
+        """The trained retaining heads {fc1: {kernel [L, E, F]}, fc2: {kernel [L, F, K]}} for a model of
+        config `cfg`; a ValueError without a checkpoint, or for a checkpoint of another method or model."""
+        if self.checkpoint is None:
+            raise ValueError("locret needs trained retaining heads: pass checkpoint= (the --out directory of "
+                             "`kvjax train locret`)")
+        return _load_heads(self.checkpoint, cfg, model_name)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_heads(checkpoint: str, cfg, model_name: str) -> dict:
+    from kvjax.train.loop import load_trained, model_id
+
+    params, _, _ = load_trained(checkpoint, Locret.name, model_id(model_name, cfg))
+    n_layers = params["fc1"]["kernel"].shape[0]
+    width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    if n_layers != cfg.n_layers or params["fc1"]["kernel"].shape[1] != width:
+        raise ValueError(f"{checkpoint}: heads for {n_layers} layers of input {params['fc1']['kernel'].shape[1]}, "
+                         f"the model has {cfg.n_layers} layers of input {width}")
+    return params
