@@ -68,10 +68,13 @@ def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> Non
     budget = p.add_mutually_exclusive_group(required=required)
     budget.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's tokens removed")
     budget.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
+    p.add_argument("--checkpoint", default=None,
+                   help="a trained method's run directory (the --out of `kvjax train locret`)")
 
 
 def _compression(args) -> dict:
-    return dict(method=args.method, ratio=args.ratio, budget=args.budget, capacity=args.capacity, quant=args.quant)
+    return dict(method=args.method, ratio=args.ratio, budget=args.budget, capacity=args.capacity, quant=args.quant,
+                checkpoint=args.checkpoint)
 
 
 def _generate(args) -> None:
@@ -137,7 +140,7 @@ def _inspect(args) -> None:
     if ids.ndim != 1:
         raise ValueError(f"--input-ids must hold ids [T] or [1, T], got shape {ids.shape}")
     lm = kvjax.load(args.model, dtype=args.dtype)
-    cache = lm.prefill(ids, method=args.method, ratio=args.ratio, budget=args.budget)
+    cache = lm.prefill(ids, method=args.method, ratio=args.ratio, budget=args.budget, checkpoint=args.checkpoint)
     out = {}
     for i, layer in enumerate(kvjax.kept_positions(cache)):
         if isinstance(layer, list):  # per-head counts differ: [K, max_n] padded with -1

@@ -89,7 +89,7 @@ class LM:
 
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
                 budget: int | None = None, quant=None, check_finite: bool = False,
-                attention_impl: str | None = None, checkpoint=None) -> KVCache:
+                attention_impl: str | None = None, checkpoint=None, return_logits: bool = False):
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
@@ -101,13 +101,15 @@ class LM:
         `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU; a state
         with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
         xla on CPU). `checkpoint`: the run directory of a trained method (`kvjax train locret`).
+        With `return_logits`, returns (logits float32 [B, V] at each row's last token, cache).
         """
         impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
         plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant, checkpoint=checkpoint)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
-        return self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)[1]
+        logits, cache = self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)
+        return (logits, cache) if return_logits else cache
 
     def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None, checkpoint=None):
         """Validate a compression request before anything compiles: a `_Plan`, or None for none."""

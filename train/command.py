@@ -1,10 +1,14 @@
 """`kvjax train METHOD`: train a learned compressor on a frozen model.
 
+    kvjax train locret --model smollm2-135m --data ../shared/data/wikitext-2/valid.txt \\
+        --steps 200 --out runs/locret [--resume]
+    kvjax generate --method locret --checkpoint runs/locret --ratio 0.5 --prompt "..."
     kvjax train matryoshka --model smollm2-135m --data ../shared/data/tinyshakespeare.txt \\
         --steps 500 --out runs/matryoshka [--resume] [--cache-fraction 0.5]
 
-Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and with `--cache-fraction` the
-greedy per-layer ranks meeting that fraction of the full K/V bytes to `OUT/ranks.json`.
+Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
+`--cache-fraction` the greedy per-layer ranks meeting that fraction of the full K/V bytes to
+`OUT/ranks.json`.
 Heavy imports (optax, orbax, grain) happen only when the command runs.
 """
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 
 from kvjax.hub import DEFAULT_MODEL
 
-METHODS = ("matryoshka",)
+METHODS = ("locret", "matryoshka")
+DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3}  # locret: the reference's AdamW rate
 
 
 def add_parser(sub) -> None:
@@ -29,7 +34,7 @@ def add_parser(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: locret 5e-4, matryoshka 1e-3)")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--clip", type=float, default=1.0)
@@ -39,6 +44,9 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--devices", type=int, default=None, help="data-parallel devices (default: all)")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    t.add_argument("--hidden", type=int, default=1024, help="locret: the retaining heads' hidden size")
+    t.add_argument("--response", type=float, default=0.25,
+                   help="locret: fraction of each window whose tokens are the queries that label the rest")
     t.add_argument("--n-levels", type=int, default=8, help="matryoshka: nested ranks are multiples of D / n-levels")
     t.add_argument("--cache-fraction", type=float, default=None,
                    help="matryoshka: after training, search per-layer ranks storing this fraction of the K/V bytes")
@@ -48,19 +56,27 @@ def run(args: argparse.Namespace) -> None:
     import kvjax
     from kvjax.train.data import TFDS_PREFIX, load_tokens, token_batches
     from kvjax.train.loop import TrainConfig, check_mesh, make_mesh, train
+    from kvjax.train.locret import LocretTask
     from kvjax.train.matryoshka import MatryoshkaTask
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+    lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                       warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, save_every=args.save_every,
                       keep=args.keep, log_every=args.log_every, seed=args.seed)
     if not args.data.startswith(TFDS_PREFIX) and not Path(args.data).expanduser().exists():
         raise ValueError(f"--data: no such file or directory {args.data}")
     mesh = make_mesh(args.devices)
     check_mesh(mesh, cfg.batch_size)
+    if args.cache_fraction is not None and args.method != "matryoshka":
+        raise ValueError("--cache-fraction searches MatryoshkaKV ranks: it applies to `kvjax train matryoshka` only")
     if args.cache_fraction is not None and not 1 / args.n_levels <= args.cache_fraction <= 1:
         raise ValueError(f"--cache-fraction must be in [1/{args.n_levels}, 1], got {args.cache_fraction}")
     lm = kvjax.load(args.model, dtype=args.dtype)
-    task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
+    if args.method == "locret":
+        task = LocretTask(lm.cfg, model_name=args.model, hidden=args.hidden, response=args.response, seed=args.seed)
+        task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
+    else:
+        task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
     tokens = load_tokens(args.data, lm.tokenizer)
     batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
     print(f"kvjax train {args.method}: {lm!r}, {len(tokens):,} tokens, {cfg.steps} steps of "

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.eval.records import row_key
-from kvjax.eval.runner import Config, config_fields, batches, branch, shared_prefill, union_spec
+from kvjax.eval.runner import (Config, batches, branch, config_fields, own_prefill, prefill_alone, shared_prefill,
+                               union_spec)
 from kvjax.eval.scoring import perplexity
 from kvjax.generation import bucket
 from kvjax.lm import LM
@@ -80,10 +81,13 @@ def run_ppl(lm: LM, chunks: np.ndarray, context_len: int, configs: Sequence[Conf
                                                        bucket(context_len + eval_len), spec)
         for config in wanted:
             c0, t0 = compile_seconds(), time.perf_counter()
-            state = branch(lm, cache, obs, config, context_len, eval_len)
+            if own_prefill(config):  # its compress time includes its whole (evicting) prefill
+                last, state = prefill_alone(lm, rows_bt[:, :context_len].tolist(), config, eval_len)
+            else:
+                last, state = logits, branch(lm, cache, obs, config, context_len, eval_len)
             jax.block_until_ready(state)
             t1, c1 = time.perf_counter(), compile_seconds()
-            nll = np.asarray(teacher_force(lm.params, state, logits, targets, cfg=lm.cfg))
+            nll = np.asarray(teacher_force(lm.params, state, last, targets, cfg=lm.cfg))
             t2, c2 = time.perf_counter(), compile_seconds()
             fields = config_fields(lm.cfg, config, context_len)
             rows = []

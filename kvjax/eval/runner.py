@@ -33,7 +33,7 @@ from kvjax.eval.prompts import Sample
 from kvjax.eval.records import row_key
 from kvjax.eval.scoring import SCORERS
 from kvjax.generation import bucket
-from kvjax.kv_state import DenseKV, init_cache, tree_nbytes
+from kvjax.kv_state import DenseKV, KVCache, init_cache, tree_nbytes
 from kvjax.lm import LM, quantize_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.observe import ObsSpec, init_layer_obs
@@ -117,7 +117,14 @@ def cache_bytes(cfg: LlamaConfig, config: Config, length: int) -> int:
     cache = jax.eval_shape(lambda: init_cache(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim,
                                               cfg.jnp_dtype))
     kept = (length,) * cfg.n_layers
-    if config.evicts:
+    if config.evicts and methods.get(config.method).evicts_while_prefilling:  # a dense state per layer
+        n_keep = resolve_keep(methods.get(config.method), methods.Budget(ratio=config.ratio, tokens=config.budget),
+                              [length], cfg.n_layers)
+        kept = tuple(int(r.max()) for r in n_keep)
+        cache = jax.eval_shape(lambda: KVCache(
+            layers=tuple(DenseKV.init(1, cfg.n_kv_heads, n, cfg.head_dim, cfg.jnp_dtype) for n in kept),
+            next_pos=jnp.zeros((1,), jnp.int32)))
+    elif config.evicts:
         m = methods.get(config.method)
         spec = m.observations()
         lengths = np.array([length])
@@ -155,6 +162,19 @@ def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spe
     logits, cache, obs = generation.prefill(lm.params, lm.cfg, tokens, lengths, cache, observe=spec)
     logits.block_until_ready()
     return logits, cache, obs, time.perf_counter() - t0 - (compile_seconds() - c0)
+
+
+def own_prefill(config: Config) -> bool:
+    """The configuration's method evicts while prefilling (Locret): it cannot branch off a shared prefill."""
+    return config.evicts and methods.get(config.method).evicts_while_prefilling
+
+
+def prefill_alone(lm: LM, contexts: Sequence[Sequence[int]], config: Config, room: int):
+    """(logits [B, V] at the last context token, cache with `room` free slots) of a method that evicts
+    while prefilling, from its own prefill of `contexts`."""
+    length = len(contexts[0])
+    return lm.prefill([list(c) for c in contexts], capacity=length + room, method=config.method, ratio=config.ratio,
+                      budget=config.budget, quant=config.quant, return_logits=True)
 
 
 def branch(lm: LM, cache, obs, config: Config, length: int, room: int):
@@ -238,7 +258,10 @@ def run_retrieval(lm: LM, samples: Sequence[Sample], configs: Sequence[Config], 
             del logits  # the answer starts from the suffix's logits
             for config in wanted:
                 c0, t0 = compile_seconds(), time.perf_counter()
-                state = branch(lm, cache, obs, config, length, room)
+                if own_prefill(config):
+                    state = prefill_alone(lm, [s.context for s in batch], config, room)[1]
+                else:
+                    state = branch(lm, cache, obs, config, length, room)
                 jax.block_until_ready(state)
                 branch_compile = compile_seconds() - c0
                 compress_s = time.perf_counter() - t0 - branch_compile
