@@ -23,6 +23,7 @@ from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
 from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache
+from kvjax.latent_kv import latent_cache
 from kvjax.locret import LocretKV, with_heads
 from kvjax.models.config import LlamaConfig
 from kvjax.quant_kv import QuantKV
@@ -143,7 +144,11 @@ class LM:
         n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), lengths, self.cfg.n_layers)
         if isinstance(method, methods.Locret):
             method.heads(self.cfg, self.name)  # load (and check) the trained heads before compiling
-        return _Plan(method, n_keep, None, quantizer)
+        if isinstance(method, methods.Matryoshka):
+            if quantizer is not None:
+                raise ValueError("matryoshka (projected K/V) does not combine with quant= yet")
+            method.bases(self.cfg, ratio, self.name)
+        return _Plan(method, n_keep, None, quantizer, ratio=ratio)
 
     def _rolling_keep(self, method, capacity, ratio, budget, lengths) -> np.ndarray:
         if ratio is not None or budget is not None:
@@ -188,6 +193,11 @@ class LM:
         if isinstance(plan.method, methods.Locret):
             logits, cache = self._prefill_locret(plan.method, tokens, lengths, plan.n_keep[0], capacities,
                                                  attention_impl)
+        elif isinstance(plan.method, methods.Matryoshka):  # every token, stored projected (`LatentKV`)
+            bases_k, bases_v = plan.method.bases(self.cfg, plan.ratio, self.name)
+            cache = latent_cache(bases_k, bases_v, len(rows), bucket(int(lengths.max()) + room), self.cfg.jnp_dtype)
+            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
+                                                  attention_impl=attention_impl)
         else:
             observe = plan.method.observations() if plan.method is not None else None
             logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe,
@@ -360,6 +370,7 @@ class _Plan:
     rolling: int | None
     quantizer: object
     check_finite: bool = False
+    ratio: float | None = None  # the requested ratio (MatryoshkaKV's fraction of the K/V bytes removed)
 
 
 @functools.partial(jax.jit, static_argnames=("quantizer", "tokens", "room"))

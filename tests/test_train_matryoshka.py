@@ -142,3 +142,28 @@ def test_rank_search_meets_the_budget(trained):
     assert found[1.0] == pytest.approx(0, abs=1e-6) and found[1.0] < found[0.5] < found[0.25]
     with pytest.raises(ValueError, match=r"cache fraction must be in \[1/4, 1\]"):
         task.search_ranks(state.params, state.const, lm.params, held_out, 0.2)
+
+
+def test_generate_loads_a_trained_run(tmp_path):
+    """`method="matryoshka", checkpoint=DIR, ratio=r`: uniform rank (1 - r)·D from the newest checkpoint,
+    the same cache `MatryoshkaTask.cache` builds; ratio 0 is the model itself."""
+    from kvjax.train import train
+
+    lm = tiny_lm(0)
+    task = MatryoshkaTask(lm.cfg, "tiny-0", n_levels=4)
+    batches = [np.stack([random_ids(17, i) for i in range(4)]).astype(np.int32)] * 3
+    state = train(task, lm.params, batches, TrainConfig(steps=2, batch_size=4, seq_len=16, lr=1e-2), tmp_path / "run",
+                  progress=False).state
+    ids = random_ids(100, 3).tolist()
+    full = lm.generate(ids, max_new_tokens=6)
+    assert lm.generate(ids, max_new_tokens=6, method="matryoshka", checkpoint=tmp_path / "run", ratio=0.0).ids == full.ids
+    half = lm.generate(ids, max_new_tokens=6, method="matryoshka", checkpoint=tmp_path / "run", ratio=0.5)
+    assert all(isinstance(layer, LatentKV) and layer.ck.shape[-1] == 4 for layer in half.cache.layers)
+    cache = task.cache(state.params, state.const, (4, 4), (4, 4), 1, 128)
+    assert lm.generate(ids, max_new_tokens=6, cache=cache).ids == half.ids
+    with pytest.raises(ValueError, match="give ratio="):
+        lm.generate(ids, method="matryoshka", checkpoint=tmp_path / "run", budget=10)
+    with pytest.raises(ValueError, match="does not combine with quant="):
+        lm.generate(ids, method="matryoshka", checkpoint=tmp_path / "run", ratio=0.5, quant="int8")
+    with pytest.raises(ValueError, match="matryoshka needs trained projections"):
+        lm.generate(ids, method="matryoshka", ratio=0.5)

@@ -34,6 +34,7 @@ from kvjax.eval.records import row_key
 from kvjax.eval.scoring import SCORERS
 from kvjax.generation import bucket
 from kvjax.kv_state import DenseKV, KVCache, init_cache, tree_nbytes
+from kvjax.latent_kv import latent_cache
 from kvjax.lm import LM, quantize_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.observe import ObsSpec, init_layer_obs
@@ -89,8 +90,12 @@ def check_configs(cfg: LlamaConfig, configs: Sequence[Config], lengths: Iterable
         if not c.evicts:
             continue
         m = methods.get(c.method)
-        if c.quant is not None and isinstance(m, methods.AdaKV):
-            raise ValueError(f"{c.method} (per-head budgets) does not combine with a quantizer yet")
+        if c.quant is not None and isinstance(m, (methods.AdaKV, methods.Matryoshka)):
+            raise ValueError(f"{c.method} does not combine with a quantizer yet")
+        if isinstance(m, methods.Locret):  # load the trained weights now: a bad checkpoint fails early
+            m.heads(cfg)
+        if isinstance(m, methods.Matryoshka):
+            m.bases(cfg, c.ratio if c.ratio is not None else 0.0)
         budget = methods.Budget(ratio=c.ratio, tokens=c.budget)
         for n in lengths:
             resolve_keep(m, budget, [n], cfg.n_layers)
@@ -117,7 +122,10 @@ def cache_bytes(cfg: LlamaConfig, config: Config, length: int) -> int:
     cache = jax.eval_shape(lambda: init_cache(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim,
                                               cfg.jnp_dtype))
     kept = (length,) * cfg.n_layers
-    if config.evicts and methods.get(config.method).evicts_while_prefilling:  # a dense state per layer
+    if config.evicts and isinstance(methods.get(config.method), methods.Matryoshka):  # every token, projected
+        bases_k, bases_v = methods.get(config.method).bases(cfg, config.ratio)
+        cache = jax.eval_shape(lambda: latent_cache(bases_k, bases_v, 1, length, cfg.jnp_dtype))
+    elif config.evicts and methods.get(config.method).evicts_while_prefilling:  # a dense state per layer
         n_keep = resolve_keep(methods.get(config.method), methods.Budget(ratio=config.ratio, tokens=config.budget),
                               [length], cfg.n_layers)
         kept = tuple(int(r.max()) for r in n_keep)

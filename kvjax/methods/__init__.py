@@ -14,6 +14,7 @@ from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, lookup, reg
 from kvjax.methods.expected_attention import ExpectedAttention
 from kvjax.methods.knorm import Knorm
 from kvjax.methods.locret import Locret
+from kvjax.methods.matryoshka import Matryoshka
 from kvjax.methods.observed_attention import ObservedAttention
 from kvjax.methods.pyramidkv import PyramidKV
 from kvjax.methods.random import Random
@@ -65,5 +66,5 @@ def _parse_call(spec: str) -> tuple[str, dict]:
     return name.strip(), kwargs
 
 
-__all__ = ["get", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod", "ScoreContext", "register", "registry", "ExpectedAttention", "Knorm", "Locret",
+__all__ = ["get", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod", "ScoreContext", "register", "registry", "ExpectedAttention", "Knorm", "Locret", "Matryoshka",
            "ObservedAttention", "PyramidKV", "Random", "SnapKV", "StreamingLLM", "TOVA"]
