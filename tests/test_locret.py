@@ -10,7 +10,7 @@ import pytest
 
 from kvjax import methods
 from kvjax.cli import main
-from kvjax.kv_state import DenseKV, KVCache, kept_positions
+from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, kept_positions
 from kvjax.locret import LocretKV, RetainingHead, with_heads
 from kvjax.models.config import rope_inv_freq
 from kvjax.models.llama import Llama
@@ -259,3 +259,25 @@ def test_cli_trains_locret_and_generates_with_it(tmp_path, capsys, monkeypatch):
     assert "KV cache" in capsys.readouterr().out
     assert main([*args, "--steps", "2", "--seq-len", "1", "--out", str(tmp_path / "x")]) == 2
     assert "leaves no prefix or no response" in capsys.readouterr().err
+
+
+def test_eval_runner_gives_locret_its_own_prefill(trained):
+    from kvjax.eval import prompts, runner, scoring
+
+    lm, run, _, _ = trained
+    filler = prompts.filler_haystack(lm.encode)
+    samples = [prompts.passkey_sample(lm.tokenizer, filler, 700, None, i, seed=0) for i in range(2)]
+    spec = f"locret(checkpoint={run})"
+    configs = runner.make_configs(["full", spec, "knorm"], [0.5])
+    runner.check_configs(lm.cfg, configs, [700])
+    rows = []
+    runner.run_retrieval(lm, samples, configs, max_batch=2, todo=lambda k: True, emit=rows.extend)
+    assert len(rows) == 2 * 3
+    for r in (r for r in rows if r["method"] == spec):
+        s = samples[r["sample"]]
+        cache = lm.prefill(list(s.context), method=spec, ratio=0.5)
+        assert r["cache_bytes"] == cache_nbytes(cache) < r["full_cache_bytes"]
+        fresh = lm.generate(list(s.suffix), cache=cache, max_new_tokens=s.max_new_tokens)
+        assert fresh.text == r["answer"] and r["score"] == scoring.contains_all(r["answer"], s.answers)
+    with pytest.raises(ValueError, match="no checkpoints/ directory"):
+        runner.check_configs(lm.cfg, runner.make_configs(["locret(checkpoint=/nonexistent)"], [0.5]), [700])
