@@ -281,3 +281,43 @@ def test_eval_runner_gives_locret_its_own_prefill(trained):
         assert fresh.text == r["answer"] and r["score"] == scoring.contains_all(r["answer"], s.answers)
     with pytest.raises(ValueError, match="no checkpoints/ directory"):
         runner.check_configs(lm.cfg, runner.make_configs(["locret(checkpoint=/nonexistent)"], [0.5]), [700])
+
+
+KILLED = """
+import os, signal, sys
+import numpy as np
+from kvjax.testing import random_ids, tiny_lm
+from kvjax.train import TrainConfig, train
+from kvjax.train.locret import LocretTask
+
+lm = tiny_lm(0)
+cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup=1, save_every=2, log_every=1)
+batches = [np.stack([random_ids(33, 10 * s + i) for i in range(4)]).astype(np.int32) for s in range(7)]
+
+def kill(step, metrics):
+    if step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no pending write finished
+
+train(LocretTask(lm.cfg, "tiny-0", hidden=16), lm.params, batches, cfg, sys.argv[1], on_step=kill, progress=False)
+"""
+
+
+def test_resume_after_a_hard_kill_is_exact(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    lm = tiny_lm(0)
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup=1, save_every=2, log_every=1)
+    batches = [np.stack([random_ids(33, 10 * s + i) for i in range(4)]).astype(np.int32) for s in range(7)]
+    task = LocretTask(lm.cfg, "tiny-0", hidden=16)
+    ref = train(task, lm.params, batches, cfg, tmp_path / "ref", progress=False)
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = train(task, lm.params, batches, cfg, tmp_path / "run", resume=True, progress=False)
+    assert resumed.log[0]["step"] in (3, 5)  # from the last checkpoint that was complete (2 or 4)
+    curve = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    assert curve == {r["step"]: r["loss"] for r in ref.log}  # the same curve, bit for bit
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.state), jax.tree_util.tree_leaves(ref.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
