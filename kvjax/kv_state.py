@@ -113,6 +113,31 @@ class DenseKV:
         return dataclasses.replace(self, k=pad(self.k, 0), v=pad(self.v, 0), pos=pad(self.pos, EMPTY_POS))
 
 
+class StoreBacked:
+    """Mixin of layer states built around a `DenseKV` field `store` (its slots, positions and lengths),
+    adding what they keep beside it (bases, scores): the interface delegated to the store."""
+
+    @property
+    def capacity(self) -> int:
+        return self.store.capacity
+
+    @property
+    def length(self) -> jax.Array:
+        return self.store.length
+
+    def observe_query(self, q, q_pos):
+        return self
+
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def positions(self) -> jax.Array:
+        return self.store.positions()
+
+    def has_room(self, n: int = 1) -> jax.Array:
+        return self.store.has_room(n)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:

@@ -25,12 +25,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.kv_state import EMPTY_POS, DenseKV, KVCache, tree_nbytes
+from kvjax.kv_state import EMPTY_POS, DenseKV, KVCache, StoreBacked
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LatentKV:
+class LatentKV(StoreBacked):
     """One layer's keys and values in learned orthogonal subspaces: a `DenseKV` of the projections
     (its slots, positions, lengths and growth unchanged) plus the bases.
 
@@ -53,13 +53,6 @@ class LatentKV:
     def cv(self) -> jax.Array:
         return self.store.v
 
-    @property
-    def capacity(self) -> int:
-        return self.store.capacity
-
-    @property
-    def length(self) -> jax.Array:
-        return self.store.length
 
     @classmethod
     def init(cls, batch: int, capacity: int, uk: jax.Array, uv: jax.Array, dtype) -> "LatentKV":
@@ -92,17 +85,6 @@ class LatentKV:
         full = full.reshape(b, t, h, d)
         return (full, lse) if return_lse else full
 
-    def observe_query(self, q, q_pos) -> "LatentKV":
-        return self
-
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
-
-    def positions(self) -> jax.Array:
-        return self.store.positions()
-
-    def has_room(self, n: int = 1) -> jax.Array:
-        return self.store.has_room(n)
 
     def with_room(self, n: int, round_up=lambda c: c) -> "LatentKV":
         return dataclasses.replace(self, store=self.store.with_room(n, round_up))

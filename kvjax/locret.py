@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kvjax.kv_state import DenseKV, tree_nbytes, write_slots
+from kvjax.kv_state import DenseKV, StoreBacked, write_slots
 
 HIDDEN = 1024  # retaining-head hidden size (the paper's, for every model)
 
@@ -63,7 +63,7 @@ def with_heads(params, heads) -> dict:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LocretKV:
+class LocretKV(StoreBacked):
     """A layer's cache during a Locret prefill: kept tokens, their stored scores, the budget.
 
     Attributes:
@@ -88,13 +88,6 @@ class LocretKV:
                    budget=jnp.asarray(budget, jnp.int32), stabilizers=jnp.asarray(stabilizers, jnp.int32),
                    hidden=hidden)
 
-    @property
-    def capacity(self) -> int:
-        return self.store.capacity
-
-    @property
-    def length(self) -> jax.Array:
-        return self.store.length
 
     def append(self, k, v, pos, n_valid):
         raise ValueError("a Locret cache scores every token with its retaining head: run it through a model "
@@ -128,14 +121,3 @@ class LocretKV:
     def attend(self, q, q_pos, block=None, return_lse: bool = False):
         return self.store.attend(q, q_pos, block, return_lse)
 
-    def observe_query(self, q, q_pos) -> "LocretKV":
-        return self
-
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
-
-    def positions(self) -> jax.Array:
-        return self.store.positions()
-
-    def has_room(self, n: int = 1) -> jax.Array:
-        return self.store.has_room(n)
