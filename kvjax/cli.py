@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--method", required=required, default=None,
-                   help="eviction method: a name from `kvjax methods`, or wrapper:name (e.g. adakv:snapkv)")
+                   help="compression method: a name from `kvjax methods`, wrapper:name (e.g. adakv:snapkv) or "
+                        "name(key=value,...) (e.g. 'snapkv(window=16)')")
     budget = p.add_mutually_exclusive_group(required=required)
     budget.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's tokens removed")
     budget.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")

@@ -28,7 +28,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.add_argument("--method", nargs="+", default=["full"],
-                   help="methods to compare: full and names from `kvjax methods` (or wrapper:name)")
+                   help="methods to compare: full and names from `kvjax methods` (or wrapper:name, or "
+                        "name(key=value,...), e.g. 'locret(checkpoint=runs/locret)')")
     budget = e.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, nargs="+", default=[], help="fractions of the context removed")
     budget.add_argument("--budget", type=int, nargs="+", default=[], help="tokens kept per layer and KV head")
