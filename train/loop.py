@@ -25,10 +25,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import sys
 import time
 import warnings
@@ -279,7 +281,9 @@ def load_trained(run_dir, method: str, model: str) -> tuple[dict, dict, dict]:
     ckpt_dir = root / "checkpoints"
     if not ckpt_dir.is_dir():
         raise ValueError(f"{run_dir}: no checkpoints/ directory (expected the --out directory of `kvjax train`)")
-    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    with _quiet_absl():  # orbax logs a warning for every read-only manager
+        mngr = ocp.CheckpointManager(ckpt_dir, options=options)
     try:
         for step in sorted(mngr.all_steps(), reverse=True):
             try:
@@ -296,6 +300,17 @@ def load_trained(run_dir, method: str, model: str) -> tuple[dict, dict, dict]:
     finally:
         mngr.close()
     raise ValueError(f"{run_dir}: no readable checkpoint")
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _open_log(path: Path, start: int):
