@@ -222,8 +222,9 @@ class LM:
         chunk = min(tokens.shape[1], generation.PREFILL_CHUNK)
         heads = method.heads(c, self.name)
         stabilizers = [method.n_stabilizers(int(n)) for n in budget]
+        local = [method.n_local(int(n)) for n in budget]
         layers = tuple(LocretKV.init(len(lengths), c.n_kv_heads, bucket(int(max(budget)) + chunk), c.head_dim,
-                                     c.jnp_dtype, budget, stabilizers, heads["fc1"]["kernel"].shape[2])
+                                     c.jnp_dtype, budget, stabilizers, local, heads["fc1"]["kernel"].shape[2])
                        for _ in range(c.n_layers))  # distinct buffers: the prefill donates them
         cache = KVCache(layers=layers, next_pos=jnp.zeros((len(lengths),), jnp.int32))
         logits, cache, _ = generation.prefill(with_heads(self.params, heads), c, tokens, lengths, cache,

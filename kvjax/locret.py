@@ -9,8 +9,10 @@ Its parameters sit in the model's params under `layers_i/attn/retain` (`with_hea
 attends over what the cache kept plus itself; its tokens are scored once by the head as they enter
 (scores are stored beside the cache and never recomputed); before the next chunk each KV head keeps
 its own top-`budget` tokens by stored score, the `stabilizers` most recent entries of the head forced
-in. After the last chunk the cache is cut to the budget by score alone (no stabilizers), as in the
-reference, and decoding then appends without evicting (`finish` returns a plain `DenseKV`).
+in. After the last chunk the cache is cut to the budget by score, keeping the prompt's last `local`
+tokens (the reference prefills its last 100 tokens, the question, after the final cut, so they are
+never evicted; here they count within the budget), and decoding then appends without evicting
+(`finish` returns a plain `DenseKV`).
 
 Differences from the reference, on purpose: tokens keep their original positions (the reference
 caches pre-RoPE keys and re-rotates them at compacted positions 0..n-1, kvjax keeps kvpress's
@@ -71,6 +73,7 @@ class LocretKV(StoreBacked):
       score: float32 [B, K, S] each slot's retaining-head score (from when it entered).
       budget: int32 [B] tokens each KV head keeps per row.
       stabilizers: int32 [B] most recent entries of each head kept at every eviction but the last.
+      local: int32 [B] most recent entries kept at the last eviction (the prompt's tail).
       hidden: static; the retaining head's hidden size (to build it inside the model).
     """
 
@@ -78,15 +81,16 @@ class LocretKV(StoreBacked):
     score: jax.Array
     budget: jax.Array
     stabilizers: jax.Array
+    local: jax.Array
     hidden: int = dataclasses.field(metadata=dict(static=True), default=HIDDEN)
 
     @classmethod
-    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, budget, stabilizers,
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, budget, stabilizers, local,
              hidden: int = HIDDEN) -> "LocretKV":
         return cls(store=DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype),
                    score=jnp.zeros((batch, n_kv_heads, capacity), jnp.float32),
                    budget=jnp.asarray(budget, jnp.int32), stabilizers=jnp.asarray(stabilizers, jnp.int32),
-                   hidden=hidden)
+                   local=jnp.asarray(local, jnp.int32), hidden=hidden)
 
 
     def append(self, k, v, pos, n_valid):
@@ -96,9 +100,9 @@ class LocretKV(StoreBacked):
     def append_scored(self, k, v, pos, n_valid, score) -> "LocretKV":
         """Cut rows over budget, then write the T new tokens (k, v [B, K, T, D], pos int32 [B, T],
         n_valid int32 [B]) and their scores (float32 [B, T, K]). Rows receiving tokens keep their
-        stabilizers; a row with none has seen its last chunk, so its cut is the final one (score alone,
-        as `finish` would make it: later cuts leave it unchanged)."""
-        state = self.evicted(jnp.where(n_valid > 0, self.stabilizers, 0))
+        stabilizers; a row with none has seen its last chunk, so its cut is the final one (its `local`
+        tail kept, as `finish` would make it: later cuts leave it unchanged)."""
+        state = self.evicted(jnp.where(n_valid > 0, self.stabilizers, self.local))
         return dataclasses.replace(state, store=state.store.append(k, v, pos, n_valid),
                                    score=write_slots(state.score, score.transpose(0, 2, 1), state.length))
 
@@ -115,8 +119,9 @@ class LocretKV(StoreBacked):
         return dataclasses.replace(self, store=store, score=score)
 
     def finish(self, capacity: int) -> DenseKV:
-        """The final cut to the budget (by score alone) as a plain dense state of `capacity` slots."""
-        return self.evicted(jnp.zeros_like(self.stabilizers), capacity).store
+        """The final cut to the budget (by score, the `local` tail kept) as a plain dense state of
+        `capacity` slots."""
+        return self.evicted(self.local, capacity).store
 
     def attend(self, q, q_pos, block=None, return_lse: bool = False):
         return self.store.attend(q, q_pos, block, return_lse)

@@ -3,6 +3,8 @@ the tiny model: labels, loss, eviction between chunks, the chunked prefill again
 simulation, checkpoint loading, CLI and bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +55,8 @@ def test_smooth_l1_and_top_overlap():
     assert float(top_overlap(jnp.array([[0.0, 0, 0, 0, 0, 0, 9, 0, 0, 1]]), labels, 0.2)) == 0.5
 
 
-def scored_state(budget, stabilizers, capacity=8, n_kv=1):
-    return LocretKV.init(1, n_kv, capacity, 2, jnp.float32, [budget], [stabilizers], hidden=4)
+def scored_state(budget, stabilizers, capacity=8, n_kv=1, local=0):
+    return LocretKV.init(1, n_kv, capacity, 2, jnp.float32, [budget], [stabilizers], [local], hidden=4)
 
 
 def append(state, positions, scores):  # scores [T, K]
@@ -79,6 +81,8 @@ def test_eviction_between_chunks_keeps_top_scores_and_stabilizers_then_cuts_by_s
     np.testing.assert_array_equal(np.asarray(state.score)[0, 0, :5], [5, 3, 0, 2, 9])  # stored, not recomputed
     final = state.finish(capacity=4)  # the last cut: scores alone (9, 5, 3)
     assert isinstance(final, DenseKV) and final.capacity == 4 and kept(final) == [[0, 2, 5]]
+    with_tail = dataclasses.replace(state, local=jnp.asarray([2], jnp.int32)).finish(3)
+    assert kept(with_tail) == [[0, 4, 5]]  # the last 2 tokens, then the best other score (5)
 
 
 def test_each_kv_head_keeps_its_own_tokens():
@@ -87,9 +91,9 @@ def test_each_kv_head_keeps_its_own_tokens():
 
 
 def test_a_row_without_new_tokens_gets_its_final_cut():
-    # Two rows, budget 2, 1 stabilizer; row 1 receives nothing in the second chunk: its cut is by score
-    # alone (as `finish` would make it), so it no longer changes.
-    state = LocretKV.init(2, 1, 8, 2, jnp.float32, [2, 2], [1, 1], hidden=4)
+    # Two rows, budget 2, 1 stabilizer, no local tail; row 1 receives nothing in the second chunk: its
+    # cut is by score alone (as `finish` would make it), so it no longer changes.
+    state = LocretKV.init(2, 1, 8, 2, jnp.float32, [2, 2], [1, 1], [0, 0], hidden=4)
     k = jnp.zeros((2, 1, 3, 2))
     scores = jnp.asarray([[[9.0], [1.0], [0.0]], [[9.0], [1.0], [0.0]]])
     state = state.append_scored(k, k, jnp.asarray([[0, 1, 2], [0, 1, 2]]), jnp.asarray([3, 3]), scores)
@@ -129,7 +133,7 @@ def test_training_fits_the_labels():
     assert log[-1]["fit"] < 0.5 * log[0]["fit"] and log[-1]["top10"] > log[0]["top10"]
 
 
-def simulate(lm, heads, ids, budget, stabilizers, chunk):
+def simulate(lm, heads, ids, budget, stabilizers, local, chunk):
     """Locret Algorithm 1 written out independently: plain dense caches, features captured from the
     model, numpy top-k between chunks. Returns (last logits [V], kept positions per layer [K, n])."""
     cfg, n_layers = lm.cfg, lm.cfg.n_layers
@@ -161,8 +165,7 @@ def simulate(lm, heads, ids, budget, stabilizers, chunk):
             last = start + t >= len(ids)
             if score.shape[1] > budget:  # each head: top `budget`, the newest `stabilizers` forced in
                 rank = score.copy()
-                if not last:
-                    rank[:, score.shape[1] - stabilizers:] = np.inf
+                rank[:, score.shape[1] - (local if last else stabilizers):] = np.inf
                 idx = np.sort(np.argsort(-rank, axis=1, kind="stable")[:, :budget], axis=1)
                 take = lambda x: np.take_along_axis(x, idx if x.ndim == 2 else idx[..., None], 1)  # noqa: E731
                 k, v, p, score = take(k), take(v), take(p), take(score)
@@ -177,9 +180,9 @@ def test_chunked_prefill_matches_an_independent_simulation(trained, monkeypatch,
     monkeypatch.setattr("kvjax.generation.PREFILL_CHUNK", 64)
     lm, run, task, params = trained
     ids = np.random.default_rng(n_tokens).permutation(lm.cfg.vocab_size)[:n_tokens].tolist()
-    method = methods.Locret(checkpoint=str(run), stabilizers=0.4)
+    method = methods.Locret(checkpoint=str(run), stabilizers=0.4, local=20)
     logits, cache = lm.prefill(ids, method=method, budget=budget, return_logits=True)
-    want_logits, want_pos = simulate(lm, params, ids, budget, method.n_stabilizers(budget), 64)
+    want_logits, want_pos = simulate(lm, params, ids, budget, method.n_stabilizers(budget), method.n_local(budget), 64)
     np.testing.assert_allclose(np.asarray(logits)[0], want_logits, atol=2e-4)
     for got, want in zip(kept_positions(cache), want_pos):
         np.testing.assert_array_equal(got[0], want)
@@ -230,6 +233,8 @@ def test_checkpoint_errors(trained, tmp_path):
         methods.Locret().score(None)
     with pytest.raises(ValueError, match="stabilizers must be a fraction"):
         methods.Locret(stabilizers=1.5)
+    with pytest.raises(ValueError, match="local must be an integer >= 0"):
+        methods.Locret(local=-1)
     with pytest.raises(ValueError, match="bad parameters for 'snapkv'"):
         methods.get("snapkv(foo=1)")
 

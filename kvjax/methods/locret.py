@@ -9,7 +9,8 @@ Locret does not score a finished prefill: `LM` runs the prefill with `LocretKV` 
 
 `stabilizers` is a fraction of the budget: the reference keeps the last 2500 entries at a budget of
 6000 (Phi-3-mini; 0.42) or 16384 (Llama-3.1-8B; 0.15); a fraction carries over to the small budgets
-of small models.
+of small models. `local`: the reference prefills the prompt's last 100 tokens after its final cut,
+so they always stay; here the final cut keeps them within the budget (at most half of it).
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ from kvjax.methods.base import EvictionMethod, ScoreContext, register
 class Locret(EvictionMethod):
     checkpoint: str | None = None  # a `kvjax train locret --out` directory
     stabilizers: float = 0.4  # fraction of the budget kept as the most recent entries between chunks
+    local: int = 100  # the prompt's last tokens kept at the final cut (the reference's `loc`)
 
     evicts_while_prefilling: ClassVar[bool] = True
 
     def __post_init__(self):
         if not 0 <= self.stabilizers < 1:
             raise ValueError(f"stabilizers must be a fraction of the budget in [0, 1), got {self.stabilizers!r}")
+        if not isinstance(self.local, int) or self.local < 0:
+            raise ValueError(f"local must be an integer >= 0 (tokens), got {self.local!r}")
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(Path(self.checkpoint).expanduser().absolute()))
 
@@ -41,6 +45,10 @@ class Locret(EvictionMethod):
 
     def n_stabilizers(self, budget: int) -> int:
         return int(self.stabilizers * budget)
+
+    def n_local(self, budget: int) -> int:
+        """The tail kept at the final cut: `local` tokens, at most half the budget."""
+        return min(self.local, budget // 2)
 
     def heads(self, cfg, model_name: str = "") -> dict:
         """The trained retaining heads {fc1: {kernel [L, E, F]}, fc2: {kernel [L, F, K]}} for a model of
