@@ -326,3 +326,20 @@ def test_resume_after_a_hard_kill_is_exact(tmp_path):
     assert curve == {r["step"]: r["loss"] for r in ref.log}  # the same curve, bit for bit
     for a, b in zip(jax.tree_util.tree_leaves(resumed.state), jax.tree_util.tree_leaves(ref.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loading_skips_a_corrupted_latest_checkpoint(trained, tmp_path):
+    import shutil
+
+    from kvjax.methods.locret import _load_heads
+
+    lm, run, _, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+    for f in (copy / "checkpoints" / str(steps[-1])).rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    _load_heads.cache_clear()
+    with pytest.warns(UserWarning, match=f"checkpoint at step {steps[-1]} is unreadable"):
+        lm.prefill(random_ids(100, 1).tolist(), method="locret", checkpoint=copy, ratio=0.5)
