@@ -92,7 +92,6 @@ class LocretKV(StoreBacked):
                    budget=jnp.asarray(budget, jnp.int32), stabilizers=jnp.asarray(stabilizers, jnp.int32),
                    local=jnp.asarray(local, jnp.int32), hidden=hidden)
 
-
     def append(self, k, v, pos, n_valid):
         raise ValueError("a Locret cache scores every token with its retaining head: run it through a model "
                          "(the attention layer calls append_scored)")

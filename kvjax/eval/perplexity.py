@@ -78,7 +78,7 @@ def run_ppl(lm: LM, chunks: np.ndarray, context_len: int, configs: Sequence[Conf
         rows_bt = chunks[batch]
         targets = jnp.asarray(rows_bt[:, context_len:])
         logits, cache, obs, prefill_s = shared_prefill(lm, rows_bt[:, :context_len].tolist(),
-                                                       bucket(context_len + eval_len), spec)
+                                                       bucket(context_len + eval_len), spec, wanted)
         for config in wanted:
             c0, t0 = compile_seconds(), time.perf_counter()
             if own_prefill(config):  # its compress time includes its whole (evicting) prefill

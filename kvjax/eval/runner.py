@@ -122,18 +122,17 @@ def cache_bytes(cfg: LlamaConfig, config: Config, length: int) -> int:
     cache = jax.eval_shape(lambda: init_cache(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim,
                                               cfg.jnp_dtype))
     kept = (length,) * cfg.n_layers
-    if config.evicts and isinstance(methods.get(config.method), methods.Matryoshka):  # every token, projected
-        bases_k, bases_v = methods.get(config.method).bases(cfg, config.ratio)
+    m = methods.get(config.method) if config.evicts else None
+    if isinstance(m, methods.Matryoshka):  # every token, projected
+        bases_k, bases_v = m.bases(cfg, config.ratio)
         cache = jax.eval_shape(lambda: latent_cache(bases_k, bases_v, 1, length, cfg.jnp_dtype))
-    elif config.evicts and methods.get(config.method).evicts_while_prefilling:  # a dense state per layer
-        n_keep = resolve_keep(methods.get(config.method), methods.Budget(ratio=config.ratio, tokens=config.budget),
-                              [length], cfg.n_layers)
+    elif m is not None and m.prefills_itself:  # Locret: a dense state per layer
+        n_keep = resolve_keep(m, methods.Budget(ratio=config.ratio, tokens=config.budget), [length], cfg.n_layers)
         kept = tuple(int(r.max()) for r in n_keep)
         cache = jax.eval_shape(lambda: KVCache(
             layers=tuple(DenseKV.init(1, cfg.n_kv_heads, n, cfg.head_dim, cfg.jnp_dtype) for n in kept),
             next_pos=jnp.zeros((1,), jnp.int32)))
-    elif config.evicts:
-        m = methods.get(config.method)
+    elif m is not None:
         spec = m.observations()
         lengths = np.array([length])
         obs = jax.eval_shape(lambda: tuple(init_layer_obs(spec, lengths, cfg.n_heads, cfg.head_dim, capacity,
@@ -158,10 +157,14 @@ def kept_fraction(cfg: LlamaConfig, config: Config, length: int) -> float:
 
 
 # ------------------------------------------------------------------------------ prefill/branch
-def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spec: ObsSpec | None):
+def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spec: ObsSpec | None,
+                   configs: Sequence[Config] | None = None):
     """Prefill equal-length contexts (ids [B, T]) into a cache of `capacity` slots, recording `spec`.
 
-    Returns (logits float32 [B, V] at the last context token, cache, obs, seconds (compile excluded))."""
+    Returns (logits float32 [B, V] at the last context token, cache, obs, seconds (compile excluded));
+    (None, None, None, 0.0) if `configs` are given and every one runs its own prefill."""
+    if configs is not None and all(own_prefill(c) for c in configs):
+        return None, None, None, 0.0
     tokens = np.asarray(contexts, np.int32)
     lengths = np.full((len(contexts),), tokens.shape[1], np.int32)
     cfg = lm.cfg
@@ -173,8 +176,9 @@ def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spe
 
 
 def own_prefill(config: Config) -> bool:
-    """The configuration's method evicts while prefilling (Locret): it cannot branch off a shared prefill."""
-    return config.evicts and methods.get(config.method).evicts_while_prefilling
+    """The configuration's method works while prefilling (Locret, MatryoshkaKV): it cannot branch off a
+    shared prefill."""
+    return config.evicts and methods.get(config.method).prefills_itself
 
 
 def prefill_alone(lm: LM, contexts: Sequence[Sequence[int]], config: Config, room: int):
@@ -262,7 +266,8 @@ def run_retrieval(lm: LM, samples: Sequence[Sample], configs: Sequence[Config], 
             suffix_max = max(len(s.suffix) for s in batch)
             new_max = max(s.max_new_tokens for s in batch)
             room = max(bucket(suffix_max), suffix_max + new_max)
-            logits, cache, obs, prefill_s = shared_prefill(lm, [s.context for s in batch], bucket(length + room), spec)
+            logits, cache, obs, prefill_s = shared_prefill(lm, [s.context for s in batch], bucket(length + room), spec,
+                                                           wanted)
             del logits  # the answer starts from the suffix's logits
             for config in wanted:
                 c0, t0 = compile_seconds(), time.perf_counter()

@@ -26,8 +26,8 @@ class AdaKV(EvictionMethod):
     def __post_init__(self):
         if not isinstance(self.press, EvictionMethod) or isinstance(self.press, AdaKV):
             raise ValueError(f"AdaKV wraps a scoring method (not AdaKV), got {self.press!r}")
-        if self.press.evicts_while_prefilling:
-            raise ValueError(f"AdaKV ranks the scores of a finished prefill; {self.press.name} evicts while "
+        if self.press.prefills_itself:
+            raise ValueError(f"AdaKV ranks the scores of a finished prefill; {self.press.name} works while "
                              "prefilling")
         if not 0 <= self.alpha_safeguard <= 1:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")

@@ -108,7 +108,9 @@ class EvictionMethod(abc.ABC):
     """Base of eviction methods (subclasses are frozen kw-only dataclasses)."""
 
     name: ClassVar[str] = "?"
-    evicts_while_prefilling: ClassVar[bool] = False  # scores tokens during the prefill itself (Locret)
+    # the method works during the prefill itself (Locret evicts, MatryoshkaKV projects): it runs its own
+    # prefill and has no scores for a finished one
+    prefills_itself: ClassVar[bool] = False
 
     def observations(self) -> ObsSpec:
         return ObsSpec()

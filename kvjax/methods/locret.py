@@ -29,7 +29,7 @@ class Locret(EvictionMethod):
     stabilizers: float = 0.4  # fraction of the budget kept as the most recent entries between chunks
     local: int = 100  # the prompt's last tokens kept at the final cut (the reference's `loc`)
 
-    evicts_while_prefilling: ClassVar[bool] = True
+    prefills_itself: ClassVar[bool] = True
 
     def __post_init__(self):
         if not 0 <= self.stabilizers < 1:

@@ -26,7 +26,7 @@ from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, register
 class Matryoshka(EvictionMethod):
     checkpoint: str | None = None  # a `kvjax train matryoshka --out` directory
 
-    evicts_while_prefilling: ClassVar[bool] = True  # its cache is built before the prefill, not after
+    prefills_itself: ClassVar[bool] = True  # its cache is built before the prefill, not after
 
     def __post_init__(self):
         if self.checkpoint is not None:
