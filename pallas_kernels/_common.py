@@ -27,10 +27,15 @@ def unsupported(msg: str) -> Unsupported:
 
 
 def backend(interpret: bool) -> str:
-    """"gpu", "tpu", or "cpu" (interpret mode). Compiling for the CPU is not possible: raise."""
+    """"gpu", "tpu", or "cpu" (interpret mode). Compiling for the CPU is not possible: raise.
+
+    The platform is the default backend's, unless the abstract mesh names a device (as
+    `lowering.target` does, to lower for a GPU or TPU that is not attached).
+    """
     if interpret:
         return "cpu"
-    platform = jax.default_backend()
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
     if platform not in ("gpu", "tpu"):
         raise unsupported(f"Pallas kernels compile for GPU or TPU, not {platform!r} (interpret=True runs "
                           "them on CPU, slowly)")

@@ -1,0 +1,50 @@
+"""Lower a kernel for a GPU or TPU that is not attached: the Triton or Mosaic program it would run.
+
+    with target("tpu"):                                  # on a CPU-only machine
+        exported = lower(decode_attention, q, k, v, length)
+    exported.mlir_module()                               # StableHLO around a `tpu_custom_call`
+
+JAX lowers a `pallas_call` for every platform `jax.export` names, whatever devices are attached.
+For "cuda" the Pallas Triton lowering emits the kernel in the Triton dialect (a
+`__gpu$xla.gpu.triton` custom call); for "tpu" the Mosaic lowering emits the `tpu` dialect (a
+`tpu_custom_call`), checking block shapes against the chip's tiling on the way. Both are the steps
+where Pallas rejects what a backend cannot express (block shapes, memory spaces, primitives with no
+lowering), so tests lower every kernel for both targets on CPU. What remains for real hardware is
+the backend compiler (Triton to PTX, Mosaic's layout passes in libtpu) and, of course, timing.
+
+The target is given through the abstract mesh's device (`jax.sharding.AbstractDevice`), which is
+part of jit's cache key and is what Pallas's TPU lowering reads to pick the chip's tiling;
+`_common.backend` reads it to pick the block-size table.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import jax
+
+TARGETS = {"gpu": ("cuda", "NVIDIA H100 80GB HBM3", "__gpu$xla.gpu.triton"),
+           "tpu": ("tpu", "TPU v5 lite", "tpu_custom_call")}
+
+
+@contextlib.contextmanager
+def target(platform: str, device_kind: str | None = None):
+    """Within this context, kernels called with `interpret=False` lower for `platform` ("gpu" or
+    "tpu"; `device_kind` e.g. "TPU v6 lite" picks the TPU generation, default v5e)."""
+    if platform not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {platform!r}")
+    kind = device_kind or TARGETS[platform][1]
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        yield
+
+
+def lower(kernel, *args, **static):
+    """`jax.export` of the jitted `kernel(*args, **static)` for the current `target` (no compile, no
+    device): raises whatever the Pallas lowering rejects. `args` may be `jax.ShapeDtypeStruct`s."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    if device is None:
+        raise ValueError("lower() needs a target: wrap it in `with lowering.target('gpu' | 'tpu'):`")
+    export_platform, _, custom_call = TARGETS[device.platform]
+    fn = kernel if hasattr(kernel, "lower") else jax.jit(kernel)
+    return jax.export.export(fn, platforms=[export_platform],
+                             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args, **static)
