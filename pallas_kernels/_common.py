@@ -29,13 +29,16 @@ def unsupported(msg: str) -> Unsupported:
 def backend(interpret: bool) -> str:
     """"gpu", "tpu", or "cpu" (interpret mode). Compiling for the CPU is not possible: raise.
 
-    The platform is the default backend's, unless the abstract mesh names a device (as
-    `lowering.target` does, to lower for a GPU or TPU that is not attached).
+    The abstract mesh's device comes first (`lowering.target` names one to lower for a GPU or TPU
+    that is not attached, or to run that backend's variant of a kernel in the interpreter), then
+    interpret mode ("cpu"), then the default backend.
     """
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    if device is not None:
+        return device.platform
     if interpret:
         return "cpu"
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    platform = device.platform if device is not None else jax.default_backend()
+    platform = jax.default_backend()
     if platform not in ("gpu", "tpu"):
         raise unsupported(f"Pallas kernels compile for GPU or TPU, not {platform!r} (interpret=True runs "
                           "them on CPU, slowly)")
@@ -72,10 +75,55 @@ def pick_block(n: int, want: int, multiple_of: int = 1) -> int:
     return 0
 
 
-def pick_splits(n_blocks: int, parallel: int, programs: int) -> int:
-    """Splits of the cache (a divisor of n_blocks) so that parallel * splits ~ programs (at least 1)."""
+def pick_splits(n_blocks: int, parallel: int, programs: int, least: int = 1) -> int:
+    """Splits of the cache (a divisor of n_blocks) so that parallel * splits ~ programs, and at least
+    `least` of them (a split no longer than the backend's `max_split`; the smallest divisor >= least)."""
     want = max(1, min(n_blocks, -(-programs // max(parallel, 1))))
-    return max(d for d in range(1, want + 1) if n_blocks % d == 0)
+    if want >= least:
+        return max(d for d in range(1, want + 1) if n_blocks % d == 0)
+    return min(d for d in range(least, n_blocks + 1) if n_blocks % d == 0)
+
+
+def least_splits(n_slots: int, table: dict) -> int:
+    """Splits needed so that no split is longer than the table's `max_split` (TPU: its VMEM tile)."""
+    return -(-n_slots // table.get("max_split", n_slots or 1))
+
+
+def last_block(length, size: int):
+    """Index of the block of `size` slots holding slot length - 1 (0 for an empty row): an index map
+    clamped to it fetches nothing new past a row's length (TPU's pipeline skips a repeated block)."""
+    return jnp.maximum(pl.cdiv(length, size) - 1, 0)
+
+
+def scalar(ref):
+    """A per-row (or per-row-and-head) int32 of a `call`: the squeezed block on GPU, this program's
+    entry of the scalar-prefetched array (SMEM) on TPU."""
+    if ref.ndim == 0:
+        return ref[...]
+    return ref[tuple(pl.program_id(i) for i in range(ref.ndim))]
+
+
+def vec(x):
+    """[..., X] -> [..., 1, X]: a per-row vector (positions, lse, softmax statistics) as a block whose last
+    two dims are (1, X), a full dim and a tiled one: the shape TPU blocks need."""
+    return x[..., None, :]
+
+
+def call(kernel, *, grid, scalars, in_specs, args, out_specs, out_shape, platform: str, table: dict,
+         interpret: bool, name: str):
+    """`pallas_call` with per-row int32 `scalars` ([B] or [B, K], indexed by the first grid axes) placed
+    as each backend wants them: squeezed blocks on GPU (and the interpreter), scalar prefetch into SMEM
+    on TPU. Index maps take `(*grid indices, *scalar refs)`; the scalar refs exist on TPU only, where a
+    map may clamp to a row's last used block (`last_block`). Kernels read scalars with `scalar`."""
+    params = dict(out_shape=out_shape, compiler_params=compiler_params(platform, len(grid), table),
+                  interpret=interpret, name=name)
+    if platform == "tpu":
+        spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(scalars), grid=grid, in_specs=in_specs,
+                                            out_specs=out_specs)
+        return pl.pallas_call(kernel, grid_spec=spec, **params)(*scalars, *args)
+    scalar_specs = [pl.BlockSpec((None,) * x.ndim, lambda *idx, nd=x.ndim: idx[:nd]) for x in scalars]
+    return pl.pallas_call(kernel, grid=grid, in_specs=scalar_specs + list(in_specs), out_specs=out_specs,
+                          **params)(*scalars, *args)
 
 
 def compiler_params(platform: str, n_grid: int, table: dict):
@@ -88,7 +136,7 @@ def compiler_params(platform: str, n_grid: int, table: dict):
 
 def part_spec(*tail: int):
     """BlockSpec of a per-split partial output [B, K, N, *tail] on the (b, k, split) grid."""
-    return pl.BlockSpec((None, None, None, *tail), lambda i, j, n: (i, j, n) + (0,) * len(tail))
+    return pl.BlockSpec((None, None, None, *tail), lambda i, j, n, *_: (i, j, n) + (0,) * len(tail))
 
 
 def rows_for(g: int, t: int) -> int:
@@ -105,32 +153,35 @@ def fold_queries(q, n_kv: int):
 
 
 def fold_positions(q_pos, g: int):
-    """q_pos [B, T] -> int32 [B, M] (row g*T + t), padding rows at -1 (they see nothing)."""
+    """q_pos [B, T] -> int32 [B, 1, M] (row g*T + t, `vec` layout), padding rows at -1 (they see nothing)."""
     b, t = q_pos.shape
     p = jnp.tile(q_pos.astype(jnp.int32), (1, g))
-    return jnp.pad(p, ((0, 0), (0, rows_for(g, t) - g * t)), constant_values=-1)
+    return vec(jnp.pad(p, ((0, 0), (0, rows_for(g, t) - g * t)), constant_values=-1))
 
 
-def split_decode(kernel, grid, in_specs, args, *, rows: int, d: int, t: int, h: int, dtype, platform: str,
-                 table: dict, interpret: bool, name: str):
-    """Run a flash-decoding kernel on the (b, kv head, split) grid and merge its splits.
+def split_decode(kernel, grid, scalars, in_specs, args, *, rows: int, d: int, t: int, h: int, dtype,
+                 platform: str, table: dict, interpret: bool, name: str):
+    """Run a flash-decoding kernel on the (b, kv head, split) grid (`call`) and merge its splits.
 
-    The kernel writes per split an unnormalized output [M, D] and its running max and sum [M]
+    The kernel writes per split an unnormalized output [M, D] and its running max and sum [1, M]
     (`part_spec`); `combine_splits` merges them and `unfold` returns [B, T, H, D] in `dtype`.
     """
-    shape = tuple(grid) + (rows,)
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=[part_spec(rows, d), part_spec(rows), part_spec(rows)],
-        out_shape=[jax.ShapeDtypeStruct(shape + (d,), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
-                   jax.ShapeDtypeStruct(shape, jnp.float32)],
-        compiler_params=compiler_params(platform, 3, table),
-        interpret=interpret,
-        name=name,
-    )(*args)
-    return unfold(combine_splits(o, m, l), t, h, dtype)
+    shape = tuple(grid)
+    o, m, l = call(kernel, grid=grid, scalars=scalars, in_specs=in_specs, args=args,
+                   out_specs=[part_spec(rows, d), part_spec(1, rows), part_spec(1, rows)],
+                   out_shape=[jax.ShapeDtypeStruct(shape + (rows, d), jnp.float32),
+                              jax.ShapeDtypeStruct(shape + (1, rows), jnp.float32),
+                              jax.ShapeDtypeStruct(shape + (1, rows), jnp.float32)],
+                   platform=platform, table=table, interpret=interpret, name=name)
+    return unfold(combine_splits(o, m[..., 0, :], l[..., 0, :]), t, h, dtype)
+
+
+def write_partials(carry, o_ref, m_ref, l_ref):
+    """Store a split's online-softmax state (m, l [M], acc [M, D]) into its partial outputs."""
+    m, l, acc = carry
+    o_ref[...] = acc
+    m_ref[...] = m[None, :]
+    l_ref[...] = l[None, :]
 
 
 def unfold(o, t: int, h: int, dtype):

@@ -34,9 +34,9 @@ from kvjax.kernels.block_sizes import DECODE
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int, split: int,
                    scale: float):
-    """Program (b, k, j). Refs: len [] int32; q [M, D]; k, v [split, D]; out o [M, D], m/l [M] float32."""
+    """Program (b, k, j). Refs: length (`C.scalar`); q [M, D]; k, v [split, D]; out o [M, D], m/l [1, M]."""
     start = pl.program_id(2) * split
-    length = len_ref[...]
+    length = C.scalar(len_ref)
     n_blocks = jnp.clip(pl.cdiv(length - start, block_k), 0, split // block_k)
     q = q_ref[...]
 
@@ -47,10 +47,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
         v = jnp.where(valid[:, None], v_ref[sl, :], 0).astype(v_ref.dtype)  # unused slots may hold NaN
         return C.online_softmax_step(carry, s, v)
 
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, C.init_carry(q.shape[0], q.shape[1]))
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+    C.write_partials(jax.lax.fori_loop(0, n_blocks, body, C.init_carry(q.shape[0], q.shape[1])), o_ref, m_ref, l_ref)
 
 
 def _validate(q, k, v, length, who="decode_attention"):
@@ -93,18 +90,20 @@ def decode_attention(q, k, v, length, *, block_k: int | None = None, n_splits: i
         raise C.unsupported(f"decode_attention: block_k {block_k} (cache capacity {s}) is below the "
                             f"{platform} minimum of {C.min_block(platform)}")
     n_blocks = s // block_k
-    n_splits = n_splits or C.pick_splits(n_blocks, b * n_kv, table["programs"])
+    n_splits = n_splits or C.pick_splits(n_blocks, b * n_kv, table["programs"], C.least_splits(s, table))
     if n_blocks % n_splits:
         raise C.unsupported(f"decode_attention: n_splits {n_splits} does not divide the {n_blocks} key blocks")
     split = s // n_splits
     qf = C.fold_queries(q, n_kv)  # [B, K, M, D]
     rows = qf.shape[2]
     kernel = functools.partial(_decode_kernel, block_k=block_k, split=split, scale=d ** -0.5)
-    in_specs = [pl.BlockSpec((None,), lambda i, j, n: (i,)),
-                pl.BlockSpec((None, None, rows, d), lambda i, j, n: (i, j, 0, 0)),
-                pl.BlockSpec((None, None, split, d), lambda i, j, n: (i, j, n, 0)),
-                pl.BlockSpec((None, None, split, d), lambda i, j, n: (i, j, n, 0))]
-    return C.split_decode(kernel, (b, n_kv, n_splits), in_specs, (length.astype(jnp.int32), qf, k, v), rows=rows,
+
+    def kv_map(i, j, n, *lengths):  # TPU: splits past the row's length repeat its last block (no DMA)
+        return (i, j, jnp.minimum(n, C.last_block(lengths[0][i], split)) if lengths else n, 0)
+
+    in_specs = [pl.BlockSpec((None, None, rows, d), lambda i, j, n, *_: (i, j, 0, 0)),
+                pl.BlockSpec((None, None, split, d), kv_map), pl.BlockSpec((None, None, split, d), kv_map)]
+    return C.split_decode(kernel, (b, n_kv, n_splits), [length.astype(jnp.int32)], in_specs, (qf, k, v), rows=rows,
                           d=d, t=t, h=h, dtype=q.dtype, platform=platform, table=table, interpret=interpret,
                           name="kvjax_decode_attention")
 
