@@ -97,9 +97,9 @@ def _dequant(codes, scale, zero, fmt: _Fmt, d: int):
 
 def _quant_kernel(*refs, kf: _Fmt, vf: _Fmt, causal: bool, block_k: int, block_r: int, split: int,
                   n_splits: int, scale: float):
-    """Program (b, k, j). Refs, in order: n_q, n_r [] int32; q [M, D]; key codes [split, P], key scale
-    (+ zero) [split or split/n, ...]; the same for values; k_res, v_res [R, D]; with `causal`: q_pos [M],
-    pos [split], pos_res [R]. Outputs o [M, D], m, l [M] float32."""
+    """Program (b, k, j). Refs, in order: n_q, n_r (`C.scalar`); q [M, D]; key codes [split, P], key
+    scale (+ zero) [split or split/n, ...]; the same for values; k_res, v_res [R, D]; with `causal`:
+    q_pos, pos, pos_res [1, M / split / R]. Outputs o [M, D], m, l [1, M] float32."""
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
     nq_ref, nr_ref, q_ref = take(3)
@@ -107,12 +107,13 @@ def _quant_kernel(*refs, kf: _Fmt, vf: _Fmt, causal: bool, block_k: int, block_r
     vc_ref, vs_ref, vz_ref = take(3) if vf.has_zero else (*take(2), None)
     kr_ref, vr_ref = take(2)
     qpos_ref, pos_ref, posr_ref = take(3) if causal else (None, None, None)
-    o_ref, m_ref, l_ref = refs
+    out_refs = refs
     j = pl.program_id(2)
+    n_q, n_r = C.scalar(nq_ref), C.scalar(nr_ref)  # read outside `pl.when` (the interpreter needs it)
     q = q_ref[...]
     d = q.shape[1]
     dt = kr_ref.dtype
-    qpos = qpos_ref[...] if causal else None
+    qpos = qpos_ref[0] if causal else None
 
     def scores_and_values(k, v, valid, pos):
         """k, v [bk, D] in the model dtype; valid bool [bk]; pos int32 [bk] (causal only)."""
@@ -120,16 +121,9 @@ def _quant_kernel(*refs, kf: _Fmt, vf: _Fmt, causal: bool, block_k: int, block_r
         seen = valid[None, :] & (pos[None, :] <= qpos[:, None]) if causal else valid[None, :]
         return jnp.where(seen, s, -jnp.inf), jnp.where(valid[:, None], v, 0).astype(dt)
 
-    def write(carry):
-        m, l, acc = carry
-        o_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
-
     @pl.when(j < n_splits)
     def _store():
         start = j * split
-        n_q = nq_ref[...]
 
         def body(i, carry):
             sl = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
@@ -145,23 +139,23 @@ def _quant_kernel(*refs, kf: _Fmt, vf: _Fmt, causal: bool, block_k: int, block_r
             k = _dequant(kc_ref[sl, :], scales(ks_ref, kf), scales(kz_ref, kf), kf, d).astype(dt)
             v = _dequant(vc_ref[sl, :], scales(vs_ref, vf), scales(vz_ref, vf), vf, d).astype(dt)
             valid = start + i * block_k + jnp.arange(block_k) < n_q
-            s, v = scores_and_values(k, v, valid, pos_ref[sl] if causal else None)
+            s, v = scores_and_values(k, v, valid, pos_ref[0, sl] if causal else None)
             return C.online_softmax_step(carry, s, v)
 
         n_blocks = jnp.clip(pl.cdiv(n_q - start, block_k), 0, split // block_k)
-        write(jax.lax.fori_loop(0, n_blocks, body, C.init_carry(q.shape[0], d)))
+        C.write_partials(jax.lax.fori_loop(0, n_blocks, body, C.init_carry(q.shape[0], d)), *out_refs)
 
     @pl.when(j == n_splits)
     def _residual():
-        n_r = nr_ref[...]
 
         def body(i, carry):
             sl = pl.ds(pl.multiple_of(i * block_r, block_r), block_r)
             valid = i * block_r + jnp.arange(block_r) < n_r
-            s, v = scores_and_values(kr_ref[sl, :], vr_ref[sl, :], valid, posr_ref[sl] if causal else None)
+            s, v = scores_and_values(kr_ref[sl, :], vr_ref[sl, :], valid, posr_ref[0, sl] if causal else None)
             return C.online_softmax_step(carry, s, v)
 
-        write(jax.lax.fori_loop(0, pl.cdiv(n_r, block_r), body, C.init_carry(q.shape[0], d)))
+        C.write_partials(jax.lax.fori_loop(0, pl.cdiv(n_r, block_r), body, C.init_carry(q.shape[0], d)),
+                         *out_refs)
 
 
 def _validate(q, kq, vq, n_q, k_res, v_res, n_r, q_pos, pos, pos_res, who):
@@ -225,7 +219,7 @@ def quant_decode_attention(q, kq: quant.QuantizedArray, vq: quant.QuantizedArray
     if block_r < C.min_block(platform):
         raise C.unsupported(f"{who}: the residual of {r} slots has no power-of-two block >= {C.min_block(platform)}")
     n_blocks = cap // block_k
-    n_splits = n_splits or C.pick_splits(n_blocks, b * n_kv, table["programs"])
+    n_splits = n_splits or C.pick_splits(n_blocks, b * n_kv, table["programs"], C.least_splits(cap, table))
     if n_blocks % n_splits:
         raise C.unsupported(f"{who}: n_splits {n_splits} does not divide the {n_blocks} store blocks")
     split = cap // n_splits
@@ -233,16 +227,20 @@ def quant_decode_attention(q, kq: quant.QuantizedArray, vq: quant.QuantizedArray
     qf = C.fold_queries(q, n_kv)
     rows = qf.shape[2]
 
-    clamp = lambda n: jnp.minimum(n, n_splits - 1)  # noqa: E731  (the residual program reads no store block)
-    row = pl.BlockSpec((None,), lambda i, j, n: (i,))
-    whole = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, n: (i, j) + (0,) * len(shape))  # noqa: E731
+    def split_index(i, n, scalars):
+        n = jnp.minimum(n, n_splits - 1)  # the residual program (n = n_splits) reads no store block
+        return jnp.minimum(n, C.last_block(scalars[0][i], split)) if scalars else n  # TPU: no DMA past n_q
 
-    def store(x, per_token: int):  # a [B, K, Q / per_token, ...] leaf, split j
+    whole = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, n, *_: (i, j) + (0,) * len(shape))  # noqa: E731
+
+    def store(x, per_token: int):
+        """Split j of a store leaf [B, K, Q / per_token, ...]."""
         tail = x.shape[3:]
         return pl.BlockSpec((None, None, split // per_token, *tail),
-                            lambda i, j, n: (i, j, clamp(n)) + (0,) * len(tail))
+                            lambda i, j, n, *s: (i, j, split_index(i, n, s)) + (0,) * len(tail))
 
-    args, specs = [n_q.astype(jnp.int32), n_r.astype(jnp.int32), qf], [row, row, whole(rows, d)]
+    pos_spec = pl.BlockSpec((None, None, 1, split), lambda i, j, n, *s: (i, j, 0, split_index(i, n, s)))
+    args, specs = [qf], [whole(rows, d)]
     for qa in (kq, vq):
         for leaf in ([qa.codes, qa.scale] + ([qa.zero] if qa.zero is not None else [])):
             args.append(leaf)
@@ -250,12 +248,13 @@ def quant_decode_attention(q, kq: quant.QuantizedArray, vq: quant.QuantizedArray
     args += [k_res, v_res]
     specs += [whole(r, d), whole(r, d)]
     if causal:
-        args += [C.fold_positions(q_pos, h // n_kv), pos.astype(jnp.int32), pos_res.astype(jnp.int32)]
-        specs += [pl.BlockSpec((None, rows), lambda i, j, n: (i, 0)), store(pos, 1), whole(r)]
+        args += [C.fold_positions(q_pos, h // n_kv), C.vec(pos.astype(jnp.int32)), C.vec(pos_res.astype(jnp.int32))]
+        specs += [pl.BlockSpec((None, 1, rows), lambda i, j, n, *_: (i, 0, 0)), pos_spec, whole(1, r)]
     kernel = functools.partial(_quant_kernel, kf=kf, vf=vf, causal=causal, block_k=block_k, block_r=block_r,
                                split=split, n_splits=n_splits, scale=d ** -0.5)
-    return C.split_decode(kernel, (b, n_kv, n_splits + 1), specs, args, rows=rows, d=d, t=t, h=h, dtype=q.dtype,
-                          platform=platform, table=table, interpret=interpret, name="kvjax_quant_decode_attention")
+    return C.split_decode(kernel, (b, n_kv, n_splits + 1), [n_q.astype(jnp.int32), n_r.astype(jnp.int32)], specs,
+                          args, rows=rows, d=d, t=t, h=h, dtype=q.dtype, platform=platform, table=table,
+                          interpret=interpret, name="kvjax_quant_decode_attention")
 
 
 def quant_decode_attention_reference(q, kq, vq, n_q, k_res, v_res, n_r, q_pos=None, pos=None, pos_res=None):
