@@ -32,34 +32,67 @@ from kvjax.kernels import _common as C
 from kvjax.kernels.block_sizes import DECODE
 
 
+def _tile(carry, q, qpos, k, v, pos, slot, lo, hi, scale: float):
+    """One online-softmax step over the slots `slot` int32 [bk] (k, v [bk, D]; pos [bk] or None),
+    masked to [lo, hi) and, when positions are given, causally to qpos [M]."""
+    valid = (slot >= lo) & (slot < hi)
+    seen = valid[None, :] if pos is None else valid[None, :] & (pos[None, :] <= qpos[:, None])
+    s = jnp.where(seen, C.dot_nt(q, k) * scale, -jnp.inf)
+    return C.online_softmax_step(carry, s, jnp.where(valid[:, None], v, 0).astype(v.dtype))
+
+
 def _ragged_kernel(start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
                    causal: bool):
-    """Program (b, k, j). Refs: start, length [] int32; q [M, D]; k, v the row's pool [P, D]; with
-    `causal` q_pos [M] and pos [P]; outputs o [M, D], m, l [M] float32."""
-    qpos_ref, pos_ref, o_ref, m_ref, l_ref = refs if causal else (None, None, *refs)
-    first = start_ref[...] + pl.program_id(2) * split  # first slot of this split
-    end = start_ref[...] + len_ref[...]
+    """GPU program (b, k, j) over split j of the head's region. Refs: start, length (`C.scalar`);
+    q [M, D]; k, v the row's whole pool [P, D]; with `causal` q_pos [1, M] and pos [1, P]; outputs
+    o [M, D], m, l [1, M] float32. A block is loaded at the region offset, shifted left to stay inside
+    the pool."""
+    qpos_ref, pos_ref, *out_refs = refs if causal else (None, None, *refs)
+    first = C.scalar(start_ref) + pl.program_id(2) * split  # first slot of this split
+    end = C.scalar(start_ref) + C.scalar(len_ref)
     n_pool = k_ref.shape[0]
     n_blocks = jnp.clip(pl.cdiv(end - first, block_k), 0, split // block_k)
     q = q_ref[...]
+    qpos = qpos_ref[0] if causal else None
 
     def body(i, carry):
-        want = first + i * block_k
-        base = jnp.minimum(want, n_pool - block_k)  # stay inside the pool
-        slot = base + jnp.arange(block_k)
-        valid = (slot >= want) & (slot < end)
-        s = C.dot_nt(q, k_ref[pl.ds(base, block_k), :]) * scale
-        seen = valid[None, :]
-        if causal:
-            seen = seen & (pos_ref[pl.ds(base, block_k)][None, :] <= qpos_ref[...][:, None])
-        s = jnp.where(seen, s, -jnp.inf)
-        v = jnp.where(valid[:, None], v_ref[pl.ds(base, block_k), :], 0).astype(v_ref.dtype)
-        return C.online_softmax_step(carry, s, v)
+        base = jnp.minimum(first + i * block_k, n_pool - block_k)  # stay inside the pool
+        sl = pl.ds(base, block_k)
+        return _tile(carry, q, qpos, k_ref[sl, :], v_ref[sl, :], pos_ref[0, sl] if causal else None,
+                     base + jnp.arange(block_k), first + i * block_k, end, scale)
 
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, C.init_carry(q.shape[0], q.shape[1]))
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+    C.write_partials(jax.lax.fori_loop(0, n_blocks, body, C.init_carry(q.shape[0], q.shape[1])), *out_refs)
+
+
+def _window(start, length, n, split: int):
+    """TPU: the pool window (a block of `split` slots) that program n of a head reads: its region's
+    n-th window, clamped to the last one (a repeated block: no DMA)."""
+    first = start // split
+    return jnp.minimum(first + n, jnp.maximum(C.last_block(start + length, split), first))
+
+
+def _ragged_kernel_tpu(start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
+                       causal: bool):
+    """TPU program (b, k, n) over the n-th pool window of `split` slots that the head's region touches.
+    Refs as `_ragged_kernel` but k, v [split, D] (and pos [1, split]) hold that window: windows are
+    aligned blocks the pipeline can fetch, the region's ends are masked."""
+    qpos_ref, pos_ref, *out_refs = refs if causal else (None, None, *refs)
+    start, length, n = C.scalar(start_ref), C.scalar(len_ref), pl.program_id(2)
+    w0 = _window(start, length, n, split) * split
+    lo, hi = jnp.maximum(start, w0), start + length
+    mine = (length > 0) & (start // split + n == w0 // split)  # not a repeat of the last window
+    first_tile = (lo - w0) // block_k
+    n_tiles = jnp.where(mine, jnp.clip(pl.cdiv(hi - w0, block_k), 0, split // block_k) - first_tile, 0)
+    q = q_ref[...]
+    qpos = qpos_ref[0] if causal else None
+
+    def body(i, carry):
+        off = pl.multiple_of((first_tile + i) * block_k, block_k)
+        sl = pl.ds(off, block_k)
+        return _tile(carry, q, qpos, k_ref[sl, :], v_ref[sl, :], pos_ref[0, sl] if causal else None,
+                     w0 + off + jnp.arange(block_k), lo, hi, scale)
+
+    C.write_partials(jax.lax.fori_loop(0, n_tiles, body, C.init_carry(q.shape[0], q.shape[1])), *out_refs)
 
 
 def _validate(q, k, v, start, length, q_pos, pos, who):
@@ -85,7 +118,8 @@ def ragged_decode_attention(q, k, v, start, length, q_pos=None, pos=None, *, blo
       k, v: [B, P, D] the pool.  start, length: int32 [B, K] region start and slots used per KV head.
       q_pos: int32 [B, T]; pos: int32 [B, P]: positions for the causal mask, needed (only) when T > 1.
       block_k: slots per inner step (a power of two <= P); default per backend.
-      n_splits: splits of a region (default: fill the chip); interpret: Pallas interpreter (CPU tests).
+      n_splits: splits of a region (GPU; default: fill the chip; TPU reads aligned windows of the pool).
+      interpret: Pallas interpreter (CPU tests).
     Returns:
       [B, T, H, D] in q's dtype.
     """
@@ -101,23 +135,31 @@ def ragged_decode_attention(q, k, v, start, length, q_pos=None, pos=None, *, blo
     if block_k & (block_k - 1) or not C.min_block(platform) <= block_k <= n_pool:
         raise C.unsupported(f"{who}: block_k {block_k} must be a power of two in [{C.min_block(platform)}, "
                             f"{n_pool}] (the pool's slots) on {platform}")
-    max_blocks = -(-n_pool // block_k)
-    n_splits = n_splits or min(max_blocks, -(-table["programs"] // (b * n_kv)))
-    split = block_k * -(-max_blocks // n_splits)
     causal = q_pos is not None
     qf = C.fold_queries(q, n_kv)
     rows = qf.shape[2]
-    head = pl.BlockSpec((None, None), lambda i, j, n: (i, j))
-    pool = pl.BlockSpec((None, n_pool, d), lambda i, j, n: (i, 0, 0))
-    args = [start.astype(jnp.int32), length.astype(jnp.int32), qf, k, v]
-    specs = [head, head, pl.BlockSpec((None, None, rows, d), lambda i, j, n: (i, j, 0, 0)), pool, pool]
-    if causal:
-        args += [C.fold_positions(q_pos, h // n_kv), pos.astype(jnp.int32)]
-        specs += [pl.BlockSpec((None, rows), lambda i, j, n: (i, 0)),
-                  pl.BlockSpec((None, n_pool), lambda i, j, n: (i, 0))]
-    kernel = functools.partial(_ragged_kernel, block_k=block_k, split=split, scale=d ** -0.5, causal=causal)
-    return C.split_decode(kernel, (b, n_kv, n_splits), specs, args, rows=rows, d=d, t=t, h=h, dtype=q.dtype,
-                          platform=platform, table=table, interpret=interpret, name="kvjax_ragged_decode_attention")
+    args = [qf, k, v] + ([C.fold_positions(q_pos, h // n_kv), C.vec(pos.astype(jnp.int32))] if causal else [])
+    q_spec = pl.BlockSpec((None, None, rows, d), lambda i, j, n, *_: (i, j, 0, 0))
+    qpos_spec = pl.BlockSpec((None, 1, rows), lambda i, j, n, *_: (i, 0, 0))
+    if platform == "tpu":  # aligned windows of the pool, as many as the pool has
+        split = block_k * max(1, min(table["max_split"], n_pool) // block_k)
+        n_splits = -(-n_pool // split)
+        window = lambda i, j, n, start, length: _window(start[i, j], length[i, j], n, split)  # noqa: E731
+        specs = [q_spec, *[pl.BlockSpec((None, split, d), lambda *a: (a[0], window(*a), 0))] * 2]
+        specs += [qpos_spec, pl.BlockSpec((None, 1, split), lambda *a: (a[0], 0, window(*a)))] if causal else []
+        body = _ragged_kernel_tpu
+    else:  # the whole pool per row (Triton reads through pointers); splits of each region
+        max_blocks = -(-n_pool // block_k)
+        n_splits = n_splits or min(max_blocks, -(-table["programs"] // (b * n_kv)))
+        split = block_k * -(-max_blocks // n_splits)
+        pool = pl.BlockSpec((None, n_pool, d), lambda i, j, n, *_: (i, 0, 0))
+        specs = [q_spec, pool, pool]
+        specs += [qpos_spec, pl.BlockSpec((None, 1, n_pool), lambda i, j, n, *_: (i, 0, 0))] if causal else []
+        body = _ragged_kernel
+    kernel = functools.partial(body, block_k=block_k, split=split, scale=d ** -0.5, causal=causal)
+    return C.split_decode(kernel, (b, n_kv, n_splits), [start.astype(jnp.int32), length.astype(jnp.int32)], specs,
+                          args, rows=rows, d=d, t=t, h=h, dtype=q.dtype, platform=platform, table=table,
+                          interpret=interpret, name="kvjax_ragged_decode_attention")
 
 
 def ragged_decode_attention_reference(q, k, v, start, length, q_pos=None, pos=None):
