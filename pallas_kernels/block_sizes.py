@@ -22,6 +22,6 @@ DECODE = {
 
 PREFILL = {
     "gpu": dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
-    "tpu": dict(block_q=128, block_k=512),
+    "tpu": dict(block_q=128, block_k=512, vmem_bytes=16 << 20),
     "cpu": dict(block_q=64, block_k=128),
 }

@@ -45,17 +45,17 @@ from kvjax.kernels.block_sizes import PREFILL
 
 
 def _forward_kernel(len_ref, qpos_ref, q_ref, k_ref, *refs, block_k: int, scale: float, values: bool):
-    """Program (b, h, i). Refs: length [] int32; q_pos [bq]; q [bq, D]; k (and v with `values`) [S, D]
-    of KV head h // G; kv_pos [S]; outputs (o [bq, D] with `values`,) lse [bq] float32. Without
-    `values` only the log-sum-exp is computed (V is never read)."""
+    """Program (b, h, i). Refs: length (`C.scalar`); q_pos [1, bq]; q [bq, D]; k (and v with `values`)
+    [S, D] of KV head h // G; kv_pos [1, S]; outputs (o [bq, D] with `values`,) lse [1, bq] float32.
+    Without `values` only the log-sum-exp is computed (V is never read)."""
     v_ref, kpos_ref, o_ref, lse_ref = refs if values else (None, refs[0], None, refs[1])
-    q, qpos = q_ref[...], qpos_ref[...]
-    length = len_ref[...]
+    q, qpos = q_ref[...], qpos_ref[0]
+    length = C.scalar(len_ref)
 
     def body(i, carry):
         sl = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         valid = i * block_k + jnp.arange(block_k) < length
-        seen = valid[None, :] & (kpos_ref[sl][None, :] <= qpos[:, None])
+        seen = valid[None, :] & (kpos_ref[0, sl][None, :] <= qpos[:, None])
         s = jnp.where(seen, C.dot_nt(q, k_ref[sl, :]) * scale, -jnp.inf)
         if values:
             v = jnp.where(valid[:, None], v_ref[sl, :], 0).astype(v_ref.dtype)
@@ -71,22 +71,24 @@ def _forward_kernel(len_ref, qpos_ref, q_ref, k_ref, *refs, block_k: int, scale:
     m, l = out[:2]
     if values:
         o_ref[...] = (out[2] / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)[None, :]
 
 
 def _probs_kernel(len_ref, qpos_ref, q_ref, lse_ref, w_ref, k_ref, kpos_ref, out_ref, *, block_q: int, scale: float,
                   reduce: bool):
-    """Program (b, h, j) owns key block j. Refs: length []; q_pos, lse, weight [T]; q [T, D]; k [bk, D];
-    kv_pos [bk]. Output: with `reduce` the column sums [bk], else the probabilities [T, bk]."""
+    """Program (b, h, j) owns key block j. Refs: length (`C.scalar`); q_pos, lse, weight [1, T];
+    q [T, D]; k [bk, D]; kv_pos [1, bk]. Output: with `reduce` the column sums [1, bk], else the
+    probabilities [T, bk]."""
     block_k = k_ref.shape[0]
     slot = pl.program_id(2) * block_k + jnp.arange(block_k)
-    valid = slot < len_ref[...]
-    k, kpos = k_ref[...], kpos_ref[...]
+    length = C.scalar(len_ref)
+    valid = slot < length
+    k, kpos = k_ref[...], kpos_ref[0]
 
     def probs(sl):
         s = C.dot_nt(q_ref[sl, :], k) * scale
-        seen = valid[None, :] & (kpos[None, :] <= qpos_ref[sl][:, None])
-        return jnp.where(seen, jnp.exp(s - lse_ref[sl][:, None]), 0.0)
+        seen = valid[None, :] & (kpos[None, :] <= qpos_ref[0, sl][:, None])
+        return jnp.where(seen, jnp.exp(s - lse_ref[0, sl][:, None]), 0.0)
 
     if not reduce:
         out_ref[...] = probs(slice(None))
@@ -94,11 +96,11 @@ def _probs_kernel(len_ref, qpos_ref, q_ref, lse_ref, w_ref, k_ref, kpos_ref, out
 
     def body(i, col):
         sl = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
-        return col + (probs(sl) * w_ref[sl][:, None]).sum(axis=0)
+        return col + (probs(sl) * w_ref[0, sl][:, None]).sum(axis=0)
 
-    used = pl.program_id(2) * block_k < len_ref[...]  # key blocks past the row's length get zeros
+    used = pl.program_id(2) * block_k < length  # key blocks past the row's length get zeros
     n_q_blocks = jnp.where(used, q_ref.shape[0] // block_q, 0)
-    out_ref[...] = jax.lax.fori_loop(0, n_q_blocks, body, jnp.zeros((block_k,), jnp.float32))
+    out_ref[...] = jax.lax.fori_loop(0, n_q_blocks, body, jnp.zeros((block_k,), jnp.float32))[None, :]
 
 
 def _validate(q, q_pos, k, v, kv_pos, length, who):
@@ -134,27 +136,34 @@ def _forward_call(q, q_pos, k, v, kv_pos, length, block_q, block_k, interpret, w
     C.check_common(q, k.dtype, d, platform, who)
     block_q, block_k, table = _blocks(t, s, block_q, block_k, platform, who)
     values = v is not None
-    kv = pl.BlockSpec((None, None, s, d), lambda i, hh, n: (i, hh // g, 0, 0))
-    o_spec = pl.BlockSpec((None, None, block_q, d), lambda i, hh, n: (i, hh, n, 0))
-    lse_spec = pl.BlockSpec((None, None, block_q), lambda i, hh, n: (i, hh, n))
-    lse_shape = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
-    out = pl.pallas_call(
+    _check_vmem(s, d, k.dtype, 2 if values else 1, platform, who)
+    kv = pl.BlockSpec((None, None, s, d), lambda i, hh, n, *_: (i, hh // g, 0, 0))
+    o_spec = pl.BlockSpec((None, None, block_q, d), lambda i, hh, n, *_: (i, hh, n, 0))
+    lse_spec = pl.BlockSpec((None, None, 1, block_q), lambda i, hh, n, *_: (i, hh, 0, n))
+    lse_shape = jax.ShapeDtypeStruct((b, h, 1, t), jnp.float32)
+    out = C.call(
         functools.partial(_forward_kernel, block_k=block_k, scale=d ** -0.5, values=values),
         grid=(b, h, t // block_q),
-        in_specs=[pl.BlockSpec((None,), lambda i, hh, n: (i,)),
-                  pl.BlockSpec((None, block_q), lambda i, hh, n: (i, n)),
-                  pl.BlockSpec((None, None, block_q, d), lambda i, hh, n: (i, hh, n, 0)),
+        scalars=[length.astype(jnp.int32)],
+        in_specs=[pl.BlockSpec((None, 1, block_q), lambda i, hh, n, *_: (i, 0, n)),
+                  pl.BlockSpec((None, None, block_q, d), lambda i, hh, n, *_: (i, hh, n, 0)),
                   *([kv, kv] if values else [kv]),
-                  pl.BlockSpec((None, None, s), lambda i, hh, n: (i, hh // g, 0))],
+                  pl.BlockSpec((None, None, 1, s), lambda i, hh, n, *_: (i, hh // g, 0, 0))],
+        args=[C.vec(q_pos.astype(jnp.int32)), q.transpose(0, 2, 1, 3), k, *([v] if values else []),
+              C.vec(kv_pos.astype(jnp.int32))],
         out_specs=[o_spec, lse_spec] if values else [lse_spec],
         out_shape=[jax.ShapeDtypeStruct((b, h, t, d), q.dtype), lse_shape] if values else [lse_shape],
-        compiler_params=C.compiler_params(platform, 3, table),
-        interpret=interpret,
-        name="kvjax_prefill_attention",
-    )(length.astype(jnp.int32), q_pos.astype(jnp.int32), q.transpose(0, 2, 1, 3), k,
-      *([v] if values else []), kv_pos.astype(jnp.int32))
+        platform=platform, table=table, interpret=interpret, name="kvjax_prefill_attention")
     lse = out[-1].reshape(b, n_kv, g * t)
     return (out[0].transpose(0, 2, 1, 3), lse) if values else lse
+
+
+def _check_vmem(s: int, d: int, dtype, n_arrays: int, platform: str, who: str):
+    """TPU: a program holds its KV head's whole K (and V) [S, D] in VMEM, double-buffered."""
+    need = 2 * n_arrays * s * d * jnp.dtype(dtype).itemsize
+    if platform == "tpu" and need > PREFILL["tpu"]["vmem_bytes"]:
+        raise C.unsupported(f"{who}: on TPU a program holds its KV head's K/V ({s} slots x {d}, {need >> 20} MiB "
+                            f"double-buffered) in VMEM, over the {PREFILL['tpu']['vmem_bytes'] >> 20} MiB budget")
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
@@ -182,25 +191,26 @@ def _probs_call(q, q_pos, weight, k, kv_pos, length, lse, block_q, block_k, inte
     g = h // n_kv
     C.check_common(q, k.dtype, d, platform, who)
     block_q, block_k, table = _blocks(t, s, block_q if reduce else t, block_k, platform, who)
-    per_query = lambda x: pl.BlockSpec((None, None, t), lambda i, hh, n: (i, hh, 0))  # noqa: E731
-    out_spec, out_shape = ((pl.BlockSpec((None, None, block_k), lambda i, hh, n: (i, hh, n)), (b, h, s)) if reduce else
-                           (pl.BlockSpec((None, None, t, block_k), lambda i, hh, n: (i, hh, 0, n)), (b, h, t, s)))
-    return pl.pallas_call(
+    per_query = pl.BlockSpec((None, None, 1, t), lambda i, hh, n, *_: (i, hh, 0, 0))
+    out_spec, out_shape = ((pl.BlockSpec((None, None, 1, block_k), lambda i, hh, n, *_: (i, hh, 0, n)), (b, h, 1, s))
+                           if reduce else
+                           (pl.BlockSpec((None, None, t, block_k), lambda i, hh, n, *_: (i, hh, 0, n)), (b, h, t, s)))
+    out = C.call(
         functools.partial(_probs_kernel, block_q=block_q, scale=d ** -0.5, reduce=reduce),
         grid=(b, h, s // block_k),
-        in_specs=[pl.BlockSpec((None,), lambda i, hh, n: (i,)),
-                  pl.BlockSpec((None, t), lambda i, hh, n: (i, 0)),
-                  pl.BlockSpec((None, None, t, d), lambda i, hh, n: (i, hh, 0, 0)),
-                  per_query(None), per_query(None),
-                  pl.BlockSpec((None, None, block_k, d), lambda i, hh, n: (i, hh // g, n, 0)),
-                  pl.BlockSpec((None, None, block_k), lambda i, hh, n: (i, hh // g, n))],
+        scalars=[length.astype(jnp.int32)],
+        in_specs=[pl.BlockSpec((None, 1, t), lambda i, hh, n, *_: (i, 0, 0)),
+                  pl.BlockSpec((None, None, t, d), lambda i, hh, n, *_: (i, hh, 0, 0)),
+                  per_query, per_query,
+                  pl.BlockSpec((None, None, block_k, d), lambda i, hh, n, *_: (i, hh // g, n, 0)),
+                  pl.BlockSpec((None, None, 1, block_k), lambda i, hh, n, *_: (i, hh // g, 0, n))],
+        args=[C.vec(q_pos.astype(jnp.int32)), q.transpose(0, 2, 1, 3), C.vec(lse.reshape(b, h, t)),
+              C.vec(jnp.broadcast_to(weight.astype(jnp.float32)[:, None, :], (b, h, t))), k,
+              C.vec(kv_pos.astype(jnp.int32))],
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
-        compiler_params=C.compiler_params(platform, 3, table),
-        interpret=interpret,
-        name="kvjax_attention_probs",
-    )(length.astype(jnp.int32), q_pos.astype(jnp.int32), q.transpose(0, 2, 1, 3), lse.reshape(b, h, t),
-      jnp.broadcast_to(weight.astype(jnp.float32)[:, None, :], (b, h, t)), k, kv_pos.astype(jnp.int32))
+        platform=platform, table=table, interpret=interpret, name="kvjax_attention_probs")
+    return out[:, :, 0] if reduce else out
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
