@@ -70,6 +70,11 @@ class TestDecodeInterpret(DecodeCases):
     INTERPRET = True
 
 
+class TestDecodeTpuInterpret(DecodeCases):
+    INTERPRET = True
+    TARGET = "tpu"
+
+
 def test_compiling_on_cpu_names_the_fallback():
     import jax
 

@@ -75,3 +75,8 @@ class TestPrefill(PrefillCases):
 
 class TestPrefillInterpret(PrefillCases):
     INTERPRET = True
+
+
+class TestPrefillTpuInterpret(PrefillCases):
+    INTERPRET = True
+    TARGET = "tpu"

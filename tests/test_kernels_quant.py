@@ -87,3 +87,8 @@ class TestQuant(QuantCases):
 
 class TestQuantInterpret(QuantCases):
     INTERPRET = True
+
+
+class TestQuantTpuInterpret(QuantCases):
+    INTERPRET = True
+    TARGET = "tpu"

@@ -54,3 +54,8 @@ class TestRagged(RaggedCases):
 
 class TestRaggedInterpret(RaggedCases):
     INTERPRET = True
+
+
+class TestRaggedTpuInterpret(RaggedCases):
+    INTERPRET = True
+    TARGET = "tpu"
