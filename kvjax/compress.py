@@ -63,19 +63,20 @@ def keep_top(state: DenseKV, scores, n_keep, capacity: int, carry=None):
     return out if carry is None else (out, jnp.take_along_axis(carry, idx, axis=2))
 
 
-@functools.partial(jax.jit, static_argnames=("method", "cfg", "capacities", "rolling"))
+@functools.partial(jax.jit, static_argnames=("method", "cfg", "capacities", "rolling", "attention_impl"))
 def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaConfig,
-             capacities: tuple[int, ...], rolling: bool = False) -> KVCache:
+             capacities: tuple[int, ...], rolling: bool = False, attention_impl: str = "xla") -> KVCache:
     """Evict every layer of a freshly prefilled cache down to `n_keep` int32 [L, B] tokens per head.
 
     `capacities[l]` (static) is layer l's slot count after eviction (>= max over rows of n_keep[l]).
     With `rolling`, layers become `RollingKV` of that capacity, which keep evicting while decoding
-    under the method's `decode_rule`.
+    under the method's `decode_rule`. `attention_impl` reaches scorers that attend (`ScoreContext`).
     """
     layers = []
     for i, (state, layer_obs) in enumerate(zip(cache.layers, obs)):
         ctx = ScoreContext(k=state.k, v=state.v, pos=state.pos, length=state.length, n_tokens=cache.next_pos,
-                           obs=layer_obs, layer=i, n_layers=len(cache.layers), cfg=cfg)
+                           obs=layer_obs, layer=i, n_layers=len(cache.layers), cfg=cfg,
+                           attention_impl=attention_impl)
         with jax.named_scope(f"evict_{i}"):
             scores = method.score(ctx).astype(jnp.float32)
             if rolling:

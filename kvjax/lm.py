@@ -203,8 +203,9 @@ class LM:
             logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe,
                                                     attention_impl=attention_impl)
             if plan.method is not None:
-                cache = compress(cache, obs, jnp.asarray(plan.n_keep), method=plan.method,
-                                 cfg=self.cfg, capacities=capacities, rolling=plan.rolling is not None)
+                cache = compress(cache, obs, jnp.asarray(plan.n_keep), method=plan.method, cfg=self.cfg,
+                                 capacities=capacities, rolling=plan.rolling is not None,
+                                 attention_impl=attention_impl)
         if plan.quantizer is not None:
             if plan.check_finite:
                 for i, layer in enumerate(cache.layers):

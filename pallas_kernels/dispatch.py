@@ -18,7 +18,7 @@ import jax
 
 from kvjax.kernels import _common as C
 from kvjax.kernels.decode_attention import decode_attention
-from kvjax.kernels.prefill_attention import attention_column_sums, prefill_attention
+from kvjax.kernels.prefill_attention import attention_column_sums, prefill_attention, window_attention
 from kvjax.kernels.quant_decode_attention import quant_decode_attention
 from kvjax.kernels.ragged_decode_attention import ragged_decode_attention
 from kvjax.kv_state import DenseKV
@@ -50,12 +50,18 @@ def attend(state, q, q_pos, return_lse: bool = False, strict: bool = True):
     [B, K, G*T] that column-sum observations reuse) is available for dense prefill chunks. A state
     with no kernel: ValueError if `strict`, else the state's own plain-jnp `attend`.
     """
+    return kernel_or(lambda: _kernel_attend(state, q, q_pos, return_lse),
+                     lambda: state.attend(q, q_pos, return_lse=return_lse), strict)
+
+
+def kernel_or(kernel, fallback, strict: bool):
+    """`kernel()`, or, when it raises `Unsupported` (at trace time) and not `strict`, `fallback()`."""
     try:
-        return _kernel_attend(state, q, q_pos, return_lse)
+        return kernel()
     except C.Unsupported:
         if strict:
             raise
-        return state.attend(q, q_pos, return_lse=return_lse)
+        return fallback()
 
 
 def _kernel_attend(state, q, q_pos, return_lse: bool):
@@ -87,6 +93,11 @@ def _kernel_attend(state, q, q_pos, return_lse: bool):
         return ragged_decode_attention(q, state.k, state.v, state.start, state.length, **causal,
                                        interpret=interpret)
     raise C.unsupported(f"no Pallas kernel for a {type(state).__name__} layer state")
+
+
+def window_probs(q_win, win_pos, k, kv_pos, length):
+    """Observation-window attention float32 [B, H, W, S] by the scoring-prefill kernel (SnapKV, TOVA, ...)."""
+    return window_attention(q_win.astype(k.dtype), win_pos, k, kv_pos, length, interpret=_interpret())
 
 
 def column_sums(q, q_pos, q_valid, state, lse):

@@ -16,6 +16,8 @@ CASES = {
     "int8": dict(quant="int8"),
     "adakv (ragged)": dict(method=methods.AdaKV(methods.SnapKV(window=4)), ratio=0.5),
     "h2o (column sums)": dict(method="observed_attention", ratio=0.5),
+    "snapkv (window attention)": dict(method=methods.SnapKV(window=8), ratio=0.5),
+    "tova (window attention)": dict(method="tova", ratio=0.5),
     "streaming (rolling)": dict(method="streaming_llm", capacity=24),
 }
 
@@ -70,3 +72,29 @@ def test_auto_uses_jnp_where_a_layout_has_no_kernel(lm, rows, quant):
     assert run("auto") == run("xla")
     with pytest.raises(ValueError, match='attention_impl="xla"'):
         run("pallas")
+
+
+def test_window_scorers_use_the_kernel():
+    """SnapKV / TOVA window attention under "pallas" is the kernel's (same values as jnp); a head dim
+    the kernel refuses raises under "pallas" and falls back to jnp under "auto"."""
+    import dataclasses
+
+    import numpy as np
+    from test_methods import make_ctx, make_obs
+
+    from kvjax.methods.window import window_attention
+
+    rng = np.random.default_rng(0)
+    for d in (32, 24):  # 24 is not a power of two: no kernel
+        b, n_kv, g, s, w = 2, 2, 3, 64, 5
+        obs = make_obs(b, n_kv * g, d, q_win=rng.normal(size=(b, w, n_kv * g, d)),
+                       win_pos=np.array([[35, 36, 37, 38, 39], [55, 56, 57, 58, 59]]))
+        ctx = make_ctx(rng.normal(size=(b, n_kv, s, d)), [40, 60], g, obs=obs)
+        ref = window_attention(ctx, w)
+        with_impl = lambda impl: window_attention(dataclasses.replace(ctx, attention_impl=impl), w)  # noqa: E731
+        np.testing.assert_allclose(with_impl("auto"), ref, atol=2e-5)
+        if d == 32:
+            np.testing.assert_allclose(with_impl("pallas"), ref, atol=2e-5)
+        else:
+            with pytest.raises(ValueError, match=r'head dim 24 .*attention_impl="xla"'):
+                with_impl("pallas")

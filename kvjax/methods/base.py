@@ -60,7 +60,8 @@ class ScoreContext:
       pos: int32 [B, K, S] original positions.  length: int32 [B] slots in use.
       n_tokens: int32 [B] prompt tokens seen (= length for an uncompressed prefill).
       obs: the layer's `LayerObs`.  layer, n_layers: which layer of how many.
-      cfg: model config (RoPE, heads).
+      cfg: model config (RoPE, heads).  attention_impl: "xla" | "pallas" | "auto", for scorers that
+        attend (window attention).
     """
 
     k: jax.Array
@@ -72,6 +73,7 @@ class ScoreContext:
     layer: int
     n_layers: int
     cfg: LlamaConfig
+    attention_impl: str = "xla"
 
     @property
     def used(self) -> jax.Array:  # bool [B, 1, S] slots holding a token
