@@ -28,7 +28,8 @@ from kvjax.kernels import (attention_column_sums, attention_column_sums_referenc
 from kvjax.kv_state import DenseKV
 from kvjax.quant_kv import QuantKV
 
-PEAK_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12, "TPU v5 lite": 819e9, "TPU v5e": 819e9}
+PEAK_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5 lite": 819e9, "TPU v5e": 819e9,
+                "TPU v6 lite": 1.64e12, "TPU v5p": 2.765e12, "TPU v4": 1.2e12}
 B, H, K, D = 4, 32, 8, 128
 QUANTS = ["kivi-4", "kivi-2", "per_token-4", "int8", "fp8"]
 

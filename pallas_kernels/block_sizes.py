@@ -3,14 +3,15 @@
 Keys: `block_k` key slots per inner-loop step; `block_q` query positions per program (prefill);
 `programs` the number of programs a decode call aims for (flash-decoding splits the cache until
 batch x KV heads x splits reaches it: enough to fill the chip); `num_warps` / `num_stages` Triton
-launch parameters (GPU only); `max_split` the longest split (TPU: one K or V tile of the pipeline
-in VMEM, 4096 x D 128 x 2 B = 1 MiB, double-buffered). "cpu" is interpret mode, tuned for test speed (few, large steps).
+launch parameters (GPU only); `max_split` the longest decode split (TPU: one K or V tile of the
+pipeline in VMEM, 4096 x D 128 x 2 B = 1 MiB, double-buffered); `vmem_bytes` the VMEM a TPU prefill
+program may fill with its K/V. "cpu" is interpret mode, tuned for test speed (few, large steps).
 
 GPU values are starting points reasoned from the H100 (not yet tuned on hardware; run
 experiments/bench_kernels.py): decode is bandwidth bound, so tiles stay small enough to keep several
 loads in flight per SM (64 slots x D 128 x 2 B = 16 KiB per K or V tile) and the split count fills
-132 SMs about four times over. TPU values follow the VMEM budget (16 MiB scoped by default); they lower with Mosaic
-(`tests/test_kernels_lowering.py`) but have not run on a TPU.
+132 SMs about four times over. TPU values follow the VMEM budget (16 MiB scoped by default); they
+lower with Mosaic (`tests/test_kernels_lowering.py`) but have not run on a TPU.
 """
 from __future__ import annotations
 

@@ -231,7 +231,8 @@ def quant_decode_attention(q, kq: quant.QuantizedArray, vq: quant.QuantizedArray
         n = jnp.minimum(n, n_splits - 1)  # the residual program (n = n_splits) reads no store block
         return jnp.minimum(n, C.last_block(scalars[0][i], split)) if scalars else n  # TPU: no DMA past n_q
 
-    whole = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, n, *_: (i, j) + (0,) * len(shape))  # noqa: E731
+    def whole(*shape):  # the (b, k) block of a per-head array
+        return pl.BlockSpec((None, None, *shape), lambda i, j, n, *_: (i, j) + (0,) * len(shape))
 
     def store(x, per_token: int):
         """Split j of a store leaf [B, K, Q / per_token, ...]."""

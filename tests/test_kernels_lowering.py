@@ -137,3 +137,28 @@ def test_target_runs_the_tpu_variant_in_the_interpreter():
     with lowering.target("tpu"):
         out = kernels.ragged_decode_attention(q, k, v, start, length, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_benchmark_shapes_lower(platform):
+    """The shapes of experiments/bench_kernels.py (Llama-3-8B attention, batch 4, bf16, 128k context)."""
+    b, h, n_kv, d, s, t = 4, 32, 8, 128, 131072, 512
+    bf = jnp.bfloat16
+    q1, k, length = S((b, 1, h, d), bf), S((b, n_kv, s, d), bf), S((b,), I32)
+    lowered(platform, None, kernels.decode_attention, q1, k, k, length)
+
+    def state(spec):
+        pos = jnp.broadcast_to(jnp.arange(s, dtype=I32), (b, n_kv, s))
+        dense = DenseKV(jnp.zeros((b, n_kv, s, d), bf), jnp.zeros((b, n_kv, s, d), bf), pos, jnp.full((b,), s, I32))
+        return QuantKV.from_dense(dense, quantizers.get(spec), s)
+
+    for spec in ["kivi-2", "kivi-4", "per_token-4", "int8", "fp8"]:
+        st = jax.eval_shape(lambda spec=spec: state(spec))
+        lowered(platform, None, kernels.quant_decode_attention, q1, st.kq, st.vq, st.n_q, st.k_res, st.v_res, st.n_r)
+    pool = S((b, n_kv * s // 2, d), bf)
+    lowered(platform, None, kernels.ragged_decode_attention, q1, pool, pool, S((b, n_kv), I32), S((b, n_kv), I32))
+    sp = 8192
+    qp, kp, pos, kv_pos = S((1, t, h, d), bf), S((1, n_kv, sp, d), bf), S((1, t), I32), S((1, n_kv, sp), I32)
+    lowered(platform, None, kernels.prefill_attention, qp, pos, kp, kp, kv_pos, S((1,), I32))
+    lowered(platform, None, kernels.attention_column_sums, qp, pos, S((1, t), jnp.bool_), kp, kv_pos, S((1,), I32),
+            S((1, n_kv, h // n_kv * t), jnp.float32))
