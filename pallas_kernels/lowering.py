@@ -40,11 +40,59 @@ def target(platform: str, device_kind: str | None = None):
 
 def lower(kernel, *args, **static):
     """`jax.export` of the jitted `kernel(*args, **static)` for the current `target` (no compile, no
-    device): raises whatever the Pallas lowering rejects. `args` may be `jax.ShapeDtypeStruct`s."""
+    device): raises whatever the Pallas lowering rejects. For GPU, each Triton module is also run
+    through the MLIR verifier (Triton's own first step), which catches ill-typed IR the lowering lets
+    through. `args` may be `jax.ShapeDtypeStruct`s."""
+    return _lower(kernel, args, static)[0]
+
+
+def triton_modules(kernel, *args, **static) -> list[str]:
+    """The Triton-dialect modules (TTIR text, one per `pallas_call`) of `kernel(*args, **static)`
+    lowered for GPU, as `triton.compile` reads them (`experiments/compile_triton.py`)."""
+    with target("gpu"):
+        return [m.operation.get_asm(enable_debug_info=False) for m in _lower(kernel, args, static)[1]]
+
+
+def _lower(kernel, args, static):
     device = jax.sharding.get_abstract_mesh().abstract_device
     if device is None:
         raise ValueError("lower() needs a target: wrap it in `with lowering.target('gpu' | 'tpu'):`")
     export_platform, _, custom_call = TARGETS[device.platform]
     fn = kernel if hasattr(kernel, "lower") else jax.jit(kernel)
-    return jax.export.export(fn, platforms=[export_platform],
-                             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args, **static)
+    export = jax.export.export(fn, platforms=[export_platform],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])
+    if device.platform != "gpu":
+        return export(*args, **static), []
+    with _captured_triton_modules() as modules:
+        exported = export(*args, **static)
+        if not modules:  # lowered before in this process (a cached lowering): lower afresh to see them
+            jax.clear_caches()
+            exported = export(*args, **static)
+    for module in modules:
+        try:
+            module.operation.verify()
+        except Exception as e:  # jaxlib's MLIRError
+            raise ValueError(f"the Triton module of {getattr(kernel, '__name__', kernel)} fails MLIR "
+                             f"verification: {e}") from e
+    return exported, modules
+
+
+@contextlib.contextmanager
+def _captured_triton_modules():
+    """Collect the Triton modules the Pallas Triton lowering builds (a JAX internal: jax 0.10's
+    `pallas_call_registration` calls `lowering.lower_jaxpr_to_triton_module` for each pallas_call)."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    original = registration.lowering.lower_jaxpr_to_triton_module
+    modules = []
+
+    def capture(*a, **k):
+        result = original(*a, **k)
+        modules.append(result.module)
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        yield modules
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = original

@@ -99,7 +99,8 @@ def _probs_kernel(len_ref, qpos_ref, q_ref, lse_ref, w_ref, k_ref, kpos_ref, out
         return col + (probs(sl) * w_ref[0, sl][:, None]).sum(axis=0)
 
     used = pl.program_id(2) * block_k < length  # key blocks past the row's length get zeros
-    n_q_blocks = jnp.where(used, q_ref.shape[0] // block_q, 0)
+    n_q_blocks = used.astype(jnp.int32) * (q_ref.shape[0] // block_q)  # not a select of two weak ints: the
+    # Triton lowering of that types them as the predicate (i1; found by compiling the module with Triton)
     out_ref[...] = jax.lax.fori_loop(0, n_q_blocks, body, jnp.zeros((block_k,), jnp.float32))[None, :]
 
 
