@@ -21,6 +21,10 @@ DECODE = {
     "cpu": dict(block_k=64, programs=1),
 }
 
+# Quantized decode: 8 warps on GPU. At 4, unpacking 2/4-bit [64, 128] tiles needs 255 registers per
+# thread and spills (ptxas for sm_90a, experiments/compile_triton.py); at 8: 231-248, no spills.
+QUANT_DECODE = {**DECODE, "gpu": dict(DECODE["gpu"], num_warps=8)}
+
 PREFILL = {
     "gpu": dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
     "tpu": dict(block_q=128, block_k=512, vmem_bytes=16 << 20),

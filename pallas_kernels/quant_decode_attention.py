@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 
 from kvjax import quant
 from kvjax.kernels import _common as C
-from kvjax.kernels.block_sizes import DECODE
+from kvjax.kernels.block_sizes import QUANT_DECODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +206,7 @@ def quant_decode_attention(q, kq: quant.QuantizedArray, vq: quant.QuantizedArray
     who = "quant_decode_attention"
     _validate(q, kq, vq, n_q, k_res, v_res, n_r, q_pos, pos, pos_res, who)
     platform = C.backend(interpret)
-    table = DECODE[platform]
+    table = QUANT_DECODE[platform]
     b, t, h, d = q.shape
     n_kv, cap, r = k_res.shape[1], kq.shape[2], k_res.shape[2]
     kf, vf = _Fmt.of(kq), _Fmt.of(vq)
