@@ -27,8 +27,8 @@ from kvjax import kernels, quantizers
 from kvjax.kernels import lowering
 from kvjax.kv_state import DenseKV, EMPTY_POS
 from kvjax.quant_kv import QuantKV
+from kernel_shapes import bench_shapes, report
 
-SDS = jax.ShapeDtypeStruct
 I32 = jnp.int32
 TARGETS = [("gpu", None), ("tpu", "TPU v4"), ("tpu", "TPU v5 lite"), ("tpu", "TPU v6 lite")]
 QUANTS = ["kivi-2", "kivi-4", "per_token-4", "int8", "fp8"]
@@ -74,31 +74,6 @@ def accuracy_cases(dtype, rng):
         lambda: kernels.window_attention_reference(qp[:, -8:], q_pos[:, -8:], k, kv_pos, length)
 
 
-def bench_shapes():
-    """(name, kernel, abstract args) at bench_kernels.py's shapes (decode at 128k, prefill chunk at 8k)."""
-    b, h, n_kv, d, s, t, sp = 4, 32, 8, 128, 131072, 512, 8192
-    bf = jnp.bfloat16
-    q1, k, length = SDS((b, 1, h, d), bf), SDS((b, n_kv, s, d), bf), SDS((b,), I32)
-    yield "decode", kernels.decode_attention, (q1, k, k, length)
-    for spec in QUANTS:
-        def state(spec=spec):
-            pos = jnp.broadcast_to(jnp.arange(s, dtype=I32), (b, n_kv, s))
-            dense = DenseKV(jnp.zeros((b, n_kv, s, d), bf), jnp.zeros((b, n_kv, s, d), bf), pos,
-                            jnp.full((b,), s, I32))
-            return QuantKV.from_dense(dense, quantizers.get(spec), s)
-        st = jax.eval_shape(state)
-        yield f"quant decode ({spec})", kernels.quant_decode_attention, \
-            (q1, st.kq, st.vq, st.n_q, st.k_res, st.v_res, st.n_r)
-    pool = SDS((b, n_kv * s // 2, d), bf)
-    yield "ragged decode", kernels.ragged_decode_attention, (q1, pool, pool, SDS((b, n_kv), I32), SDS((b, n_kv), I32))
-    qp, kp, pos, kv_pos = SDS((1, t, h, d), bf), SDS((1, n_kv, sp, d), bf), SDS((1, t), I32), SDS((1, n_kv, sp), I32)
-    yield "prefill forward", kernels.prefill_attention, (qp, pos, kp, kp, kv_pos, SDS((1,), I32))
-    yield "H2O column sums", kernels.attention_column_sums, \
-        (qp, pos, SDS((1, t), jnp.bool_), kp, kv_pos, SDS((1,), I32), SDS((1, n_kv, h // n_kv * t), jnp.float32))
-    yield "window attention", kernels.window_attention, (SDS((1, 8, h, d), bf), SDS((1, 8), I32), kp, kv_pos,
-                                                         SDS((1,), I32))
-
-
 def max_err(out, ref) -> float:
     return float(np.max(np.abs(np.asarray(out, np.float32) - np.asarray(ref, np.float32))))
 
@@ -124,7 +99,7 @@ def main(argv=None) -> int:
               "context, prefill: a 512-token chunk over 8k): seconds to lower, or the error.", "",
               "| kernel | " + " | ".join(k or "GPU (Triton)" for _, k in TARGETS) + " |",
               "|---|" + "---|" * len(TARGETS)]
-    for name, kernel, a in tqdm(list(bench_shapes()), desc="lowering"):
+    for name, kernel, a in tqdm(list(bench_shapes(131072, quants=QUANTS)), desc="lowering"):
         cells = []
         for platform, kind in TARGETS:
             t0 = time.perf_counter()
@@ -135,11 +110,7 @@ def main(argv=None) -> int:
             except ValueError as e:
                 cells.append(f"fails: {str(e).splitlines()[0][:80]}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report(lines, args.out)
     return 0
 
 

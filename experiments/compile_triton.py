@@ -23,41 +23,16 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from kvjax import kernels, quantizers
+from kernel_shapes import QUANTS, bench_shapes, report
 from kvjax.kernels import lowering
 from kvjax.kernels.block_sizes import DECODE, PREFILL, QUANT_DECODE
-from kvjax.kv_state import DenseKV
-from kvjax.quant_kv import QuantKV
-
-SDS = jax.ShapeDtypeStruct
-I32 = jnp.int32
 
 
 def cases():
-    """(name, kernel, args, static) at bench_kernels.py's shapes (Llama-3-8B attention, batch 4)."""
-    b, h, n_kv, d, s, t, sp = 4, 32, 8, 128, 32768, 512, 8192
+    """(name, kernel, args) at bench_kernels.py's shapes, bf16 and float32 (quantized: bf16 residuals)."""
     for dtype in (jnp.bfloat16, jnp.float32):
-        tag = jnp.dtype(dtype).name
-        q1, k = SDS((b, 1, h, d), dtype), SDS((b, n_kv, s, d), dtype)
-        yield f"decode {tag}", kernels.decode_attention, (q1, k, k, SDS((b,), I32)), {}
-        pool = SDS((b, n_kv * s // 2, d), dtype)
-        yield f"ragged decode {tag}", kernels.ragged_decode_attention, \
-            (q1, pool, pool, SDS((b, n_kv), I32), SDS((b, n_kv), I32)), {}
-        qp, kp, pos, kv_pos = SDS((1, t, h, d), dtype), SDS((1, n_kv, sp, d), dtype), SDS((1, t), I32), \
-            SDS((1, n_kv, sp), I32)
-        yield f"prefill forward {tag}", kernels.prefill_attention, (qp, pos, kp, kp, kv_pos, SDS((1,), I32)), {}
-        yield f"H2O column sums {tag}", kernels.attention_column_sums, \
-            (qp, pos, SDS((1, t), jnp.bool_), kp, kv_pos, SDS((1,), I32), SDS((1, n_kv, h // n_kv * t), jnp.float32)), {}
-        yield f"window attention {tag}", kernels.window_attention, \
-            (SDS((1, 8, h, d), dtype), SDS((1, 8), I32), kp, kv_pos, SDS((1,), I32)), {}
-    for spec in ["kivi-2", "kivi-4", "per_token-2", "per_token-4", "per_token-8", "int8", "fp8"]:
-        def state(spec=spec):
-            pos = jnp.broadcast_to(jnp.arange(s, dtype=I32), (b, n_kv, s))
-            zeros = jnp.zeros((b, n_kv, s, d), jnp.bfloat16)
-            return QuantKV.from_dense(DenseKV(zeros, zeros, pos, jnp.full((b,), s, I32)), quantizers.get(spec), s)
-        st = jax.eval_shape(state)
-        yield f"quant decode {spec}", kernels.quant_decode_attention, \
-            (SDS((b, 1, h, d), jnp.bfloat16), st.kq, st.vq, st.n_q, st.k_res, st.v_res, st.n_r), {}
+        for name, kernel, a in bench_shapes(32768, dtype, quants=[] if dtype == jnp.float32 else QUANTS):
+            yield f"{name} {jnp.dtype(dtype).name}", kernel, a
 
 
 def ptxas_usage(ptx: str, ptxas: str, work: Path) -> dict:
@@ -96,11 +71,11 @@ def main(argv=None) -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, kernel, a, static in tqdm([c for c in cases() if not args.only or args.only in c[0]],
+        for name, kernel, a in tqdm([c for c in cases() if not args.only or args.only in c[0]],
                                             desc="compile"):
             launch = tables["quant" if "quant" in name else "decode" if "decode" in name else "prefill"]
             try:
-                modules = lowering.triton_modules(kernel, *a, **static)
+                modules = lowering.triton_modules(kernel, *a)
             except ValueError as e:
                 lines.append(f"| {name} | | | lowering fails: {str(e).splitlines()[0][:100]} | | |")
                 failures += 1
@@ -118,11 +93,7 @@ def main(argv=None) -> int:
                     lines.append(f"| {name} | {i + 1} of {len(modules)} | | compile fails: "
                                  f"{str(e).splitlines()[0][:100]} | | |")
                     failures += 1
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report(lines, args.out)
     return 1 if failures else 0
 
 
