@@ -6,8 +6,11 @@ head's, never past its length), for the G query heads of the group at once, with
 online softmax (Dao 2023, arXiv 2307.08691); splits are merged as in flash-decoding (Dao et al. 2023).
 The plain-jnp `RaggedKV.attend` instead scores every query against the whole pool (K x the work).
 
-Regions start anywhere, so a block is loaded at the region offset, shifted left to stay inside the
-pool when it would run past the end (the shifted-in slots are masked), never read out of bounds.
+Regions start anywhere. On GPU a block is loaded at the region offset, shifted left to stay inside
+the pool when it would run past the end (the shifted-in slots are masked), never read out of bounds.
+On TPU a block must be aligned, so program (b, k, n) reads the n-th aligned window of `split` pool
+slots that the head's region touches (windows past the region repeat the last one: no DMA) and masks
+the region's ends.
 
 Legend: B batch, T query tokens (1 when decoding), H query heads, K KV heads, G = H/K, D head dim,
 P pool slots, M folded query rows (G*T padded to a power of two >= 16), N splits of a region, bk key block.
