@@ -33,8 +33,8 @@ def backend(interpret: bool) -> str:
     that is not attached, or to run that backend's variant of a kernel in the interpreter), then
     interpret mode ("cpu"), then the default backend.
     """
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    if device is not None:
+    device = jax.sharding.get_abstract_mesh().abstract_device  # also set by a concrete mesh in use
+    if device is not None and device.platform in ("gpu", "tpu"):
         return device.platform
     if interpret:
         return "cpu"
