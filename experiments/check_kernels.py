@@ -27,7 +27,8 @@ from kvjax import kernels, quantizers
 from kvjax.kernels import lowering
 from kvjax.kv_state import DenseKV, EMPTY_POS
 from kvjax.quant_kv import QuantKV
-from kernel_shapes import bench_shapes, report
+from bench_generate import emit
+from kernel_shapes import bench_shapes
 
 I32 = jnp.int32
 TARGETS = [("gpu", None), ("tpu", "TPU v4"), ("tpu", "TPU v5 lite"), ("tpu", "TPU v6 lite")]
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
             except ValueError as e:
                 cells.append(f"fails: {str(e).splitlines()[0][:80]}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    report(lines, args.out)
+    emit(lines, args.out)
     return 0
 
 

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from kernel_shapes import QUANTS, bench_shapes, report
+from bench_generate import emit
+from kernel_shapes import QUANTS, bench_shapes
 from kvjax.kernels import lowering
 from kvjax.kernels.block_sizes import DECODE, PREFILL, QUANT_DECODE
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
                     lines.append(f"| {name} | {i + 1} of {len(modules)} | | compile fails: "
                                  f"{str(e).splitlines()[0][:100]} | | |")
                     failures += 1
-    report(lines, args.out)
+    emit(lines, args.out)
     return 1 if failures else 0
 
 

@@ -1,11 +1,9 @@
-"""Abstract arguments of every kernel at the benchmark's shapes, and the report writer of the kernel scripts.
+"""Abstract arguments of every kernel at the benchmark's shapes (check_kernels.py, compile_triton.py).
 
 Shapes of `bench_kernels.py`: Llama-3-8B attention (32 query heads, 8 KV heads, head dim 128), decode
 at batch 4 over `context` slots (ragged pools half that per head), prefill a 512-token chunk over 8k.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +40,3 @@ def bench_shapes(context: int, dtype=jnp.bfloat16, quants=QUANTS):
         (qp, pos, SDS((1, t), jnp.bool_), kp, kv_pos, SDS((1,), I32), SDS((1, K, H // K * t), jnp.float32))
     yield "window attention", kernels.window_attention, (SDS((1, 8, H, D), dtype), SDS((1, 8), I32), kp, kv_pos,
                                                          SDS((1,), I32))
-
-
-def report(lines: list[str], out: Path | None) -> None:
-    """Print a markdown report and, with `out`, write it there."""
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
