@@ -25,8 +25,8 @@ from kvjax.kernels import (attention_column_sums, attention_column_sums_referenc
                            decode_attention_reference, prefill_attention, prefill_attention_reference,
                            quant_decode_attention, quant_decode_attention_reference, ragged_decode_attention,
                            ragged_decode_attention_reference)
-from kvjax.kv_state import DenseKV
-from kvjax.quant_kv import QuantKV
+from kvjax.states import DenseKV
+from kvjax.states import QuantKV
 
 PEAK_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5 lite": 819e9, "TPU v5e": 819e9,
                 "TPU v6 lite": 1.64e12, "TPU v5p": 2.765e12, "TPU v4": 1.2e12}

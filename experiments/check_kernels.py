@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from kvjax import kernels, quantizers
 from kvjax.kernels import lowering
-from kvjax.kv_state import DenseKV, EMPTY_POS
-from kvjax.quant_kv import QuantKV
+from kvjax.states import DenseKV, EMPTY_POS
+from kvjax.states import QuantKV
 from bench_generate import emit
 from kernel_shapes import bench_shapes
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import kernels, quantizers
-from kvjax.kv_state import DenseKV
-from kvjax.quant_kv import QuantKV
+from kvjax.states import DenseKV
+from kvjax.states import QuantKV
 
 SDS = jax.ShapeDtypeStruct
 I32 = jnp.int32

@@ -6,10 +6,10 @@
     kvjax.cache_nbytes(out.cache)
 """
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
-from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache, kept_positions
+from kvjax.states import DenseKV, KVCache, cache_nbytes, init_cache, kept_positions
 from kvjax.lm import LM, Generation, load
 from kvjax import methods, quantizers
-from kvjax.quant_kv import QuantKV, memory_report
+from kvjax.states import QuantKV, memory_report
 from kvjax.calibrate import calibrate_kvquant
 
 __all__ = ["load", "LM", "Generation", "DenseKV", "QuantKV", "KVCache", "cache_nbytes", "memory_report", "init_cache",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvjax import quant
-from kvjax.kv_state import DenseKV
+from kvjax.states import DenseKV
 from kvjax.quantizers import KVQuant
 
 MAX_SAMPLES = 1 << 20  # normalized values per codebook fed to k-means (a random subset beyond)

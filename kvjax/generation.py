@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.kv_state import KVCache
+from kvjax.states.cache import KVCache
 from kvjax.models.config import LlamaConfig
-from kvjax.models.llama import Llama
+from kvjax.models import model_for
 from kvjax.observe import ObsSpec, init_layer_obs
 
 PREFILL_CHUNK = 512  # tokens per prefill call; also the key block of prefill attention
@@ -71,19 +71,17 @@ class Sampler:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "observe", "attention_impl"),
-                   donate_argnames=("cache", "obs"))
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "observe"), donate_argnames=("cache", "obs"))
 def prefill_chunk(params, tokens, n_valid, cache: KVCache, last_logits, obs=None, *, cfg: LlamaConfig,
-                  all_logits: bool = False, observe: ObsSpec | None = None, attention_impl: str = "xla"):
+                  all_logits: bool = False, observe: ObsSpec | None = None):
     """Feed one chunk. tokens int32 [B, C]; n_valid int32 [B] real tokens of each row in this chunk.
 
     Returns (logits, cache, obs): with `all_logits`, logits float32 [B, C, V]; otherwise [B, V] at
     each row's last real token so far (`last_logits` carried over for rows with nothing in this
     chunk). With `observe`, `obs` (a tuple of `LayerObs`) gathers what eviction scorers need.
-    `attention_impl`: "xla" (plain jnp) or "pallas" (`kvjax.kernels`).
     """
     positions = cache.next_pos[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    model = Llama(cfg, attn_block=PREFILL_CHUNK, observe=observe, attention_impl=attention_impl)
+    model = model_for(cfg)(cfg, attn_block=PREFILL_CHUNK, observe=observe)
     logits_at = None if all_logits else jnp.maximum(n_valid - 1, 0)
     out = model.apply({"params": params}, tokens, positions, cache, n_valid, logits_at, obs)
     logits, cache, obs = out if observe is not None else (*out, None)
@@ -93,7 +91,7 @@ def prefill_chunk(params, tokens, n_valid, cache: KVCache, last_logits, obs=None
 
 
 def prefill(params, cfg: LlamaConfig, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache,
-            all_logits: bool = False, observe: ObsSpec | None = None, attention_impl: str = "xla"):
+            all_logits: bool = False, observe: ObsSpec | None = None):
     """Right-padded tokens int [B, T_pad] with real lengths [B] onto `cache`, chunk by chunk.
 
     Returns (logits, cache, obs): logits [B, V] at each row's last token, or [B, T_pad, V] with
@@ -105,13 +103,14 @@ def prefill(params, cfg: LlamaConfig, tokens: np.ndarray, lengths: np.ndarray, c
     obs = None
     if observe is not None:
         obs = tuple(init_layer_obs(observe, np.asarray(cache.next_pos) + lengths, cfg.n_heads, cfg.head_dim,
-                                   layer.capacity, cfg.jnp_dtype) for layer in cache.layers)
+                                   cache.layers[cache.state_index(i)].capacity, cfg.jnp_dtype)
+                    for i in range(cfg.n_layers))
     outs = []
     for start in range(0, t_pad, chunk):
         n_valid = np.clip(lengths - start, 0, chunk).astype(np.int32)
         logits, cache, obs = prefill_chunk(params, jnp.asarray(tokens[:, start:start + chunk], jnp.int32),
                                            jnp.asarray(n_valid), cache, last, obs, cfg=cfg,
-                                           all_logits=all_logits, observe=observe, attention_impl=attention_impl)
+                                           all_logits=all_logits, observe=observe)
         if all_logits:
             outs.append(logits)
         else:
@@ -141,17 +140,16 @@ class DecodeState:
     step: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "eos_ids", "n_buffer", "attention_impl"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "eos_ids", "n_buffer"), donate_argnames=("cache",))
 def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaConfig, sampler: Sampler,
-           eos_ids: tuple[int, ...], n_buffer: int, attention_impl: str = "xla"):
+           eos_ids: tuple[int, ...], n_buffer: int):
     """Sample up to min(max_steps, N) tokens per row: sample from `logits`, feed the token, repeat.
 
     Returns (out int32 [B, N] with -1 where nothing was emitted, final DecodeState).
     The token sampled last is fed too, so the returned logits/cache continue the sequence.
     """
     b = done.shape[0]
-    model = Llama(cfg, attention_impl=attention_impl)
+    model = model_for(cfg)(cfg)
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
     def cond(s: DecodeState):

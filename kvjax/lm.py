@@ -22,13 +22,9 @@ from kvjax.compress import compress, resolve_keep
 from kvjax.generation import Sampler, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
-from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, init_cache
-from kvjax.latent_kv import latent_cache
-from kvjax.locret import LocretKV, with_heads
 from kvjax.models.config import LlamaConfig
-from kvjax.quant_kv import QuantKV
-from kvjax.quant_ragged_kv import QuantRaggedKV
-from kvjax.ragged_kv import RaggedKV
+from kvjax.states import DenseKV, KVCache, LocretKV, QuantKV, QuantRaggedKV, RaggedKV, cache_nbytes, init_cache
+from kvjax.states.latent import latent_cache
 from kvjax.timing import compile_seconds
 from kvjax.tokenizer import Tokenizer
 
@@ -172,17 +168,17 @@ class LM:
         tokens, lengths = self._pad(rows)
         room = max(tokens.shape[1], extra)
         if cache is None:
-            cache = self._empty_cache(len(rows), bucket(room))
+            cache = self._empty_cache(len(rows), bucket(room), attention_impl)
         else:
             if cache.batch != len(rows):
                 raise ValueError(f"cache holds {cache.batch} rows but {len(rows)} prompts were given")
             # the jitted steps donate the cache: work on a copy so the caller's cache stays usable
             # (e.g. several questions asked on top of one compressed context)
             cache = jax.tree_util.tree_map(jnp.copy, cache).with_room(room, bucket)
+            cache = dataclasses.replace(cache, attention_impl=attention_impl)
         self._check_positions(cache, lengths)
         if plan is None:
-            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
-                                                  attention_impl=attention_impl)
+            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
             return logits, cache
         # `extra` beyond the prompt is room for decoding: allocate it now (64-slot steps), not later
         room = max(0, extra - int(lengths.max()))
@@ -196,16 +192,14 @@ class LM:
         elif isinstance(plan.method, methods.Matryoshka):  # every token, stored projected (`LatentKV`)
             bases_k, bases_v = plan.method.bases(self.cfg, plan.ratio, self.name)
             cache = latent_cache(bases_k, bases_v, len(rows), bucket(int(lengths.max()) + room), self.cfg.jnp_dtype)
-            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache,
-                                                  attention_impl=attention_impl)
+            cache = dataclasses.replace(cache, attention_impl=attention_impl)
+            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
         else:
             observe = plan.method.observations() if plan.method is not None else None
-            logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe,
-                                                    attention_impl=attention_impl)
+            logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe)
             if plan.method is not None:
                 cache = compress(cache, obs, jnp.asarray(plan.n_keep), method=plan.method, cfg=self.cfg,
-                                 capacities=capacities, rolling=plan.rolling is not None,
-                                 attention_impl=attention_impl)
+                                 capacities=capacities, rolling=plan.rolling is not None)
         if plan.quantizer is not None:
             if plan.check_finite:
                 for i, layer in enumerate(cache.layers):
@@ -217,7 +211,7 @@ class LM:
         return logits, cache
 
     def _prefill_locret(self, method, tokens, lengths, budget, capacities, attention_impl):
-        """Locret's chunked prefill (`kvjax.locret`): `LocretKV` layers of budget[b] tokens per head (int
+        """Locret's chunked prefill (`kvjax.states.locret`): `LocretKV` layers of budget[b] tokens per head (int
         [B]) evict between chunks, then each is cut to its budget as a `DenseKV` of capacities[l] slots."""
         c = self.cfg
         chunk = min(tokens.shape[1], generation.PREFILL_CHUNK)
@@ -225,11 +219,11 @@ class LM:
         stabilizers = [method.n_stabilizers(int(n)) for n in budget]
         local = [method.n_local(int(n)) for n in budget]
         layers = tuple(LocretKV.init(len(lengths), c.n_kv_heads, bucket(int(max(budget)) + chunk), c.head_dim,
-                                     c.jnp_dtype, budget, stabilizers, local, heads["fc1"]["kernel"].shape[2])
-                       for _ in range(c.n_layers))  # distinct buffers: the prefill donates them
-        cache = KVCache(layers=layers, next_pos=jnp.zeros((len(lengths),), jnp.int32))
-        logits, cache, _ = generation.prefill(with_heads(self.params, heads), c, tokens, lengths, cache,
-                                              attention_impl=attention_impl)
+                                     c.jnp_dtype, budget, stabilizers, local,
+                                     jax.tree_util.tree_map(lambda x: jnp.array(x[i]), heads))  # noqa: B023
+                       for i in range(c.n_layers))  # distinct buffers: the prefill donates them
+        cache = KVCache(layers=layers, next_pos=jnp.zeros((len(lengths),), jnp.int32), attention_impl=attention_impl)
+        logits, cache, _ = generation.prefill(self.params, c, tokens, lengths, cache)
         return logits, finish_locret(cache, capacities)
 
     # ------------------------------------------------------------------------------ generate
@@ -245,7 +239,7 @@ class LM:
         With `method` and `ratio`/`budget`, the prompt's cache is compressed before decoding. With
         `method` and `capacity=C` (streaming_llm, h2o, tova), the cache holds at most C tokens per layer
         and KV head for the whole generation: a longer prompt is compressed to C, then each new
-        token first evicts one under the method's decode rule (`kvjax.rolling_kv`). With `quant`, the
+        token first evicts one under the method's decode rule (`kvjax.states.rolling`). With `quant`, the
         kept cache is stored quantized and new tokens join it through the residual window.
         `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU; a state
         with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
@@ -291,8 +285,7 @@ class LM:
         while True:
             if remaining > 0:
                 out, state = generation.decode(self.params, cache, logits, done, key, jnp.int32(remaining),
-                                               cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer,
-                                               attention_impl=impl)
+                                               cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer)
                 out = np.asarray(out)
                 cache, logits, done, key = state.cache, state.logits, state.done, state.key
                 for r, row in enumerate(out):
@@ -351,9 +344,10 @@ class LM:
             tokens[i, : len(r)] = r
         return tokens, lengths
 
-    def _empty_cache(self, batch: int, capacity: int) -> KVCache:
+    def _empty_cache(self, batch: int, capacity: int, attention_impl: str = "xla") -> KVCache:
         c = self.cfg
-        return init_cache(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, c.jnp_dtype)
+        return init_cache(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, c.jnp_dtype,
+                          attention_impl=attention_impl)
 
     def _check_positions(self, cache: KVCache, lengths: np.ndarray) -> None:
         end = np.asarray(cache.next_pos) + lengths

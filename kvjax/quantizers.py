@@ -25,8 +25,8 @@ import numpy as np
 
 from kvjax import quant
 from kvjax.methods.base import check_positive
-from kvjax.models.config import rope_inv_freq
-from kvjax.models.llama import apply_rope
+from kvjax.models.rope import rope_inv_freq
+from kvjax.models.rope import apply_rope
 
 _REGISTRY: dict[str, type] = {}
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from kvjax.kv_state import init_cache
+from kvjax.states import init_cache
 from kvjax.lm import LM
 from kvjax.models.config import LlamaConfig
 from kvjax.models.llama import Llama

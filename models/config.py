@@ -6,7 +6,6 @@ Built from a Hugging Face `config.json` (`from_hf_config`) or from GGUF metadata
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -50,6 +49,11 @@ class LlamaConfig:
         import jax.numpy as jnp
 
         return jnp.dtype(self.dtype)
+
+    def rope_for(self, layer: int) -> tuple[float, tuple | None]:
+        """(theta, scaling) of RoPE at `layer` (one for every layer here; families with local and
+        global layers, such as Gemma 3, differ by layer)."""
+        return self.rope_theta, self.rope_scaling
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token occupies in a full-precision cache, over all layers."""
@@ -132,27 +136,3 @@ def _hf_rope_scaling(rs: Mapping[str, Any] | None) -> tuple | None:
         return ("llama3", float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
                 int(rs["original_max_position_embeddings"]))
     raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
-
-
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [D/2] of RoPE (Su et al. 2021), with HF's linear / llama3 scaling rules."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if cfg.rope_scaling is None:
-        return inv.astype(np.float32)
-    kind, factor = cfg.rope_scaling[0], cfg.rope_scaling[1]
-    if kind == "linear":
-        return (inv / factor).astype(np.float32)
-    if kind == "freq_factors":
-        factors = np.asarray(cfg.rope_scaling[1:], np.float64)
-        if factors.shape != inv.shape:
-            raise ValueError(f"rope_freqs has {factors.size} factors, expected head_dim/2 = {inv.size}")
-        return (inv / factors).astype(np.float32)
-    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
-    _, factor, low, high, orig = cfg.rope_scaling
-    wavelen = 2 * math.pi / inv
-    smooth = (orig / wavelen - low) / (high - low)
-    scaled = np.where(wavelen > orig / low, inv / factor, inv)
-    mid = (wavelen <= orig / low) & (wavelen >= orig / high)
-    scaled = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return scaled.astype(np.float32)

@@ -2,9 +2,11 @@
 
     logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, cache)
 
-No mutable collections: the KV cache (`kvjax.kv_state.KVCache`) goes in and comes out. Prefill and
+No mutable collections: the KV cache (`kvjax.states.KVCache`) goes in and comes out. Prefill and
 decode differ only in the length of `tokens`. Each attention layer calls its layer state's `append`
-and `attend`, so any state type (dense, quantized, ragged, ...) plugs in unchanged.
+and `attend` (`kvjax.states.LayerState`), so any state type (dense, quantized, ragged, latent, a
+learned compressor's) plugs in unchanged; the model knows no method. A layer whose state an earlier
+layer wrote (`KVCache.share`: cross-layer sharing) computes no K/V and only attends.
 
 Legend: B batch, T tokens, E d_model, F d_ff, H query heads, K KV heads, D head dim, V vocab.
 Reference: Touvron et al. 2023 (Llama), HF transformers `modeling_llama.py` for the exact numerics
@@ -18,11 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kvjax.kernels import dispatch
-from kvjax.kv_state import KVCache
-from kvjax.locret import LocretKV, RetainingHead, token_features
-from kvjax.models.config import LlamaConfig, rope_inv_freq
+from kvjax.models.config import LlamaConfig
+from kvjax.models.rope import apply_rope, rope_inv_freq
 from kvjax.observe import ObsSpec, observe_chunk
+from kvjax.states.cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -37,53 +38,53 @@ class RMSNorm(nn.Module):
         return scale * x32.astype(self.dtype)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE (Su et al. 2021, HF convention). x [..., D], positions int [...] (x's leading
-    axes, or broadcastable to them); rotating by -positions undoes it."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+def token_features(q_pre, k_pre, v):
+    """Pre-RoPE q [B, T, H, D], k, v [B, T, K, D] -> [B, T, (H + 2K) D]: what learned compressors score
+    a token by (Locret's retaining heads); states that do not use it ignore it."""
+    b, t = q_pre.shape[:2]
+    return jnp.concatenate([x.reshape(b, t, -1) for x in (q_pre, k_pre, v)], axis=-1)
 
 
 class Attention(nn.Module):
+    """One attention layer. `layer` (static) picks the layer's RoPE; `writes` (static) is False for a
+    layer reading a state an earlier layer wrote (it has no K/V of its own)."""
+
     cfg: LlamaConfig
+    layer: int = 0
     attn_block: int | None = None
     observe: ObsSpec | None = None
-    attention_impl: str = "xla"
+    writes: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, state, n_valid, obs=None):
+    def __call__(self, x, positions, state, n_valid, obs=None, impl: str = "xla"):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t, _ = x.shape
         dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
         q = dense(cfg.n_heads * cfg.head_dim, "q_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        q_pre, k_pre = q, k
-        self.sow("intermediates", "qkv", token_features(q_pre, k_pre, v))  # captured only when asked (Locret training)
+        q_pre = q
+        inv_freq = jnp.asarray(rope_inv_freq(cfg, self.layer))
         with jax.named_scope("rope"):
-            inv_freq = jnp.asarray(rope_inv_freq(cfg))
-            q, k = (apply_rope(x, positions[:, :, None], inv_freq) for x in (q, k))
-        with jax.named_scope("cache_update"):
-            kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            if isinstance(state, LocretKV):  # Locret: each new token scored by the layer's retaining head
-                score = RetainingHead(state.hidden, cfg.n_kv_heads, name="retain")(token_features(q_pre, k_pre, v))
-                state = state.append_scored(kt, vt, positions, n_valid, score)
-            else:
-                state = state.append(kt, vt, positions, n_valid)
+            q = apply_rope(q, positions[:, :, None], inv_freq)
+        if self.writes:
+            k = dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads,
+                                                                                       cfg.head_dim)
+            v = dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads,
+                                                                                       cfg.head_dim)
+            features = token_features(q_pre, k, v)
+            self.sow("intermediates", "qkv", features)  # captured only when asked (Locret training)
+            with jax.named_scope("rope"):
+                k_rot = apply_rope(k, positions[:, :, None], inv_freq)
+            with jax.named_scope("cache_update"):
+                state = state.append(k_rot.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid,
+                                     features)
         with jax.named_scope("attend"):
             need_lse = self.observe is not None and self.observe.col_sums
-            if self.attention_impl in ("pallas", "auto"):  # auto: plain jnp for states with no kernel
-                out = dispatch.attend(state, q, positions, return_lse=need_lse, strict=self.attention_impl == "pallas")
-            else:
-                out = state.attend(q, positions, self.attn_block, return_lse=need_lse)
+            out = state.attend(q, positions, self.attn_block, return_lse=need_lse, impl=impl)
             out, lse = out if need_lse else (out, None)
             state = state.observe_query(q, positions)
         if self.observe is not None:
             with jax.named_scope("observe"):
-                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block,
-                                    self.attention_impl)
+                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block, impl)
         out = dense(cfg.d_model, "o_proj", False)(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
         return out, state, obs
 
@@ -101,15 +102,16 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     cfg: LlamaConfig
+    layer: int = 0
     attn_block: int | None = None
     observe: ObsSpec | None = None
-    attention_impl: str = "xla"
+    writes: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, state, n_valid, obs=None):
+    def __call__(self, x, positions, state, n_valid, obs=None, impl: str = "xla"):
         cfg = self.cfg
-        h, state, obs = Attention(cfg, self.attn_block, self.observe, self.attention_impl, name="attn")(
-            RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, state, n_valid, obs)
+        h, state, obs = Attention(cfg, self.layer, self.attn_block, self.observe, self.writes, name="attn")(
+            RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, state, n_valid, obs, impl)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name="mlp_norm")(x))
         return x, state, obs
@@ -117,14 +119,12 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """The decoder. `attn_block` is the key block of the attention's online softmax (None: one pass);
-    `observe` (static) makes the call gather eviction observations (`kvjax.observe`);
-    `attention_impl` "xla" attends with the states' plain-jnp `attend`, "pallas" with their kernels
-    (`kvjax.kernels.dispatch`)."""
+    `observe` (static) makes the call gather eviction observations (`kvjax.observe`). The attention
+    implementation is the cache's (`KVCache.attention_impl`)."""
 
     cfg: LlamaConfig
     attn_block: int | None = None
     observe: ObsSpec | None = None
-    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: KVCache, n_valid=None, logits_at=None, obs=None):
@@ -137,21 +137,24 @@ class Llama(nn.Module):
           logits_at: int32 [B] one index into T per row: return logits [B, V] only there (a prefill
             needs the last position only, and full-vocabulary logits at every position are costly);
             None returns [B, T, V].
-          obs: with `observe`, a tuple of `LayerObs` (one per layer) to fold this call into.
+          obs: with `observe`, a tuple of `LayerObs` (one per model layer) to fold this call into.
         Returns:
           (logits float32, new cache), plus the new observations with `observe`.
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t = tokens.shape
+        if cache.n_model_layers != cfg.n_layers:
+            raise ValueError(f"the cache has states for {cache.n_model_layers} layers, the model {cfg.n_layers}")
         if n_valid is None:
             n_valid = jnp.full((b,), t, jnp.int32)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt, name="embed")
         x = embed(tokens)
-        layers, new_obs = [], []
-        for i, state in enumerate(cache.layers):
-            x, state, layer_obs = Block(cfg, self.attn_block, self.observe, self.attention_impl, name=f"layers_{i}")(
-                x, positions, state, n_valid, None if obs is None else obs[i])
-            layers.append(state)
+        states, new_obs = list(cache.layers), []
+        for i in range(cfg.n_layers):
+            s = cache.state_index(i)
+            x, states[s], layer_obs = Block(cfg, i, self.attn_block, self.observe, cache.writes(i),
+                                            name=f"layers_{i}")(
+                x, positions, states[s], n_valid, None if obs is None else obs[i], cache.attention_impl)
             new_obs.append(layer_obs)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, E]
@@ -161,7 +164,7 @@ class Llama(nn.Module):
                 logits = embed.attend(x)
             else:
                 logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, name="lm_head")(x)
-        cache = dataclasses.replace(cache, layers=tuple(layers), next_pos=cache.next_pos + n_valid)
+        cache = dataclasses.replace(cache, layers=tuple(states), next_pos=cache.next_pos + n_valid)
         if self.observe is not None:
             return logits.astype(jnp.float32), cache, tuple(new_obs)
         return logits.astype(jnp.float32), cache

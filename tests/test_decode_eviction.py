@@ -1,4 +1,4 @@
-"""Decode-time eviction (`generate(..., method=m, capacity=C)`, `kvjax.rolling_kv.RollingKV`) on the
+"""Decode-time eviction (`generate(..., method=m, capacity=C)`, `kvjax.states.rolling.RollingKV`) on the
 tiny model: the cache stays at C tokens per layer and KV head for the whole generation, and greedy
 tokens match a slow reference loop written here.
 
@@ -33,9 +33,9 @@ from numpy_llama import hf_inv_freq
 
 import kvjax
 from kvjax import methods
-from kvjax.kv_state import EMPTY_POS, DenseKV, KVCache
+from kvjax.states import EMPTY_POS, DenseKV, KVCache
 from kvjax.models import Llama
-from kvjax.rolling_kv import RollingKV
+from kvjax.states.rolling import RollingKV
 from kvjax.testing import random_ids, tiny_lm
 from kvjax.timing import compile_seconds
 

@@ -8,6 +8,7 @@ import pytest
 from kvjax import methods, quantizers, testing
 from kvjax.cli import main
 from kvjax.kernels import dispatch
+from kvjax.states import LatentKV
 
 CASES = {
     "dense": {},
@@ -59,8 +60,9 @@ def test_impl_choice():
 
 
 def test_state_without_kernel_names_the_fallback():
-    with pytest.raises(ValueError, match=r'no Pallas kernel for a tuple layer state.*attention_impl="xla"'):
-        dispatch.attend((), jnp.zeros((1, 1, 2, 64)), jnp.zeros((1, 1), jnp.int32))
+    state = LatentKV.init(1, 4, jnp.zeros((1, 64, 8)), jnp.zeros((1, 64, 8)), jnp.float32)
+    with pytest.raises(ValueError, match=r'no Pallas kernel for a LatentKV layer state.*attention_impl="xla"'):
+        state.attend(jnp.zeros((1, 1, 2, 64)), jnp.zeros((1, 1), jnp.int32), impl="pallas")
 
 
 @pytest.mark.parametrize("quant", [quantizers.KVQuant(bits=3, group=16, residual=32), "int8"])

@@ -15,9 +15,9 @@ import pytest
 
 from kvjax import kernels, quantizers
 from kvjax.kernels import _common as C
-from kvjax.kernels import dispatch, lowering
-from kvjax.kv_state import DenseKV
-from kvjax.quant_kv import QuantKV
+from kvjax.kernels import lowering
+from kvjax.states import DenseKV
+from kvjax.states import QuantKV
 
 S = jax.ShapeDtypeStruct
 I32 = jnp.int32
@@ -112,7 +112,7 @@ def test_auto_attention_on_tpu_falls_back_where_a_kernel_cannot_take_the_state()
                                            jnp.zeros((b, 1, s), I32), jnp.zeros((b,), I32)))
 
     def attend(state, q, q_pos):
-        return dispatch.attend(state, q, q_pos, strict=False)
+        return state.attend(q, q_pos, impl="auto")
 
     with lowering.target("tpu"):
         text = lowering.lower(attend, state, S((b, t, 2, d), jnp.float32), S((b, t), I32)).mlir_module()

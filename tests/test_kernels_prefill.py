@@ -9,7 +9,7 @@ from kernel_cases import KernelCase, close, normal
 from kvjax import attention
 from kvjax.kernels import (attention_column_sums, attention_column_sums_reference, prefill_attention,
                            prefill_attention_reference, window_attention, window_attention_reference)
-from kvjax.kv_state import EMPTY_POS
+from kvjax.states import EMPTY_POS
 
 
 def chunk(rng, group, head_dim, dtype, b=2, n_kv=2, s=128, t=32):

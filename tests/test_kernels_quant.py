@@ -10,8 +10,8 @@ import pytest
 from kernel_cases import KernelCase, close, normal
 from kvjax import quant, quantizers
 from kvjax.kernels import quant_decode_attention, quant_decode_attention_reference
-from kvjax.kv_state import EMPTY_POS, DenseKV
-from kvjax.quant_kv import QuantKV
+from kvjax.states import EMPTY_POS, DenseKV
+from kvjax.states import QuantKV
 
 SPECS = ["kivi-2", "kivi-4", "per_token-2", "per_token-4", "per_token-8", "int8", "fp8"]
 

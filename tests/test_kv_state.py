@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.kv_state import EMPTY_POS, DenseKV, KVCache, blockwise_attention, cache_nbytes, init_cache, \
+from kvjax.attention import blockwise_attention
+from kvjax.states import EMPTY_POS, DenseKV, KVCache, cache_nbytes, init_cache, \
     kept_positions, tree_nbytes
 
 

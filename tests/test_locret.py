@@ -1,4 +1,4 @@
-"""Locret (`kvjax.locret`, `kvjax.methods.locret`, `kvjax.train.locret`) on hand-computable cases and
+"""Locret (`kvjax.states.locret`, `kvjax.methods.locret`, `kvjax.train.locret`) on hand-computable cases and
 the tiny model: labels, loss, eviction between chunks, the chunked prefill against an independent
 simulation, checkpoint loading, CLI and bad input."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 
 from kvjax import methods
 from kvjax.cli import main
-from kvjax.kv_state import DenseKV, KVCache, cache_nbytes, kept_positions
-from kvjax.locret import LocretKV, RetainingHead, with_heads
-from kvjax.models.config import rope_inv_freq
+from kvjax.states import DenseKV, KVCache, cache_nbytes, kept_positions
+from kvjax.states.locret import LocretKV, RetainingHead
+from kvjax.models.rope import rope_inv_freq
 from kvjax.models.llama import Llama
 from kvjax.testing import random_ids, tiny_lm
 from kvjax.train import MatryoshkaTask, TrainConfig, train
@@ -55,8 +55,12 @@ def test_smooth_l1_and_top_overlap():
     assert float(top_overlap(jnp.array([[0.0, 0, 0, 0, 0, 0, 9, 0, 0, 1]]), labels, 0.2)) == 0.5
 
 
+def unused_head(n_kv):  # the hand cases give scores directly (`append_scored`)
+    return dict(fc1=dict(kernel=jnp.zeros((1, 4))), fc2=dict(kernel=jnp.zeros((4, n_kv))))
+
+
 def scored_state(budget, stabilizers, capacity=8, n_kv=1, local=0):
-    return LocretKV.init(1, n_kv, capacity, 2, jnp.float32, [budget], [stabilizers], [local], hidden=4)
+    return LocretKV.init(1, n_kv, capacity, 2, jnp.float32, [budget], [stabilizers], [local], unused_head(n_kv))
 
 
 def append(state, positions, scores):  # scores [T, K]
@@ -93,7 +97,7 @@ def test_each_kv_head_keeps_its_own_tokens():
 def test_a_row_without_new_tokens_gets_its_final_cut():
     # Two rows, budget 2, 1 stabilizer, no local tail; row 1 receives nothing in the second chunk: its
     # cut is by score alone (as `finish` would make it), so it no longer changes.
-    state = LocretKV.init(2, 1, 8, 2, jnp.float32, [2, 2], [1, 1], [0, 0], hidden=4)
+    state = LocretKV.init(2, 1, 8, 2, jnp.float32, [2, 2], [1, 1], [0, 0], unused_head(1))
     k = jnp.zeros((2, 1, 3, 2))
     scores = jnp.asarray([[[9.0], [1.0], [0.0]], [[9.0], [1.0], [0.0]]])
     state = state.append_scored(k, k, jnp.asarray([[0, 1, 2], [0, 1, 2]]), jnp.asarray([3, 3]), scores)
@@ -239,13 +243,21 @@ def test_checkpoint_errors(trained, tmp_path):
         methods.get("snapkv(foo=1)")
 
 
-def test_with_heads_places_each_layer_head(trained):
-    lm, _, _, params = trained
-    merged = with_heads(lm.params, params)
-    for i in range(lm.cfg.n_layers):
-        np.testing.assert_array_equal(merged[f"layers_{i}"]["attn"]["retain"]["fc1"]["kernel"],
-                                      params["fc1"]["kernel"][i])
-    assert "retain" not in lm.params["layers_0"]["attn"]  # the backbone's params are left alone
+def test_append_scores_tokens_with_the_layer_head():
+    # append = append_scored with the retaining head's scores of the tokens' features
+    rng = np.random.default_rng(0)
+    head = dict(fc1=dict(kernel=jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)),
+                fc2=dict(kernel=jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)))
+    state = LocretKV.init(1, 2, 8, 2, jnp.float32, [8], [0], [0], head)
+    k = jnp.asarray(rng.normal(size=(1, 2, 3, 2)), jnp.float32)
+    features = jnp.asarray(rng.normal(size=(1, 3, 6)), jnp.float32)
+    pos, n = jnp.asarray([[0, 1, 2]]), jnp.asarray([3])
+    h = np.asarray(features[0]) @ np.asarray(head["fc1"]["kernel"])
+    expected = (h / (1 + np.exp(-h))) @ np.asarray(head["fc2"]["kernel"])  # SiLU MLP, [T, K]
+    got = state.append(k, k, pos, n, features)
+    np.testing.assert_allclose(np.asarray(got.score)[0, :, :3], expected.T, rtol=1e-5, atol=1e-5)
+    ref = state.append_scored(k, k, pos, n, jnp.asarray(expected)[None])
+    np.testing.assert_array_equal(np.asarray(got.store.pos), np.asarray(ref.store.pos))
 
 
 def test_cli_trains_locret_and_generates_with_it(tmp_path, capsys, monkeypatch):

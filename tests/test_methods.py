@@ -22,8 +22,8 @@ from numpy_llama import hf_inv_freq, rms_norm, silu
 
 import kvjax
 from kvjax import generation, methods
-from kvjax.compress import keep_top, resolve_keep
-from kvjax.kv_state import EMPTY_POS, DenseKV, KVCache, init_cache
+from kvjax.compress import resolve_keep
+from kvjax.states import EMPTY_POS, DenseKV, KVCache, init_cache
 from kvjax.methods import (Budget, ExpectedAttention, Knorm, ObservedAttention, PyramidKV, Random, ScoreContext,
                            SnapKV, StreamingLLM, TOVA)
 from kvjax.observe import LayerObs, ObsSpec
@@ -491,7 +491,7 @@ def test_keep_top_hand_computed():
             k[b, kv, :, 0] = np.arange(6)
             k[b, kv, :, 1] = 10 * b + kv
     state = DenseKV(k=jnp.asarray(k), v=jnp.asarray(-k), pos=jnp.asarray(pos), length=jnp.array([5, 3], jnp.int32))
-    out = jax.jit(keep_top, static_argnums=3)(state, jnp.asarray(scores), jnp.array([3, 2]), 3)
+    out = jax.jit(lambda st, sc, n: st.keep_top(sc, n, 3))(state, jnp.asarray(scores), jnp.array([3, 2]))
     slots = {(0, 0): [3, 2, 0], (0, 1): [1, 3, 4], (1, 0): [2, 1], (1, 1): [0, 2]}
     assert out.k.shape == (2, 2, 3, 2)
     np.testing.assert_array_equal(out.length, [3, 2])

@@ -16,10 +16,10 @@ from numpy_llama import hf_inv_freq
 import kvjax
 from kvjax import generation
 from kvjax.generation import Sampler, bucket
-from kvjax.kv_state import init_cache
+from kvjax.states import init_cache
 from kvjax.lm import LM
 from kvjax.models import LlamaConfig, rope_inv_freq
-from kvjax.models.llama import apply_rope
+from kvjax.models.rope import apply_rope
 from kvjax.testing import TINY_VOCAB, random_ids, tiny_config, tiny_lm, tiny_tokenizer
 from kvjax.timing import compile_seconds
 

@@ -15,8 +15,8 @@ import pytest
 
 import kvjax
 from kvjax import calibrate, quant, quantizers
-from kvjax.kv_state import EMPTY_POS, DenseKV, tree_nbytes
-from kvjax.quant_kv import QuantKV, memory_report
+from kvjax.states import EMPTY_POS, DenseKV, tree_nbytes
+from kvjax.states import QuantKV, memory_report
 from kvjax.testing import tiny_lm
 
 GOLDEN = Path(__file__).parent / "golden" / "smollm2-135m"

@@ -8,9 +8,9 @@ import pytest
 
 import kvjax
 from kvjax import quantizers
-from kvjax.kv_state import EMPTY_POS
-from kvjax.quant_ragged_kv import QuantRaggedKV
-from kvjax.ragged_kv import RaggedKV, ragged_from_selection
+from kvjax.states import EMPTY_POS
+from kvjax.states.quant_ragged import QuantRaggedKV
+from kvjax.states.ragged import RaggedKV, ragged_from_selection
 from kvjax.testing import tiny_lm
 
 B, K, S, D = 2, 3, 40, 8

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.kv_state import DenseKV, tree_nbytes
-from kvjax.latent_kv import LatentKV
+from kvjax.states import DenseKV, tree_nbytes
+from kvjax.states.latent import LatentKV
 from kvjax.testing import random_ids, tiny_lm
 from kvjax.train import MatryoshkaTask, TrainConfig, cayley, load_tokens, pca_basis, token_batches
 from kvjax.train.loop import init_state, jit_train_step

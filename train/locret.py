@@ -1,7 +1,7 @@
 """Locret training (Huang et al. 2024, arXiv 2410.01805): retaining heads that predict causal importance.
 
-The backbone is frozen; per layer a `kvjax.locret.RetainingHead` maps a token's pre-RoPE [q, k, v]
-to one score per KV head. Inference (chunked prefill with eviction) is `kvjax.locret`.
+The backbone is frozen; per layer a `kvjax.states.locret.RetainingHead` maps a token's pre-RoPE [q, k, v]
+to one score per KV head. Inference (chunked prefill with eviction) is `kvjax.states.locret`.
 
 * **Labels** (Locret §3.2, reference `train/data_gen.py`): each training window of T tokens is split
   into a prefix of P tokens (the context) and its last R = T - P tokens (the reference's response:
@@ -15,7 +15,7 @@ to one score per KV head. Inference (chunked prefill with eviction) is `kvjax.lo
   over layers, KV heads and prefix tokens, plus 0.0025 times the smoothness term: per layer the mean
   squared difference of adjacent tokens' predictions, summed over layers.
 * Parameters: fc1 [L, (H + 2K) D, F] and fc2 [L, F, K] kernels stacked over layers, applied with
-  `jax.vmap` over the layer axis; `kvjax.locret.with_heads` puts them into the model's params.
+  `jax.vmap` over the layer axis; at inference each layer's head rides in its `LocretKV` state.
 
 Legend: B batch, T window tokens, P prefix (labelled) tokens, R response (query) tokens, L layers,
 K KV heads, G = H/K, D head dim, E = (H + 2K) D head input, F head hidden size.
@@ -28,10 +28,11 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from kvjax.kv_state import init_cache
-from kvjax.locret import HIDDEN, RetainingHead
-from kvjax.models.config import LlamaConfig, rope_inv_freq
-from kvjax.models.llama import Llama, apply_rope
+from kvjax.states import init_cache
+from kvjax.states.locret import HIDDEN, RetainingHead
+from kvjax.models.config import LlamaConfig
+from kvjax.models.rope import apply_rope, rope_inv_freq
+from kvjax.models.llama import Llama
 from kvjax.train.loop import model_id
 
 

@@ -1,7 +1,7 @@
 """MatryoshkaKV (Lin et al. 2024, arXiv 2410.14731): trainable orthogonal projections of keys and values.
 
 Per layer l and KV head k, orthogonal U_k, U_v [D, D]; the cache keeps the first r columns'
-coordinates (`kvjax.latent_kv.LatentKV`). Training makes every prefix U[:, :r] good at once:
+coordinates (`kvjax.states.latent.LatentKV`). Training makes every prefix U[:, :r] good at once:
 
 * Parametrization (the paper's Cayley parametrization): U = U_0 · Cayley(A), Cayley(A) =
   (I - A)(I + A)^-1 with A skew-symmetric built from the strict upper triangle of W, so U stays
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.kv_state import KVCache, init_cache
-from kvjax.latent_kv import latent_cache
+from kvjax.states import KVCache, init_cache
+from kvjax.states.latent import latent_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.models.llama import Llama
 from kvjax.train.loop import model_id

@@ -33,12 +33,12 @@ from kvjax.eval.prompts import Sample
 from kvjax.eval.records import row_key
 from kvjax.eval.scoring import SCORERS
 from kvjax.generation import bucket
-from kvjax.kv_state import DenseKV, KVCache, init_cache, tree_nbytes
-from kvjax.latent_kv import latent_cache
+from kvjax.states import DenseKV, KVCache, init_cache, tree_nbytes
+from kvjax.states.latent import latent_cache
 from kvjax.lm import LM, quantize_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.observe import ObsSpec, init_layer_obs
-from kvjax.ragged_kv import RaggedKV
+from kvjax.states.ragged import RaggedKV
 from kvjax.timing import compile_seconds
 
 Emit = Callable[[list[dict]], None]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from kvjax.methods.base import Budget, EvictionMethod, ScoreContext
 from kvjax.observe import ObsSpec
-from kvjax.ragged_kv import ragged_from_selection
+from kvjax.states.ragged import ragged_from_selection
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,9 +131,7 @@ class EvictionMethod(abc.ABC):
 
     def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
         """Turn scores [B, K, S] into a smaller layer state keeping `n_keep` [B] tokens per head."""
-        from kvjax.compress import keep_top
-
-        return keep_top(state, scores, n_keep, capacity)
+        return state.keep_top(scores, n_keep, capacity)
 
     def decode_rule(self, capacity: int) -> tuple[str, int, int] | None:
         """(rule, n_sink, recent) of `RollingKV` for decode-time eviction, or None if the method has none."""

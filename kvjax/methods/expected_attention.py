@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.methods.base import EvictionMethod, ScoreContext, check_positive, group_mean, protect, register
-from kvjax.models.config import rope_inv_freq
+from kvjax.models.rope import rope_inv_freq
 from kvjax.observe import ObsSpec
 
 

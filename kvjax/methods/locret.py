@@ -1,5 +1,5 @@
 """Locret (Huang et al. 2024, arXiv 2410.01805) as an eviction method: trained retaining heads score
-tokens during a chunked prefill that evicts to the budget between chunks (`kvjax.locret`).
+tokens during a chunked prefill that evicts to the budget between chunks (`kvjax.states.locret`).
 
     lm.generate(prompt, method="locret", checkpoint="runs/locret", ratio=0.5)
     kvjax.methods.Locret(checkpoint="runs/locret", stabilizers=0.4)

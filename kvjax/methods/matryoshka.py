@@ -1,6 +1,6 @@
 """MatryoshkaKV (Lin et al. 2024, arXiv 2410.14731) as a compression method: every token kept, each
 key and value stored as its coordinates in the first r columns of a trained orthogonal basis
-(`kvjax.latent_kv.LatentKV`), r = (1 - ratio)·D rounded to the trained rank grid, for every layer.
+(`kvjax.states.latent.LatentKV`), r = (1 - ratio)·D rounded to the trained rank grid, for every layer.
 
     lm.generate(prompt, method="matryoshka", checkpoint="runs/matryoshka", ratio=0.5)
 

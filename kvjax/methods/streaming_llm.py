@@ -11,8 +11,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.methods.base import EvictionMethod, ScoreContext, register
-from kvjax.models.config import rope_inv_freq
-from kvjax.models.llama import apply_rope
+from kvjax.models.rope import rope_inv_freq
+from kvjax.models.rope import apply_rope
 
 
 @register("streaming_llm", "streamingllm")

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.kv_state import EMPTY_POS, tree_nbytes
 from kvjax.quantizers import Quantizer
-from kvjax.ragged_kv import RaggedKV, head_attention
+from kvjax.states.base import EMPTY_POS, LayerState
+from kvjax.states.quant_dense import quantized_parts
+from kvjax.states.ragged import RaggedKV, head_attention
 
 
 def _round_up(n, m):
@@ -40,7 +41,7 @@ def _gather_pool(x: jax.Array, src: jax.Array, valid: jax.Array, fill) -> jax.Ar
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantRaggedKV:
+class QuantRaggedKV(LayerState):
     """Attributes:
       kq, vq: quantized pool [B, 1, P, D] (`QuantizedArray`, the quantizer's key/value layouts).
       pos: int32 [B, P] position of each pool slot's token (`EMPTY_POS` where unused).
@@ -78,6 +79,13 @@ class QuantRaggedKV:
     def length(self) -> jax.Array:
         """int32 [B, K] tokens held by each head."""
         return jnp.sum(self.pos_sink != EMPTY_POS, axis=-1, dtype=jnp.int32) + self.n_q + self.n_r
+
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, quantizer: Quantizer
+             ) -> "QuantRaggedKV":
+        """An empty pool: each head's region sized for capacity // K tokens."""
+        empty = RaggedKV.init(batch, n_kv_heads, 0, head_dim, dtype)
+        return cls.from_ragged(empty, quantizer, capacity // n_kv_heads)
 
     @classmethod
     def from_ragged(cls, state: RaggedKV, quantizer: Quantizer, room: int) -> "QuantRaggedKV":
@@ -153,12 +161,12 @@ class QuantRaggedKV:
             pos_res=jnp.where(full[..., None], EMPTY_POS, self.pos_res),
             n_q=self.n_q + jnp.where(full, r, 0), n_r=jnp.where(full, 0, self.n_r))
 
-    def append(self, k, v, pos, n_valid) -> "QuantRaggedKV":
+    def append(self, k, v, pos, n_valid, features=None) -> "QuantRaggedKV":
         """T tokens per row (k, v [B, K, T, D], pos [B, T]), one at a time through the residuals."""
         return jax.lax.fori_loop(0, k.shape[2], lambda i, st: st._append_one(
             k[:, :, i], v[:, :, i], pos[:, i], i < n_valid), self)
 
-    def attend(self, q, q_pos, block=None, return_lse: bool = False):
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
         """Causal attention of q [B, T, H, D] over each head's sink, dequantized region and residual."""
         if return_lse:
             raise ValueError("QuantRaggedKV does not provide observations for eviction (compress a fresh prefill)")
@@ -177,11 +185,8 @@ class QuantRaggedKV:
         heads = jnp.concatenate([side_head(self.k_sink.shape[2]), pool_head, side_head(self.residual)], axis=1)
         return head_attention(q, q_pos, k, v, pos, heads.astype(jnp.int32), n_kv)
 
-    def observe_query(self, q, q_pos) -> "QuantRaggedKV":
-        return self
-
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
+    def memory_parts(self) -> dict:
+        return quantized_parts(self)
 
     def positions(self) -> list[np.ndarray]:
         """Per KV head, int32 [B, n_k] original positions held, ascending (rows must hold equal counts)."""

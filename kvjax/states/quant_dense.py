@@ -21,8 +21,13 @@ import numpy as np
 
 from kvjax import quant
 from kvjax.attention import blockwise_attention
-from kvjax.kv_state import EMPTY_POS, DenseKV, tree_nbytes, write_slots
+from kvjax.kernels.dispatch import unsupported
+from kvjax.kernels.quant_decode_attention import quant_decode_attention
 from kvjax.quantizers import Quantizer
+from kvjax.states.base import EMPTY_POS, LayerState, tree_nbytes, write_slots
+from kvjax.states.dense import DenseKV
+
+KERNEL_QUANTIZERS = ("kivi", "per_token", "int8", "fp8")  # quantizers whose layouts the kernel reads
 
 
 def _round_up(n: int, m: int) -> int:
@@ -56,7 +61,7 @@ def _pad_tokens(qa: quant.QuantizedArray, tokens: int) -> quant.QuantizedArray:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantKV:
+class QuantKV(LayerState):
     """Attributes:
       kq, vq: quantized store of Q slots (`QuantizedArray`: codes + scales (+ zero-points)).
       pos: int32 [B, K, Q] positions of the stored tokens (`EMPTY_POS` where unused).
@@ -90,6 +95,11 @@ class QuantKV:
     @property
     def length(self) -> jax.Array:
         return jnp.sum(self.pos_sink[:, 0] != EMPTY_POS, axis=-1, dtype=jnp.int32) + self.n_q + self.n_r
+
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, quantizer: Quantizer) -> "QuantKV":
+        """An empty state for `capacity` tokens per row."""
+        return cls.from_dense(DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype), quantizer, capacity)
 
     @classmethod
     def from_dense(cls, state: DenseKV, quantizer: Quantizer, tokens: int) -> "QuantKV":
@@ -159,7 +169,7 @@ class QuantKV:
             pos_res=jnp.where(full[:, None, None], EMPTY_POS, self.pos_res),
             n_q=self.n_q + jnp.where(full, self.residual, 0), n_r=jnp.where(full, 0, self.n_r))
 
-    def append(self, k, v, pos, n_valid) -> "QuantKV":
+    def append(self, k, v, pos, n_valid, features=None) -> "QuantKV":
         """T tokens per row (k, v [B, K, T, D], pos [B, T]), one at a time through the residual."""
         t = k.shape[2]
         if t == 1:
@@ -167,7 +177,7 @@ class QuantKV:
         return jax.lax.fori_loop(0, t, lambda i, st: st._append_one(
             k[:, :, i], v[:, :, i], pos[:, i], i < n_valid), self)
 
-    def attend(self, q, q_pos, block=None, return_lse: bool = False):
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
         """Attention over the sink, the dequantized store and the residual (one pass; causal by positions)."""
         dt = self.k_res.dtype
         k = jnp.concatenate([self.k_sink, self.quantizer.dequantize_keys(self.kq, self.pos, dt), self.k_res], axis=2)
@@ -176,52 +186,40 @@ class QuantKV:
         everything = jnp.full(self.n_q.shape, pos.shape[2], jnp.int32)  # unused slots hold EMPTY_POS
         return blockwise_attention(q, q_pos, k, v, pos, everything, None, return_lse)
 
-    def observe_query(self, q, q_pos) -> "QuantKV":
-        return self
+    def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
+        """`kernels.quant_decode_attention`: dequantizes each tile in registers, then the residual."""
+        name = getattr(self.quantizer, "name", type(self.quantizer).__name__)
+        if return_lse:
+            raise unsupported("QuantKV gives no prefill observations in the Pallas path")
+        if name not in KERNEL_QUANTIZERS or self.pos_sink.shape[2]:
+            raise unsupported(f"no Pallas kernel for the {name!r} quantized cache (kernels read "
+                              f"{', '.join(KERNEL_QUANTIZERS)} without a sink)")
+        causal = {} if q.shape[1] == 1 else dict(q_pos=q_pos, pos=self.pos, pos_res=self.pos_res)
+        return quant_decode_attention(q, self.kq, self.vq, self.n_q, self.k_res, self.v_res, self.n_r, **causal,
+                                      interpret=interpret)
 
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
+    def memory_parts(self) -> dict:
+        return quantized_parts(self)
 
     def positions(self) -> jax.Array:
         """int32 [B, K, N + Q + R]: positions held, ascending, unused (`EMPTY_POS`) last."""
         return jnp.sort(jnp.concatenate([self.pos_sink, self.pos, self.pos_res], axis=2), axis=2)
 
 
-def memory_report(cache) -> dict:
-    """Bytes per component of a cache, and effective bits per element vs the full-precision K/V.
-
-    Components: codes, scales, zeros, outliers (values + indices; kvquant) of the quantized stores
-    (`QuantKV`, `QuantRaggedKV`),
-    residual and sink (full-precision K/V of quantized layers), kv (K/V of unquantized layers),
-    metadata (positions, lengths). `bits_per_element` counts all K/V data (metadata excluded) per
-    K/V element held; `full_precision_bytes` is what the same slots take unquantized.
-    """
-    out = dict(codes=0, scales=0, zeros=0, outliers=0, residual=0, sink=0, kv=0, metadata=0)
-    elements = 0
-    full_itemsize = None
-    for layer in cache.layers:
-        if hasattr(layer, "kq"):  # QuantKV, QuantRaggedKV
-            for qa in (layer.kq, layer.vq):
-                out["codes"] += tree_nbytes(qa.codes)
-                out["scales"] += tree_nbytes(qa.scale)
-                out["zeros"] += tree_nbytes(qa.zero)
-                out["outliers"] += tree_nbytes((qa.outlier_val, qa.outlier_idx))
-            out["residual"] += tree_nbytes((layer.k_res, layer.v_res))
-            out["sink"] += tree_nbytes((layer.k_sink, layer.v_sink))
-            data = tree_nbytes((layer.kq, layer.vq, layer.k_res, layer.v_res, layer.k_sink, layer.v_sink))
-            out["metadata"] += tree_nbytes(layer) - data
-            slots = layer.pos.size + layer.pos_res.size + layer.pos_sink.size
-            elements += 2 * slots * layer.k_res.shape[-1]
-            full_itemsize = layer.k_res.dtype.itemsize
-        else:
-            kv = tree_nbytes((layer.k, layer.v))
-            out["kv"] += kv
-            out["metadata"] += tree_nbytes(layer) - kv
-            elements += layer.k.size + layer.v.size
-            full_itemsize = layer.k.dtype.itemsize
-    out["metadata"] += tree_nbytes(cache.next_pos)
-    out["total"] = sum(out.values())
-    data = out["total"] - out["metadata"]
-    out["bits_per_element"] = 8 * data / max(elements, 1)
-    out["full_precision_bytes"] = elements * (full_itemsize or 4)
+def quantized_parts(layer) -> dict:
+    """`memory_parts` of a quantized state (fields kq, vq, pos, k_res, v_res, pos_res, k_sink, v_sink,
+    pos_sink)."""
+    slots = layer.pos.size + layer.pos_res.size + layer.pos_sink.size
+    out = dict(codes=0, scales=0, zeros=0, outliers=0)
+    for qa in (layer.kq, layer.vq):
+        out["codes"] += tree_nbytes(qa.codes)
+        out["scales"] += tree_nbytes(qa.scale)
+        out["zeros"] += tree_nbytes(qa.zero)
+        out["outliers"] += tree_nbytes((qa.outlier_val, qa.outlier_idx))
+    out["residual"] = tree_nbytes((layer.k_res, layer.v_res))
+    out["sink"] = tree_nbytes((layer.k_sink, layer.v_sink))
+    data = tree_nbytes((layer.kq, layer.vq, layer.k_res, layer.v_res, layer.k_sink, layer.v_sink))
+    out["metadata"] = layer.nbytes() - data
+    out["elements"] = 2 * slots * layer.k_res.shape[-1]
+    out["itemsize"] = layer.k_res.dtype.itemsize
     return out

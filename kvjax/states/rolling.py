@@ -23,14 +23,15 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import blockwise_attention
-from kvjax.kv_state import tree_nbytes
+from kvjax.states.base import EMPTY_POS, LayerState
+from kvjax.states.dense import DenseKV
 
 RULES = ("streaming", "h2o", "tova")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RollingKV:
+class RollingKV(LayerState):
     """Attributes:
       k, v: [B, K, C, D]; pos: int32 [B, K, C] original positions; length: int32 [B] slots in use.
       score: float32 [B, K, C] the rule's keep-score of each slot (unused by "streaming").
@@ -50,11 +51,16 @@ class RollingKV:
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, rule: str = "streaming",
+             n_sink: int = 4, recent: int = 0) -> "RollingKV":
+        shape = (batch, n_kv_heads, capacity)
+        return cls(k=jnp.zeros(shape + (head_dim,), dtype), v=jnp.zeros(shape + (head_dim,), dtype),
+                   pos=jnp.full(shape, EMPTY_POS, jnp.int32), length=jnp.zeros((batch,), jnp.int32),
+                   score=jnp.zeros(shape, jnp.float32), rule=rule, n_sink=n_sink, recent=recent)
+
     def has_room(self, n: int = 1) -> jax.Array:
         return jnp.asarray(True)  # never full: it evicts instead
-
-    def with_room(self, n: int, round_up=lambda c: c) -> "RollingKV":
-        return self  # bounded by design
 
     def victim(self, newest) -> jax.Array:
         """int32 [B, K]: the slot each head evicts next under the rule; `newest` int32 [B] is the
@@ -65,7 +71,7 @@ class RollingKV:
             key = jnp.where(self.pos > (newest[:, None, None] - self.recent), jnp.inf, self.score)
         return jnp.argmin(key, axis=2).astype(jnp.int32)
 
-    def append(self, k, v, pos, n_valid) -> "RollingKV":
+    def append(self, k, v, pos, n_valid, features=None) -> "RollingKV":
         """Write one new token per row (T = 1), first evicting a token of every head if the row is full.
 
         k, v: [B, K, 1, D]; pos: int32 [B, 1]; n_valid: int32 [B] (0: the row is done, nothing kept).
@@ -88,8 +94,11 @@ class RollingKV:
         return dataclasses.replace(new, k=keep_old(self.k, new.k), v=keep_old(self.v, new.v),
                                    pos=keep_old(self.pos, new.pos), score=keep_old(self.score, new.score))
 
-    def attend(self, q, q_pos, block=None, return_lse: bool = False):
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
         return blockwise_attention(q, q_pos, self.k, self.v, self.pos, self.length, None, return_lse)
+
+    # the dense kernels: slots are in no order, but a decode query sees every used one
+    attend_kernel = DenseKV.attend_kernel
 
     def observe_query(self, q, q_pos) -> "RollingKV":
         """Fold the newest query's attention (q [B, 1, H, D]) into the scores the rule evicts by."""
@@ -106,9 +115,6 @@ class RollingKV:
             return dataclasses.replace(self, score=self.score + p.mean(2))
         shared = jnp.broadcast_to(p.mean(axis=(1, 2))[:, None, :], self.score.shape)  # tova: all heads
         return dataclasses.replace(self, score=shared)
-
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
 
     def positions(self) -> jax.Array:
         return self.pos

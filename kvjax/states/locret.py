@@ -3,7 +3,8 @@
 A **retaining head** per layer maps the concatenated pre-RoPE projections [q, k, v] of a token,
 (H + 2K)·D numbers, through `fc1` (no bias) -> SiLU -> `fc2` (no bias) to one score per KV head:
 the predicted *causal importance* of the token (Locret §3.2; reference `LlamaAttention.fc1/fc2`).
-Its parameters sit in the model's params under `layers_i/attn/retain` (`with_heads`).
+Its parameters travel inside the layer state (`LocretKV.head`), which scores each token's pre-RoPE
+features as it is appended: the model knows nothing of Locret.
 
 **Chunked prefill with eviction** (Locret Algorithm 1): the prompt is fed in chunks; each chunk
 attends over what the cache kept plus itself; its tokens are scored once by the head as they enter
@@ -28,7 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kvjax.kv_state import DenseKV, StoreBacked, write_slots
+from kvjax.states.base import StoreBacked, write_slots
+from kvjax.states.dense import DenseKV
 
 HIDDEN = 1024  # retaining-head hidden size (the paper's, for every model)
 
@@ -46,23 +48,6 @@ class RetainingHead(nn.Module):
         return nn.Dense(self.n_kv_heads, use_bias=False, kernel_init=init, name="fc2")(h).astype(jnp.float32)
 
 
-def token_features(q_pre, k_pre, v):
-    """The head's input: q [B, T, H, D], k, v [B, T, K, D] (pre-RoPE) -> [B, T, (H + 2K) D]."""
-    b, t = q_pre.shape[:2]
-    return jnp.concatenate([x.reshape(b, t, -1) for x in (q_pre, k_pre, v)], axis=-1)
-
-
-def with_heads(params, heads) -> dict:
-    """Backbone params with layer l's retaining head `heads` (fc1 kernel [L, E, F], fc2 kernel [L, F, K],
-    stacked over layers) under `layers_l/attn/retain`."""
-    out = dict(params)
-    for i in range(heads["fc1"]["kernel"].shape[0]):
-        layer = dict(out[f"layers_{i}"])
-        layer["attn"] = {**layer["attn"], "retain": jax.tree_util.tree_map(lambda x: x[i], heads)}  # noqa: B023
-        out[f"layers_{i}"] = layer
-    return out
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LocretKV(StoreBacked):
@@ -74,7 +59,7 @@ class LocretKV(StoreBacked):
       budget: int32 [B] tokens each KV head keeps per row.
       stabilizers: int32 [B] most recent entries of each head kept at every eviction but the last.
       local: int32 [B] most recent entries kept at the last eviction (the prompt's tail).
-      hidden: static; the retaining head's hidden size (to build it inside the model).
+      head: the layer's retaining head {fc1: {kernel [E, F]}, fc2: {kernel [F, K]}} (E = (H + 2K) D).
     """
 
     store: DenseKV
@@ -82,19 +67,25 @@ class LocretKV(StoreBacked):
     budget: jax.Array
     stabilizers: jax.Array
     local: jax.Array
-    hidden: int = dataclasses.field(metadata=dict(static=True), default=HIDDEN)
+    head: dict
 
     @classmethod
     def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, budget, stabilizers, local,
-             hidden: int = HIDDEN) -> "LocretKV":
+             head: dict) -> "LocretKV":
         return cls(store=DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype),
                    score=jnp.zeros((batch, n_kv_heads, capacity), jnp.float32),
                    budget=jnp.asarray(budget, jnp.int32), stabilizers=jnp.asarray(stabilizers, jnp.int32),
-                   local=jnp.asarray(local, jnp.int32), hidden=hidden)
+                   local=jnp.asarray(local, jnp.int32), head=jax.tree_util.tree_map(jnp.asarray, head))
 
-    def append(self, k, v, pos, n_valid):
-        raise ValueError("a Locret cache scores every token with its retaining head: run it through a model "
-                         "(the attention layer calls append_scored)")
+    def append(self, k, v, pos, n_valid, features=None) -> "LocretKV":
+        """Score the T new tokens with the layer's retaining head (`features` [B, T, (H + 2K) D], their
+        pre-RoPE q, k, v), then `append_scored`."""
+        if features is None:
+            raise ValueError("a Locret cache scores every token with its retaining head, from the token's "
+                             "pre-RoPE q, k, v: pass features=")
+        hidden, n_kv = self.head["fc2"]["kernel"].shape
+        score = RetainingHead(hidden, n_kv).apply({"params": self.head}, features)  # [B, T, K]
+        return self.append_scored(k, v, pos, n_valid, score)
 
     def append_scored(self, k, v, pos, n_valid, score) -> "LocretKV":
         """Cut rows over budget, then write the T new tokens (k, v [B, K, T, D], pos int32 [B, T],
@@ -108,13 +99,11 @@ class LocretKV(StoreBacked):
     def evicted(self, stabilizers, capacity: int | None = None) -> "LocretKV":
         """Every row holding more than its budget cut to it: each KV head keeps its top scores, its last
         `stabilizers` (int32 [B]) entries always in. `capacity`: slots afterwards (default: unchanged)."""
-        from kvjax.compress import keep_top  # compress imports the method registry, which imports this
-
         slot = jnp.arange(self.capacity)[None, None, :]
         recent = slot >= (self.length - stabilizers)[:, None, None]
         ranked = jnp.where(recent, jnp.finfo(jnp.float32).max, self.score)
-        store, score = keep_top(self.store, ranked, jnp.minimum(self.length, self.budget), capacity or self.capacity,
-                                carry=self.score)
+        store, score = self.store.keep_top(ranked, jnp.minimum(self.length, self.budget), capacity or self.capacity,
+                                           carry=self.score)
         return dataclasses.replace(self, store=store, score=score)
 
     def finish(self, capacity: int) -> DenseKV:
@@ -122,6 +111,9 @@ class LocretKV(StoreBacked):
         `capacity` slots."""
         return self.evicted(self.local, capacity).store
 
-    def attend(self, q, q_pos, block=None, return_lse: bool = False):
-        return self.store.attend(q, q_pos, block, return_lse)
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
+        return self.store.attend_jnp(q, q_pos, block, return_lse)
+
+    def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
+        return self.store.attend_kernel(q, q_pos, return_lse, interpret)
 

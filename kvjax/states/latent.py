@@ -25,7 +25,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.kv_state import EMPTY_POS, DenseKV, KVCache, StoreBacked
+from kvjax.states.base import StoreBacked
+from kvjax.states.cache import KVCache
+from kvjax.states.dense import DenseKV
 
 
 @jax.tree_util.register_dataclass
@@ -53,24 +55,19 @@ class LatentKV(StoreBacked):
     def cv(self) -> jax.Array:
         return self.store.v
 
-
     @classmethod
     def init(cls, batch: int, capacity: int, uk: jax.Array, uv: jax.Array, dtype) -> "LatentKV":
         """An empty state of `capacity` slots per row with bases uk [K, D, R_k], uv [K, D, R_v]."""
-        n_kv = uk.shape[0]
-        store = DenseKV(k=jnp.zeros((batch, n_kv, capacity, uk.shape[2]), dtype),
-                        v=jnp.zeros((batch, n_kv, capacity, uv.shape[2]), dtype),
-                        pos=jnp.full((batch, n_kv, capacity), EMPTY_POS, jnp.int32),
-                        length=jnp.zeros((batch,), jnp.int32))
+        store = DenseKV.init(batch, uk.shape[0], capacity, uk.shape[2], dtype, value_dim=uv.shape[2])
         return cls(store=store, uk=jnp.asarray(uk, dtype), uv=jnp.asarray(uv, dtype))
 
-    def append(self, k: jax.Array, v: jax.Array, pos: jax.Array, n_valid: jax.Array) -> "LatentKV":
+    def append(self, k: jax.Array, v: jax.Array, pos: jax.Array, n_valid: jax.Array, features=None) -> "LatentKV":
         """Project and write T tokens (k, v [B, K, T, D], pos int32 [B, T]) at slots [length, length + T)."""
         ck = jnp.einsum("bktd,kdr->bktr", k, self.uk.astype(k.dtype))
         cv = jnp.einsum("bktd,kdr->bktr", v, self.uv.astype(v.dtype))
         return dataclasses.replace(self, store=self.store.append(ck, cv, pos, n_valid))
 
-    def attend(self, q: jax.Array, q_pos: jax.Array, block: int | None = None, return_lse: bool = False):
+    def attend_jnp(self, q: jax.Array, q_pos: jax.Array, block: int | None = None, return_lse: bool = False):
         """Attention of q [B, T, H, D] in the projected space -> [B, T, H, D] (and the lse [B, K, G*T]).
 
         q is projected with U_k[:, :R_k] per KV head and rescaled by sqrt(R_k / D), so the softmax
@@ -79,12 +76,11 @@ class LatentKV(StoreBacked):
         n_kv, rk = self.uk.shape[0], self.uk.shape[2]
         qg = q.reshape(b, t, n_kv, h // n_kv, d)
         qp = jnp.einsum("btkgd,kdr->btkgr", qg, self.uk.astype(q.dtype)) * jnp.asarray((rk / d) ** 0.5, q.dtype)
-        out = self.store.attend(qp.reshape(b, t, h, rk), q_pos, block, return_lse)
+        out = self.store.attend_jnp(qp.reshape(b, t, h, rk), q_pos, block, return_lse)
         out, lse = out if return_lse else (out, None)
         full = jnp.einsum("btkgr,kdr->btkgd", out.reshape(b, t, n_kv, h // n_kv, -1), self.uv.astype(out.dtype))
         full = full.reshape(b, t, h, d)
         return (full, lse) if return_lse else full
-
 
     def with_room(self, n: int, round_up=lambda c: c) -> "LatentKV":
         return dataclasses.replace(self, store=self.store.with_room(n, round_up))

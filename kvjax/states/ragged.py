@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.kv_state import EMPTY_POS, tree_nbytes
+from kvjax.kernels.dispatch import unsupported
+from kvjax.kernels.ragged_decode_attention import ragged_decode_attention
+from kvjax.states.base import EMPTY_POS, LayerState
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RaggedKV:
+class RaggedKV(LayerState):
     """Attributes:
       k, v: [B, P, D] keys (post-RoPE) and values of every head's region.
       pos: int32 [B, P] original position of each slot's token (`EMPTY_POS` where unused).
@@ -39,11 +41,20 @@ class RaggedKV:
     def capacity(self) -> int:
         return self.k.shape[1]
 
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype) -> "RaggedKV":
+        """An empty pool of `capacity` slots per row shared equally by the heads (capacity // K each)."""
+        per = capacity // n_kv_heads
+        start = jnp.broadcast_to(jnp.arange(n_kv_heads, dtype=jnp.int32) * per, (batch, n_kv_heads))
+        return cls(k=jnp.zeros((batch, capacity, head_dim), dtype), v=jnp.zeros((batch, capacity, head_dim), dtype),
+                   pos=jnp.full((batch, capacity), EMPTY_POS, jnp.int32), start=start, end=start + per,
+                   length=jnp.zeros((batch, n_kv_heads), jnp.int32))
+
     def has_room(self, n: int = 1) -> jax.Array:
         """bool []: every head of every row can take `n` more tokens."""
         return jnp.all(self.start + self.length + n <= self.end)
 
-    def append(self, k, v, pos, n_valid) -> "RaggedKV":
+    def append(self, k, v, pos, n_valid, features=None) -> "RaggedKV":
         """Write T tokens per head after each head's used slots; `length += n_valid`.
 
         k, v: [B, K, T, D]; pos: int32 [B, T]; n_valid: int32 [B]. Callers guarantee the room.
@@ -63,18 +74,19 @@ class RaggedKV:
         inside = (p >= self.start[:, :, None]) & (p < (self.start + self.length)[:, :, None])  # [B, K, P]
         return jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1).astype(jnp.int32)
 
-    def attend(self, q, q_pos, block=None, return_lse: bool = False):
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
         """Causal attention of q [B, T, H, D] over each query head's own KV head region -> [B, T, H, D]
         (`head_attention`). `block` is accepted for interface parity and unused."""
         if return_lse:
             raise ValueError("RaggedKV does not provide observations for eviction (compress a fresh prefill)")
         return head_attention(q, q_pos, self.k, self.v, self.pos, self.slot_head(), self.start.shape[1])
 
-    def observe_query(self, q, q_pos) -> "RaggedKV":
-        return self
-
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
+    def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
+        """`kernels.ragged_decode_attention`: each head reads only its own region (positions read for T > 1)."""
+        if return_lse:
+            raise unsupported("RaggedKV gives no prefill observations in the Pallas path")
+        causal = {} if q.shape[1] == 1 else dict(q_pos=q_pos, pos=self.pos)
+        return ragged_decode_attention(q, self.k, self.v, self.start, self.length, **causal, interpret=interpret)
 
     def positions(self) -> list[np.ndarray]:
         """Per KV head, int32 [B, n_k] original positions held (rows must hold equal counts per head)."""

@@ -1,0 +1,26 @@
+"""KV layer states: one module per state type, all following `LayerState` (`kvjax.states.base`).
+
+* `DenseKV` (`dense`): full precision, one slot per token and KV head.
+* `RaggedKV` (`ragged`): per-head budgets in a flat pool (Ada-KV).
+* `RollingKV` (`rolling`): fixed capacity, evicting while decoding (StreamingLLM, H2O, TOVA).
+* `LatentKV` (`latent`): keys and values in learned subspaces (MatryoshkaKV).
+* `LocretKV` (`locret`): a Locret prefill's cache, scoring tokens with retaining heads.
+* `QuantKV`, `QuantRaggedKV` (`quant_dense`, `quant_ragged`): quantized storage.
+
+`KVCache` (`cache`) holds them; `STATES` lists every state type (the registry-driven state tests).
+"""
+from kvjax.states.base import EMPTY_POS, LayerState, StoreBacked, tree_nbytes, write_slots
+from kvjax.states.cache import KVCache, cache_nbytes, init_cache, kept_positions, memory_report
+from kvjax.states.dense import DenseKV
+from kvjax.states.latent import LatentKV, latent_cache
+from kvjax.states.locret import LocretKV
+from kvjax.states.quant_dense import QuantKV
+from kvjax.states.quant_ragged import QuantRaggedKV
+from kvjax.states.ragged import RaggedKV, ragged_from_selection
+from kvjax.states.rolling import RollingKV
+
+STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV)
+
+__all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
+           "LocretKV", "QuantKV", "QuantRaggedKV", "STATES", "cache_nbytes", "init_cache", "kept_positions",
+           "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]

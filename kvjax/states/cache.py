@@ -1,0 +1,131 @@
+"""`KVCache`: the whole cache, a tuple of layer states, each row's next position, and two static
+choices made once: which state each layer reads (layers may share one) and the attention implementation.
+
+Legend: B batch, K KV heads, S slots, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.states.base import tree_nbytes
+from kvjax.states.dense import DenseKV
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Attributes:
+      layers: tuple of layer states (may differ by layer: budgets, quantization, latent, ...). With
+        `share`, one per *distinct* state; otherwise one per model layer.
+      next_pos: int32 [B] the position the next token of each row gets (= tokens seen so far,
+        compressed or not, as in kvpress).
+      share: static; `share[i]` is the index in `layers` of model layer i's state, or None for one
+        state per layer. The first layer reading a state writes it (its producer); later layers
+        reading the same state only attend to it and store nothing (cross-layer sharing: CLA, ...).
+      attention_impl: static; "xla" (plain jnp), "pallas" (each state's kernel) or "auto" (kernels
+        where a state has one). Set once here; the model, observations and scorers read it.
+    """
+
+    layers: tuple
+    next_pos: jax.Array
+    share: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    attention_impl: str = dataclasses.field(default="xla", metadata=dict(static=True))
+
+    @property
+    def batch(self) -> int:
+        return self.next_pos.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return min(layer.capacity for layer in self.layers)
+
+    @property
+    def n_model_layers(self) -> int:
+        return len(self.layers) if self.share is None else len(self.share)
+
+    def state_index(self, layer: int) -> int:
+        """Index in `layers` of the state model layer `layer` reads."""
+        return layer if self.share is None else self.share[layer]
+
+    def writes(self, layer: int) -> bool:
+        """Model layer `layer` is the first to read its state: it appends its K/V there."""
+        s = self.state_index(layer)
+        return all(self.state_index(j) != s for j in range(layer))
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "KVCache":
+        """Grow each state so it has at least `n` free slots past its longest row (host-side).
+
+        `round_up` maps a slot count to the capacity to allocate (e.g. a bucket)."""
+        return dataclasses.replace(self, layers=tuple(layer.with_room(n, round_up) for layer in self.layers))
+
+
+def init_cache(n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype,
+               share: tuple[int, ...] | None = None, attention_impl: str = "xla") -> KVCache:
+    """An empty dense cache; with `share` (layer -> state index), one `DenseKV` per distinct state."""
+    n_states = n_layers if share is None else _check_share(share, n_layers)
+    layers = tuple(DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype) for _ in range(n_states))
+    return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32), share=share, attention_impl=attention_impl)
+
+
+def _check_share(share, n_layers: int) -> int:
+    """Validate a layer -> state map; the number of states it uses."""
+    share = tuple(int(s) for s in share)
+    if len(share) != n_layers:
+        raise ValueError(f"share maps {len(share)} layers, the model has {n_layers}")
+    used = sorted(set(share))
+    if used != list(range(len(used))):
+        raise ValueError(f"share must use states 0..n-1 without gaps, got {share}")
+    first = [share.index(s) for s in used]
+    if first != sorted(first):
+        raise ValueError(f"share must number states in the order layers first use them, got {share}")
+    return len(used)
+
+
+def cache_nbytes(cache: KVCache) -> int:
+    """Exact bytes held by a cache's arrays: the memory the KV cache really takes (a state shared by
+    several layers is held, and counted, once)."""
+    return tree_nbytes(cache)
+
+
+def kept_positions(cache: KVCache) -> list:
+    """Per state, int32 [B, K, n] original positions held, sorted (rows must hold equal counts);
+    for a state whose heads keep different counts (`RaggedKV`), a list per KV head of [B, n_k]."""
+    out = []
+    for layer in cache.layers:
+        pos = layer.positions()
+        if isinstance(pos, list):  # per-head lists already
+            out.append(pos)
+            continue
+        pos, length = np.asarray(pos), np.asarray(layer.length)
+        if len(set(length.tolist())) > 1:
+            raise ValueError("rows hold different numbers of tokens; select one row first")
+        out.append(np.sort(pos[:, :, : int(length[0])], axis=-1))
+    return out
+
+
+def memory_report(cache: KVCache) -> dict:
+    """Bytes per component of a cache, and effective bits per element vs the full-precision K/V.
+
+    Components: codes, scales, zeros, outliers (values + indices; kvquant) of quantized stores,
+    residual and sink (full-precision K/V of quantized layers), kv (K/V of unquantized layers),
+    metadata (positions, lengths, bases, scores). `bits_per_element` counts all K/V data (metadata
+    excluded) per K/V element held; `full_precision_bytes` is what the same slots take unquantized.
+    """
+    out = dict(codes=0, scales=0, zeros=0, outliers=0, residual=0, sink=0, kv=0, metadata=0)
+    elements, itemsize = 0, 4
+    for layer in cache.layers:
+        parts = layer.memory_parts()
+        elements += parts.pop("elements")
+        itemsize = parts.pop("itemsize")
+        for k, v in parts.items():
+            out[k] += v
+    out["metadata"] += tree_nbytes(cache.next_pos)
+    out["total"] = sum(out.values())
+    data = out["total"] - out["metadata"]
+    out["bits_per_element"] = 8 * data / max(elements, 1)
+    out["full_precision_bytes"] = elements * itemsize
+    return out
