@@ -58,8 +58,11 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(w: dict, hf: dict, ids) -> np.ndarray:
-    """Logits [T, V] (float64) of token ids [T] at positions 0..T-1, from HF-named weights."""
+def forward(w: dict, hf: dict, ids, share=None) -> np.ndarray:
+    """Logits [T, V] (float64) of token ids [T] at positions 0..T-1, from HF-named weights.
+
+    `share` (cross-layer sharing, e.g. CLA): share[i] = share[j] with j < i makes layer i attend to the
+    keys and values layer j (the first with that entry) computed, instead of its own."""
     w = {k: np.asarray(v, np.float64) for k, v in w.items()}
     ids = np.asarray(ids)
     n_h, e = hf["num_attention_heads"], hf["hidden_size"]
@@ -76,6 +79,7 @@ def forward(w: dict, hf: dict, ids) -> np.ndarray:
         return y + w[name + ".bias"] if name + ".bias" in w else y
 
     x = w["model.embed_tokens.weight"][ids]  # [T, E]
+    produced = {}  # share entry -> (k, v) of the layer that computed them
     for i in range(hf["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
@@ -83,6 +87,8 @@ def forward(w: dict, hf: dict, ids) -> np.ndarray:
         k = linear(h, p + "self_attn.k_proj").reshape(t, n_kv, d)
         v = linear(h, p + "self_attn.v_proj").reshape(t, n_kv, d)
         q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+        if share is not None:
+            k, v = produced.setdefault(share[i], (k, v))
         k, v = np.repeat(k, n_h // n_kv, axis=1), np.repeat(v, n_h // n_kv, axis=1)  # repeat_kv
         scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(d)
         scores = np.where(causal[None], scores, -np.inf)
