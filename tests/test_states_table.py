@@ -1,0 +1,142 @@
+"""One registry-driven table over every layer state (`kvjax.states.STATES`): append, attend, positions,
+`nbytes == abstract().nbytes()`, and quantized storage where a state takes it.
+
+A new state type adds one row to `ROWS` (the coverage test fails until it does). Each row builds an
+empty state with `init` and appends the same tokens; attention is compared with a naive float64
+reference over exactly the tokens appended (`test_kv_state.naive_attention`), exact for full-precision
+states, within the quantizer's error for quantized ones.
+
+Legend: B batch, T tokens, H query heads, K KV heads, D head dim, S slots.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import quantizers
+from kvjax.states import STATES, DenseKV, KVCache, LatentKV, LocretKV, RaggedKV, RollingKV, cache_nbytes, \
+    memory_report
+from test_kv_state import naive_attention
+
+B, K, H, D, S, T = 2, 2, 4, 8, 32, 6
+N_VALID = np.array([6, 4])  # row 1 holds padding past its 4th token
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    init_args: tuple  # cls.init(*init_args)
+    one_at_a_time: bool = False  # decode-only states take one token per append
+    atol: float = 2e-5  # attention vs the exact reference
+
+
+def _head():
+    rng = np.random.default_rng(7)
+    return dict(fc1=dict(kernel=jnp.asarray(rng.normal(size=((H + 2 * K) * D, 4)), F32)),
+                fc2=dict(kernel=jnp.asarray(rng.normal(size=(4, K)), F32)))
+
+
+ROWS = {
+    "DenseKV": Row((B, K, S, D, F32)),
+    "RaggedKV": Row((B, K, S, D, F32)),
+    "RollingKV": Row((B, K, S, D, F32, "h2o", 1, 2), one_at_a_time=True),
+    # full rank, orthonormal bases: attention in the projected space is exact
+    "LatentKV": Row((B, S, jnp.asarray(np.linalg.qr(np.random.default_rng(1).normal(size=(K, D, D)))[0], F32),
+                     jnp.asarray(np.linalg.qr(np.random.default_rng(2).normal(size=(K, D, D)))[0], F32), F32),
+                    atol=1e-4),
+    # a budget above what is appended: nothing is evicted
+    "LocretKV": Row((B, K, S, D, F32, [S, S], [0, 0], [0, 0], _head())),
+    "QuantKV": Row((B, K, S, D, F32, quantizers.get("int8")), atol=0.05),
+    "QuantRaggedKV": Row((B, K, S, D, F32, quantizers.get("int8")), atol=0.05),
+}
+
+
+def test_every_state_has_a_row():
+    assert set(ROWS) == {cls.__name__ for cls in STATES}
+
+
+def tokens(seed=0):
+    rng = np.random.default_rng(seed)
+    k, v = (jnp.asarray(rng.normal(size=(B, K, T, D)), F32) for _ in range(2))
+    pos = jnp.asarray(np.broadcast_to(np.arange(T), (B, T)), jnp.int32)
+    features = jnp.asarray(rng.normal(size=(B, T, (H + 2 * K) * D)), F32)
+    q = jnp.asarray(rng.normal(size=(B, 1, H, D)), F32)
+    return k, v, pos, features, q
+
+
+def filled(cls, row: Row, n_valid=N_VALID):
+    state = cls.init(*row.init_args)
+    k, v, pos, features, _ = tokens()
+    n_valid = jnp.asarray(n_valid, jnp.int32)
+    if not row.one_at_a_time:
+        return state.append(k, v, pos, n_valid, features)
+    for t in range(T):
+        state = state.append(k[:, :, t:t + 1], v[:, :, t:t + 1], pos[:, t:t + 1], (n_valid > t).astype(jnp.int32),
+                             features[:, t:t + 1])
+    return state
+
+
+@pytest.mark.parametrize("cls", STATES, ids=lambda c: c.__name__)
+def test_append_then_attend_equals_the_reference(cls):
+    row = ROWS[cls.__name__]
+    state = jax.jit(lambda: filled(cls, row))()
+    k, v, _, _, q = tokens()
+    q_pos = jnp.asarray([[T], [N_VALID[1]]], jnp.int32)  # each row's next position
+    out = jax.jit(lambda s, q, p: s.attend(q, p))(state, q, q_pos)
+    kv_pos = np.broadcast_to(np.arange(T), (B, K, T))
+    want = naive_attention(q, q_pos, k, v, kv_pos, N_VALID)
+    np.testing.assert_allclose(np.asarray(out), want, atol=row.atol, rtol=row.atol)
+
+
+@pytest.mark.parametrize("cls", STATES, ids=lambda c: c.__name__)
+def test_positions_hold_exactly_the_appended_tokens(cls):
+    # rows of equal length (per-head states list positions per head, for rows holding equal counts)
+    state = filled(cls, ROWS[cls.__name__], n_valid=[T, T])
+    pos = state.positions()
+    for b in range(B):
+        for kh in range(K):
+            held = np.asarray(pos[kh][b]) if isinstance(pos, list) else np.asarray(pos)[b, kh]
+            held = np.sort(held[held < np.iinfo(np.int32).max])
+            assert held.tolist() == list(range(T)), (cls.__name__, b, kh)
+
+
+@pytest.mark.parametrize("cls", STATES, ids=lambda c: c.__name__)
+def test_nbytes_equals_the_abstract_state(cls):
+    row = ROWS[cls.__name__]
+    state = cls.init(*row.init_args)
+    abstract = cls.abstract(*row.init_args)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(abstract))
+    assert abstract.nbytes() == state.nbytes() == filled(cls, row).nbytes()
+    assert state.nbytes() == sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+
+
+@pytest.mark.parametrize("cls", STATES, ids=lambda c: c.__name__)
+def test_memory_report_adds_up_to_nbytes(cls):
+    state = filled(cls, ROWS[cls.__name__])
+    cache = KVCache(layers=(state,), next_pos=jnp.zeros((B,), jnp.int32))
+    report = memory_report(cache)
+    parts = ("codes", "scales", "zeros", "outliers", "residual", "sink", "kv", "metadata")
+    assert sum(report[p] for p in parts) == report["total"] == cache_nbytes(cache)
+
+
+@pytest.mark.parametrize("cls", [DenseKV, RaggedKV], ids=lambda c: c.__name__)
+def test_room_grows_on_the_host(cls):
+    state = filled(cls, ROWS[cls.__name__])
+    assert bool(state.has_room(1))
+    grown = state.with_room(S, lambda c: c)
+    assert bool(grown.has_room(S)) and grown.nbytes() > state.nbytes()
+
+
+def test_decode_only_and_scoring_states_refuse_what_they_cannot_take():
+    rolling = RollingKV.init(*ROWS["RollingKV"].init_args)
+    k, v, pos, features, _ = tokens()
+    with pytest.raises(ValueError, match="one token per step"):
+        rolling.append(k, v, pos, jnp.asarray(N_VALID, jnp.int32))
+    locret = LocretKV.init(*ROWS["LocretKV"].init_args)
+    with pytest.raises(ValueError, match="pass features="):
+        locret.append(k, v, pos, jnp.asarray(N_VALID, jnp.int32))
+    assert isinstance(LatentKV.init(*ROWS["LatentKV"].init_args).store, DenseKV)
