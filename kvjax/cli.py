@@ -2,6 +2,7 @@
 
     kvjax generate --model smollm2-135m --prompt "What is the capital of France?" --chat
     kvjax info --model smollm2-135m
+    kvjax eval ppl --import my_press.py --method my_press --ratio 0.5     # your own method
     kvjax train matryoshka --model smollm2-135m --data ../shared/data/tinyshakespeare.txt --steps 500 --out runs/m
 
 Bad input prints one line `kvjax: error: ...` and exits with status 2 (no traceback).
@@ -9,12 +10,14 @@ Bad input prints one line `kvjax: error: ...` and exits with status 2 (no traceb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from kvjax.eval import command as eval_command
 from kvjax.train import command as train_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
+from kvjax.plugins import load_plugins
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--capacity", type=int, default=None,
                    help="bound the cache to this many tokens per layer/head while decoding "
                         "(decode-time eviction: streaming_llm, h2o, tova)")
+    add_import_arg(g)
 
-    m = sub.add_parser("methods", help="list the compression methods and their parameters")
+    m = sub.add_parser("methods", help="list the compression methods, quantizers and their parameters")
+    add_import_arg(m)
 
     n = sub.add_parser("inspect", help="write the positions a method keeps, per layer (and head), to .npz")
     n.add_argument("--model", default=DEFAULT_MODEL)
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--out", required=True, type=Path, help="output .npz: layer{i} = int32 [K, n] kept positions")
     n.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     _compression_args(n, required=True)
+    add_import_arg(n)
 
     i = sub.add_parser("info", help="print the model config and KV-cache bytes per token")
     i.add_argument("--model", default=DEFAULT_MODEL)
@@ -62,10 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_import_arg(p: argparse.ArgumentParser) -> None:
+    """--import FILE_OR_MODULE (repeatable): user plugins, imported before method names are resolved."""
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="import your own methods or quantizers first: a .py file or a module name that "
+                        "registers them (@kvjax.register_method); repeatable")
+
+
 def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--method", required=required, default=None,
-                   help="compression method: a name from `kvjax methods`, wrapper:name (e.g. adakv:snapkv) or "
-                        "name(key=value,...) (e.g. 'snapkv(window=16)')")
+                   help="compression method: a name from `kvjax methods`, wrapper:name (e.g. adakv:snapkv), "
+                        "name(key=value,...) (e.g. 'snapkv(window=16)') or 'compose(METHOD, QUANTIZER)'")
     budget = p.add_mutually_exclusive_group(required=required)
     budget.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's tokens removed")
     budget.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
@@ -113,19 +126,50 @@ def _generate(args) -> None:
 
 
 def _methods(args) -> None:
-    import dataclasses
-
     from kvjax import methods
 
-    print("eviction methods (use with --method NAME --ratio R | --budget N):")
-    for name, cls in sorted(methods.registry().items()):
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().split("\n")[0]
-        print(f"  {name:20s} {fields or '-'}\n  {'':20s} {doc}")
+    sections = [
+        ("score", "score methods (score a finished prefill; use with --method NAME --ratio R | --budget N):"),
+        ("prefill", "prefill methods (build their cache while prefilling; --method NAME --checkpoint DIR "
+                    "--ratio R | --budget N):"),
+        ("quantizer", "quantizers (--quant NAME or NAME-BITS, e.g. kivi-2; or the last part of a compose):"),
+    ]
+    for kind, title in sections:
+        print(title)
+        for name, cls in sorted(methods.registry(kind).items()):
+            print(f"  {name:20s} {_fields(cls) or '-'}\n  {'':20s} {_summary(name, cls)}")
     print("wrappers (use as WRAPPER:METHOD, e.g. adakv:snapkv):")
     for name, cls in sorted(methods.WRAPPERS.items()):
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.name != "press")
-        print(f"  {name:20s} {fields}")
+        print(f"  {name:20s} {_fields(cls, skip='press')}")
+    print("compose (a token method, then a quantizer, as one method):")
+    print(f"  {'compose':20s} --method 'compose(snapkv(window=16), kivi-2)' (the same as --method "
+          "'snapkv(window=16)' --quant kivi-2)")
+    print("your own: a file that registers a class (@kvjax.register_method / @kvjax.register_quantizer), "
+          "loaded with --import FILE")
+
+
+def _summary(name: str, cls) -> str:
+    """One line: the class's own docstring, else its module's line on `name`, else the module's first."""
+    own = (vars(cls).get("__doc__") or "").strip()
+    if own and not own.startswith(f"{cls.__name__}("):  # not the signature dataclasses writes
+        return own.split("\n")[0]
+    doc = (getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip()
+    line = next((ln.strip() for ln in doc.split("\n") if f"`{name}`" in ln and ln.strip().startswith("*")), None)
+    return (line or doc.split("\n")[0]).lstrip("* ")
+
+
+def _fields(cls, skip: str = "") -> str:
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name == skip or not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out.append(f"{f.name}={f.default!r}")
+        elif f.default_factory is not dataclasses.MISSING:
+            out.append(f"{f.name}={f.default_factory()!r}")
+        else:
+            out.append(f"{f.name} (required)")
+    return ", ".join(out)
 
 
 def _inspect(args) -> None:
@@ -172,6 +216,8 @@ def _info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "imports", None):
+            load_plugins(args.imports)  # user methods, before any name is resolved
         {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect,
          "eval": eval_command.run_eval, "plot": eval_command.run_plot,
          "train": train_command.run}[args.command](args)

@@ -24,20 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import quant
-from kvjax.methods.base import check_positive
+from kvjax.methods.base import _REGISTRY, check_positive, register_quantizer
+from kvjax.methods.base import registry as _registry
+from kvjax.methods.spec import instantiate, parse_call, quantizer_bits
 from kvjax.models.rope import rope_inv_freq
 from kvjax.models.rope import apply_rope
 
-_REGISTRY: dict[str, type] = {}
-
-
-def _register(name: str):
-    def deco(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
+_register = register_quantizer  # quantizers share kvjax.methods' registry (kind "quantizer")
 
 
 def _check_key_groups(who: str, residual: int, group: int) -> None:
@@ -55,6 +48,7 @@ class Quantizer(abc.ABC):
     """
 
     name: ClassVar[str] = "?"
+    kind: ClassVar[str] = "quantizer"
     residual: int
     sink: ClassVar[int] = 0
 
@@ -240,23 +234,25 @@ class KVQuant(Quantizer):
 
 
 def registry() -> dict[str, type]:
-    return dict(_REGISTRY)
+    """Name -> class of every registered quantizer."""
+    return _registry("quantizer")
 
 
 def get(spec) -> Quantizer:
     """A quantizer from an object or a spec string: "kivi-2", "kivi-4", "per_token-4", "kvquant-3",
-    "int8", "fp8"."""
+    "int8", "fp8", or with parameters, "kivi(bits=4, group=64)"."""
     if isinstance(spec, Quantizer):
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"quant must be a spec string or a quantizer object, got {type(spec).__name__}")
-    name, _, bits = spec.rpartition("-") if spec.rpartition("-")[2].isdigit() else (spec, "", "")
+    name, kwargs = parse_call(spec)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown quantization {spec!r}; known: {', '.join(sorted(_REGISTRY))} "
+        bits = quantizer_bits(name, kwargs)
+        if bits is not None:
+            name, kwargs = bits
+    cls = _REGISTRY.get(name)
+    if cls is None or cls.kind != "quantizer":
+        what = f"{name!r} is a {cls.kind} method, not a quantizer" if cls else f"unknown quantization {spec!r}"
+        raise ValueError(f"{what}; known: {', '.join(sorted(registry()))} "
                          "(with -BITS where the method takes bits, e.g. kivi-2, per_token-4)")
-    cls = _REGISTRY[name]
-    if bits:
-        if "bits" not in {f.name for f in dataclasses.fields(cls)}:
-            raise ValueError(f"{name} has a fixed width; write {name!r}, not {spec!r}")
-        return cls(bits=int(bits))
-    return cls()
+    return instantiate(cls, name, kwargs)

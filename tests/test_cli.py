@@ -49,7 +49,9 @@ def test_methods_lists_every_registered_method(capsys):
     out = capsys.readouterr().out
     for name in kvjax.methods.registry():
         assert f"  {name} " in out
-    assert "adakv" in out and "window=64, kernel=5" in out
+    for name in kvjax.quantizers.registry():  # quantizers too, in their own section
+        assert f"  {name} " in out[out.index("\nquantizers ("):]
+    assert "adakv" in out and "window=64, kernel=5" in out and "compose(" in out
 
 
 def test_inspect_writes_kept_positions(smollm2, tmp_path, capsys):

@@ -227,6 +227,9 @@ def test_teacher_forcing_matches_full_logits_and_compression_changes_it(lm):
     (["eval", "niah", "--haystack", "/nonexistent/folder"], "does not exist"),
     (["eval", "passkey", "--method", "snapkv"], "needs --ratio or --budget"),
     (["eval", "passkey", "--method", "bogus", "--ratio", "0.5"], "unknown method 'bogus'"),
+    (["eval", "passkey", "--method", "compose(kivi-2, snapkv)", "--ratio", "0.5"], "comes before the method snapkv"),
+    (["eval", "passkey", "--import", "/nonexistent/my_press.py", "--method", "my_press", "--ratio", "0.5"],
+     "plugin /nonexistent/my_press.py: no such file"),
     (["eval", "passkey", "--lengths", "512", "--out", "/proc/kvjax/results.csv"], "cannot write the results file"),
 ])
 def test_eval_bad_input_is_one_line_and_exit_2(smollm2, capsys, argv, message):

@@ -737,6 +737,9 @@ def test_compression_requests_rejected_before_compiling(lm):
         (dict(method="snapkv", ratio=0.5), "window"),  # default window 64 > 6 kept of 13
         (dict(method=SnapKV(window=8), budget=5), "window"),
         (dict(method=3, ratio=0.5), "method"),
+        (dict(method="compose(kivi-2, snapkv)", ratio=0.5), "comes before the method snapkv"),
+        (dict(method="compose(snapkv, knorm)", ratio=0.5), "two token methods"),
+        (dict(method="compose(snapkv, nope)", ratio=0.5), "unknown method 'nope'"),
     ]
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):

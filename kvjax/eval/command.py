@@ -28,8 +28,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.add_argument("--method", nargs="+", default=["full"],
-                   help="methods to compare: full and names from `kvjax methods` (or wrapper:name, or "
-                        "name(key=value,...), e.g. 'locret(checkpoint=runs/locret)')")
+                   help="methods to compare: full and names from `kvjax methods` (or wrapper:name, "
+                        "name(key=value,...), e.g. 'locret(checkpoint=runs/locret)', or a name from --import)")
     budget = e.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, nargs="+", default=[], help="fractions of the context removed")
     budget.add_argument("--budget", type=int, nargs="+", default=[], help="tokens kept per layer and KV head")
@@ -59,6 +59,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--eval-len", type=int, default=256, help="ppl: tokens teacher-forced on top")
     e.add_argument("--new-tokens", type=int, default=64, help="bench: tokens decoded")
     e.add_argument("--no-plots", action="store_true")
+    e.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="import your own methods or quantizers first: a .py file or a module name that "
+                        "registers them (@kvjax.register_method); repeatable")
 
     p = sub.add_parser("plot", help="re-draw the figures of a results CSV")
     p.add_argument("csv", type=Path)

@@ -1,16 +1,25 @@
-"""KV-cache compression methods: one small frozen dataclass per method, in one registry.
+"""KV-cache compression methods: one small frozen dataclass per method, in one registry of three kinds.
+
+* score methods (`ScoreMethod`, kind "score"): `score(ctx) -> [B, K, S]` over a finished prefill;
+* prefill methods (`PrefillMethod`, kind "prefill"): build their own cache while prefilling (Locret,
+  MatryoshkaKV);
+* quantizers (`kvjax.quantizers.Quantizer`, kind "quantizer"): store what is kept quantized.
 
     kvjax.methods.get("snapkv")                  # by registered name, default hyper-parameters
     kvjax.methods.get("adakv:snapkv")            # a wrapper around a scorer
     kvjax.methods.get("snapkv(window=16)")       # hyper-parameters in the name (CLI, eval configs)
     kvjax.methods.get("locret(checkpoint=runs/locret)")
+    kvjax.methods.get("kivi-2")                  # a quantizer
+    kvjax.methods.get("compose(snapkv(window=16), kivi-2)")   # a token method, then a quantizer
     kvjax.methods.SnapKV(window=32, reduce="sum")  # or an object
-"""
-import ast
-import dataclasses
+    kvjax.methods.split(spec)                    # -> (token method or None, quantizer or None)
 
+User plugins: `@kvjax.register_method("name")` on a frozen dataclass subclassing `ScoreMethod` (or
+`PrefillMethod`), `@kvjax.register_quantizer("name")` on a `Quantizer`; `--import FILE` on the CLI.
+"""
 from kvjax.methods.adakv import AdaKV
-from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, lookup, register, registry
+from kvjax.methods.base import (KINDS, WRAPPERS, Budget, EvictionMethod, PrefillMethod, ScoreContext, ScoreMethod,
+                                lookup, register, register_method, register_quantizer, registry, unregister)
 from kvjax.methods.expected_attention import ExpectedAttention
 from kvjax.methods.knorm import Knorm
 from kvjax.methods.locret import Locret
@@ -21,50 +30,13 @@ from kvjax.methods.random import Random
 from kvjax.methods.snapkv import SnapKV
 from kvjax.methods.streaming_llm import StreamingLLM
 from kvjax.methods.tova import TOVA
+from kvjax.methods.spec import Compose, get, kind_of, parse_call, spec_of, split
 
-WRAPPERS: dict[str, type] = {"adakv": AdaKV}
+WRAPPERS["adakv"] = AdaKV
 
+from kvjax import quantizers as _quantizers  # noqa: E402,F401 (registers the quantizers: kind "quantizer")
 
-def get(spec) -> EvictionMethod:
-    """A method from an object, a registered name ("snapkv") or "wrapper:scorer" ("adakv:snapkv")."""
-    if isinstance(spec, EvictionMethod):
-        return spec
-    if not isinstance(spec, str):
-        raise ValueError(f"method must be a name or a method object, got {type(spec).__name__}")
-    wrapper, _, inner = spec.partition(":")
-    if inner:
-        if wrapper not in WRAPPERS:
-            raise ValueError(f"unknown wrapper {wrapper!r}; known wrappers: {', '.join(sorted(WRAPPERS)) or 'none'}")
-        return WRAPPERS[wrapper](press=get(inner))
-    if spec in WRAPPERS:
-        raise ValueError(f"{spec!r} wraps another method: write it as '{spec}:<method>', e.g. '{spec}:snapkv'")
-    name, kwargs = _parse_call(spec)
-    cls = lookup(name)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        fields = ", ".join(f.name for f in dataclasses.fields(cls)) or "none"
-        raise ValueError(f"bad parameters for {name!r} ({e}); its parameters: {fields}") from None
-
-
-def _parse_call(spec: str) -> tuple[str, dict]:
-    """"name" -> (name, {}); "name(a=1, b=x)" -> (name, {"a": 1, "b": "x"}) (Python literals, else strings)."""
-    if "(" not in spec:
-        return spec, {}
-    name, _, body = spec.partition("(")
-    if not body.endswith(")"):
-        raise ValueError(f"method spec {spec!r}: expected name(key=value, ...)")
-    kwargs = {}
-    for item in filter(None, (s.strip() for s in body[:-1].split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"method spec {spec!r}: {item!r} is not key=value")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
-    return name.strip(), kwargs
-
-
-__all__ = ["get", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod", "ScoreContext", "register", "registry", "ExpectedAttention", "Knorm", "Locret", "Matryoshka",
+__all__ = ["get", "split", "spec_of", "kind_of", "Compose", "KINDS", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod",
+           "ScoreMethod", "PrefillMethod", "ScoreContext", "register", "register_method", "register_quantizer",
+           "unregister", "registry", "lookup", "ExpectedAttention", "Knorm", "Locret", "Matryoshka",
            "ObservedAttention", "PyramidKV", "Random", "SnapKV", "StreamingLLM", "TOVA"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from typing import ClassVar
 
 import jax
@@ -23,31 +24,106 @@ import numpy as np
 from kvjax.models.config import LlamaConfig
 from kvjax.observe import LayerObs, ObsSpec
 
-_REGISTRY: dict[str, type] = {}
+KINDS = ("score", "prefill", "quantizer")  # the kinds of registered classes (each class's `kind`)
+TOKEN_KINDS = ("score", "prefill")  # what `method=` takes (a quantizer goes in quant= or a compose)
+RESERVED = ("compose", "full", "none")  # spec words that are not registered names
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+_REGISTRY: dict[str, type] = {}  # every registered name (aliases too) -> class, of every kind
+WRAPPERS: dict[str, type] = {}  # "adakv" -> AdaKV: spec "wrapper:method" (filled by kvjax.methods)
 
 
-def register(*names: str):
-    """Class decorator: make a method available by `names` (the first is its canonical name)."""
+def _qualname(cls) -> str:
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
+
+
+def _registrar(names: tuple[str, ...], kinds: tuple[str, ...], who: str):
+    for n in names:
+        if not isinstance(n, str) or not _NAME.fullmatch(n):
+            raise ValueError(f"{who}: a name is letters, digits and _ (not starting with a digit), got {n!r}")
+    if not names:
+        raise ValueError(f"{who}: give at least one name, e.g. @{who}(\"my_press\")")
 
     def deco(cls):
-        cls.name = names[0]
+        if not isinstance(cls, type) or getattr(cls, "kind", None) not in kinds:
+            bases = ("kvjax.methods.ScoreMethod or kvjax.methods.PrefillMethod" if "quantizer" not in kinds
+                     else "kvjax.quantizers.Quantizer")
+            raise ValueError(f"{who}({names[0]!r}): {_qualname(cls) if isinstance(cls, type) else repr(cls)} is "
+                             f"not a subclass of {bases}")
+        params = vars(cls).get("__dataclass_params__")
+        if params is None or not params.frozen:
+            raise ValueError(f"{who}({names[0]!r}): {_qualname(cls)} must be a frozen dataclass (hashable: methods "
+                             f"are static arguments of jitted functions): put @dataclasses.dataclass(frozen=True, "
+                             f"kw_only=True) below @{who}")
         for n in names:
-            if n in _REGISTRY:
-                raise ValueError(f"method name {n!r} registered twice")
+            if n in RESERVED or n in WRAPPERS:
+                raise ValueError(f"{who}: {n!r} is a reserved word of method specs; choose another name")
+            held = _REGISTRY.get(n)
+            if held is not None and held is not cls:
+                raise ValueError(f"name {n!r} registered twice: {_qualname(held)} and {_qualname(cls)}")
+        if not any(c is cls for c in _REGISTRY.values()):
+            cls.name = names[0]  # the first registration names the class
+        for n in names:
             _REGISTRY[n] = cls
         return cls
 
     return deco
 
 
-def registry() -> dict[str, type]:
-    """Canonical name -> method class, for every registered method."""
-    return {cls.name: cls for cls in _REGISTRY.values()}
+def register_method(*names: str):
+    """Class decorator: make a score or prefill method available by `names` (the first is its
+    canonical name, its `name`) in `kvjax.methods.get`, `method=`, `--method` and `kvjax methods`.
+
+        @kvjax.register_method("my_press")
+        @dataclasses.dataclass(frozen=True, kw_only=True)
+        class MyPress(kvjax.methods.ScoreMethod):
+            def score(self, ctx): ...
+
+    The class must subclass `ScoreMethod` or `PrefillMethod` and be a frozen dataclass. Names are
+    shared by every kind (methods and quantizers). Registering a name again with the identical class
+    object is a no-op; with any other class (a re-executed file defines a new class) it is a
+    ValueError naming both classes (`unregister` first to replace one on purpose).
+    """
+    return _registrar(names, TOKEN_KINDS, "register_method")
+
+
+register = register_method  # the name kvjax's own methods use
+
+
+def register_quantizer(*names: str):
+    """Class decorator: make a quantizer (a frozen dataclass subclassing `kvjax.quantizers.Quantizer`)
+    available by `names` in `quant=`, `--quant`, `kvjax.quantizers.get`, `kvjax.methods.get` and the
+    last part of a compose. With a `bits` field, "name-BITS" sets it ("kivi-2"). Same rules for
+    names as `register_method`."""
+    return _registrar(names, ("quantizer",), "register_quantizer")
+
+
+def unregister(name: str) -> type:
+    """Remove `name` and the aliases of its class from the registry; returns the class."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}: nothing to unregister")
+    cls = _REGISTRY[name]
+    for n in [n for n, c in _REGISTRY.items() if c is cls]:
+        del _REGISTRY[n]
+    return cls
+
+
+def registry(*kinds: str) -> dict[str, type]:
+    """Canonical name -> class of every registered class of the given kinds ("score", "prefill",
+    "quantizer"); default: the token methods (score and prefill), what `method=` takes."""
+    kinds = kinds or TOKEN_KINDS
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown kind {k!r}; kinds: {', '.join(KINDS)}")
+    return {cls.name: cls for cls in _REGISTRY.values() if cls.kind in kinds}
 
 
 def lookup(name: str) -> type:
+    """The class registered as `name` (any kind)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(registry()))}")
+        quants = ", ".join(sorted(registry("quantizer")))
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(registry()))}"
+                         + (f"; quantizers: {quants}" if quants else ""))
     return _REGISTRY[name]
 
 
@@ -107,9 +183,11 @@ class Budget:
 
 
 class EvictionMethod(abc.ABC):
-    """Base of eviction methods (subclasses are frozen kw-only dataclasses)."""
+    """Base of score methods (`ScoreMethod`; subclasses are frozen kw-only dataclasses): `score` a
+    finished prefill's slots, the framework keeps the top ones."""
 
     name: ClassVar[str] = "?"
+    kind: ClassVar[str] = "score"
     # the method works during the prefill itself (Locret evicts, MatryoshkaKV projects): it runs its own
     # prefill and has no scores for a finished one
     prefills_itself: ClassVar[bool] = False
@@ -144,6 +222,39 @@ class EvictionMethod(abc.ABC):
     def next_positions(self, next_pos, n_keep):
         """Position of the next token after compression (kvpress: the original length, unchanged)."""
         return next_pos
+
+
+ScoreMethod = EvictionMethod  # the public name of the score-method base
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillMethod(EvictionMethod):
+    """Base of prefill methods: they build their own layer states before the prefill and finish them
+    after it (Locret evicts while prefilling, MatryoshkaKV stores projections), so they have no scores
+    for a finished prefill. Subclasses are frozen kw-only dataclasses; `kvjax.pipeline` calls:
+
+      prepare(cfg, plan): load and check what the method needs (trained weights), before compiling;
+      build_cache(cfg, plan, batch, capacity, chunk) -> KVCache: the cache the prefill runs on;
+      finish(cache, capacities) -> KVCache: the cache after the prefill, layer l of capacities[l] slots.
+
+    `layer_keep` (tokens kept per layer) and `protected` apply as for score methods.
+    """
+
+    kind: ClassVar[str] = "prefill"
+    prefills_itself: ClassVar[bool] = True
+
+    def score(self, ctx: ScoreContext) -> jax.Array:
+        raise ValueError(f"{self.name} is a prefill method: it builds its cache while prefilling and has no "
+                         "scores for a finished prefill (use it through LM.prefill / LM.generate)")
+
+    def prepare(self, cfg, plan) -> None:
+        """Load (and check) what the method needs before anything compiles (default: nothing)."""
+
+    def build_cache(self, cfg, plan, batch: int, capacity: int, chunk: int):
+        raise ValueError(f"prefill method {self.name} ({type(self).__qualname__}) defines no build_cache")
+
+    def finish(self, cache, capacities: tuple[int, ...]):
+        raise ValueError(f"prefill method {self.name} ({type(self).__qualname__}) defines no finish")
 
 
 

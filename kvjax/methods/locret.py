@@ -19,12 +19,12 @@ import functools
 from pathlib import Path
 from typing import ClassVar
 
-from kvjax.methods.base import EvictionMethod, ScoreContext, register
+from kvjax.methods.base import PrefillMethod, ScoreContext, register
 
 
 @register("locret")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Locret(EvictionMethod):
+class Locret(PrefillMethod):
     checkpoint: str | None = None  # a `kvjax train locret --out` directory
     stabilizers: float = 0.4  # fraction of the budget kept as the most recent entries between chunks
     local: int = 100  # the prompt's last tokens kept at the final cut (the reference's `loc`)

@@ -18,12 +18,12 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, register
+from kvjax.methods.base import Budget, PrefillMethod, ScoreContext, register
 
 
 @register("matryoshka")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Matryoshka(EvictionMethod):
+class Matryoshka(PrefillMethod):
     checkpoint: str | None = None  # a `kvjax train matryoshka --out` directory
 
     prefills_itself: ClassVar[bool] = True  # its cache is built before the prefill, not after
