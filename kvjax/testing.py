@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from tokenizers import pre_tokenizers
 
 from kvjax.states import init_cache
 from kvjax.lm import LM
 from kvjax.models.config import LlamaConfig
-from kvjax.models.llama import Llama
+from kvjax.models.family import model_for
 from kvjax.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -30,8 +31,6 @@ EOS_ID = 2  # <|im_end|>
 
 def tiny_tokenizer_metadata(eos_id: int = EOS_ID) -> dict:
     """GGUF-style tokenizer metadata of the tiny byte-level BPE (ids: specials, bytes, merges)."""
-    from tokenizers import pre_tokenizers
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     merged = ["".join(m.split(" ")) for m in MERGES]
     tokens = list(SPECIAL_TOKENS) + alphabet + merged
@@ -66,7 +65,7 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 
 def tiny_params(cfg: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict:
-    """Random params of `Llama(cfg)`: Flax's default initializers, then two changes.
+    """Random params of `model_for(cfg)(cfg)`: Flax's default initializers, then two changes.
 
     The embedding is drawn with unit variance (times `scale`), so logits have a clear spread and greedy
     decoding has no near-ties that float rounding could flip; norm scales are 1 + 0.2 N(0, 1), so a
@@ -75,7 +74,7 @@ def tiny_params(cfg: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict:
     key_init, key_embed, key_norm = jax.random.split(jax.random.key(seed), 3)
     cache = init_cache(cfg.n_layers, 1, cfg.n_kv_heads, 16, cfg.head_dim, cfg.jnp_dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    flat = traverse_util.flatten_dict(Llama(cfg).init(key_init, tokens, tokens, cache)["params"])
+    flat = traverse_util.flatten_dict(model_for(cfg)(cfg).init(key_init, tokens, tokens, cache)["params"])
     for i, path in enumerate(sorted(flat)):
         if path[-1] == "scale":
             flat[path] = 1.0 + 0.2 * jax.random.normal(jax.random.fold_in(key_norm, i), flat[path].shape,

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import tokenizers
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 # From the Llama 3 and Qwen2 tokenizer.json (llama.cpp runs a hand-expanded copy of each).
@@ -197,10 +200,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _compile_template(source: str):
     """Jinja set up as transformers does for chat templates (sandboxed, trim/lstrip blocks)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message: str):
         raise TemplateError(message)
 

@@ -1,13 +1,15 @@
 """`LlamaConfig`: the static description of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM).
 
 Frozen and hashable, so it can be a static argument of `jax.jit` and part of the compile-cache key.
-Built from a Hugging Face `config.json` (`from_hf_config`) or from GGUF metadata (`from_gguf_metadata`).
+Built from a Hugging Face `config.json` (`from_hf_config`) or from GGUF metadata (`from_gguf_metadata`),
+the builders the family registry (`kvjax.models.family`) calls for the architectures below.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -46,8 +48,6 @@ class LlamaConfig:
 
     @property
     def jnp_dtype(self):
-        import jax.numpy as jnp
-
         return jnp.dtype(self.dtype)
 
     def rope_for(self, layer: int) -> tuple[float, tuple | None]:
@@ -87,13 +87,17 @@ class LlamaConfig:
         )
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], has_output: bool, has_qkv_bias: bool,
-                           dtype: str = "float32", rope_freq_factors=None) -> "LlamaConfig":
-        """`rope_freq_factors`: the GGUF's `rope_freqs.weight` tensor, which is how llama.cpp stores
-        Llama 3.1+ RoPE scaling (inverse frequencies are divided by it)."""
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str],
+                           read_tensor: Callable[[str], Any] = lambda name: None,
+                           dtype: str = "float32") -> "LlamaConfig":
+        """From a GGUF's metadata and tensor names: no `output.weight` means tied embeddings, a
+        `blk.0.attn_q.bias` means q/k/v biases, and `rope_freqs.weight` (read with `read_tensor`) is
+        how llama.cpp stores Llama 3.1+ RoPE scaling (inverse frequencies are divided by it)."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {GGUF_ARCHITECTURES}")
+        has_output, has_qkv_bias = "output.weight" in tensor_names, "blk.0.attn_q.bias" in tensor_names
+        rope_freq_factors = read_tensor("rope_freqs.weight") if "rope_freqs.weight" in tensor_names else None
         p = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
         d_model, n_heads = int(p("embedding_length")), int(p("attention.head_count"))
         scaling = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
+from jax._src.pallas.triton import pallas_call_registration as registration
 
 TARGETS = {"gpu": ("cuda", "NVIDIA H100 80GB HBM3", "__gpu$xla.gpu.triton"),
            "tpu": ("tpu", "TPU v5 lite", "tpu_custom_call")}
@@ -81,8 +82,6 @@ def _lower(kernel, args, static):
 def _captured_triton_modules():
     """Collect the Triton modules the Pallas Triton lowering builds (a JAX internal: jax 0.10's
     `pallas_call_registration` calls `lowering.lower_jaxpr_to_triton_module` for each pallas_call)."""
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
     original = registration.lowering.lower_jaxpr_to_triton_module
     modules = []
 

@@ -34,7 +34,7 @@ from numpy_llama import hf_inv_freq
 import kvjax
 from kvjax import methods
 from kvjax.states import EMPTY_POS, DenseKV, KVCache
-from kvjax.models import Llama
+from kvjax.models import model_for
 from kvjax.states.rolling import RollingKV
 from kvjax.testing import random_ids, tiny_lm
 from kvjax.timing import compile_seconds
@@ -158,8 +158,8 @@ def _softmax(x, axis=-1):
 def _forward_fn(cfg):
     """Jitted single forward of the model on a DenseKV cache, capturing each layer's q_proj output."""
     def fwd(params, tokens, positions, cache):
-        (logits, cache), inter = Llama(cfg).apply({"params": params}, tokens, positions, cache,
-                                                  capture_intermediates=True, mutable=["intermediates"])
+        (logits, cache), inter = model_for(cfg)(cfg).apply({"params": params}, tokens, positions, cache,
+                                                           capture_intermediates=True, mutable=["intermediates"])
         qs = [inter["intermediates"][f"layers_{i}"]["attn"]["q_proj"]["__call__"][0] for i in range(cfg.n_layers)]
         return logits, cache, qs
 

@@ -15,7 +15,7 @@ from kvjax.cli import main
 from kvjax.states import DenseKV, KVCache, cache_nbytes, kept_positions
 from kvjax.states.locret import LocretKV, RetainingHead
 from kvjax.models.rope import rope_inv_freq
-from kvjax.models.llama import Llama
+from kvjax.models import model_for
 from kvjax.testing import random_ids, tiny_lm
 from kvjax.train import MatryoshkaTask, TrainConfig, train
 from kvjax.train.locret import LocretTask, causal_importance, smooth_l1, top_overlap
@@ -159,8 +159,8 @@ def simulate(lm, heads, ids, budget, stabilizers, local, chunk):
                                   pos=jnp.asarray(pad(base["pos"], 2 ** 30))[None], length=jnp.asarray([n])))
         cache = KVCache(layers=tuple(layers), next_pos=jnp.asarray([start]))
         pos = jnp.arange(start, start + t)[None]
-        (logits, cache), inter = Llama(cfg).apply({"params": lm.params}, jnp.asarray([part]), pos, cache,
-                                                  mutable=["intermediates"])
+        (logits, cache), inter = model_for(cfg)(cfg).apply({"params": lm.params}, jnp.asarray([part]), pos, cache,
+                                                           mutable=["intermediates"])
         for i, layer in enumerate(cache.layers):
             feats = inter["intermediates"][f"layers_{i}"]["attn"]["qkv"][0]
             new = np.asarray(head.apply({"params": jax.tree_util.tree_map(lambda x: x[i], heads)}, feats))[0].T

@@ -4,7 +4,8 @@
 
 Modules: `loop` (train step, optimizer, checkpoints, data-parallel mesh), `data` (token windows),
 `matryoshka` (MatryoshkaKV), `command` (`kvjax train`). Names are imported on first use, so the CLI
-does not load optax / orbax / grain unless it trains.
+does not load optax / grain unless it trains. Core never imports this package: what inference needs
+of a trained run (`load_trained`, `model_id`, MatryoshkaKV's bases) is `kvjax.checkpoints`.
 """
 import importlib
 

@@ -9,7 +9,8 @@
 Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
 `--cache-fraction` the greedy per-layer ranks meeting that fraction of the full K/V bytes to
 `OUT/ranks.json`.
-Heavy imports (optax, orbax, grain) happen only when the command runs.
+Heavy imports (optax, grain, the training modules) happen only when the command runs (the CLI
+imports this module at start-up).
 """
 from __future__ import annotations
 

@@ -28,12 +28,12 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from kvjax.checkpoints import model_id
 from kvjax.states import init_cache
 from kvjax.states.locret import HIDDEN, RetainingHead
 from kvjax.models.config import LlamaConfig
+from kvjax.models.family import model_for
 from kvjax.models.rope import apply_rope, rope_inv_freq
-from kvjax.models.llama import Llama
-from kvjax.train.loop import model_id
 
 
 def causal_importance(qkv, cfg: LlamaConfig, n_prefix: int):
@@ -109,7 +109,7 @@ class LocretTask:
         b, t = x.shape
         cache = init_cache(c.n_layers, b, c.n_kv_heads, t, c.head_dim, c.jnp_dtype)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x.shape)
-        _, state = Llama(c).apply({"params": backbone}, x, positions, cache, None, jnp.zeros((b,), jnp.int32),
+        _, state = model_for(c)(c).apply({"params": backbone}, x, positions, cache, None, jnp.zeros((b,), jnp.int32),
                                   mutable=["intermediates"])
         feats = jnp.stack([state["intermediates"][f"layers_{i}"]["attn"]["qkv"][0] for i in range(c.n_layers)])
         return jax.lax.stop_gradient(feats.astype(jnp.float32))

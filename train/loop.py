@@ -18,19 +18,17 @@
 * **Checkpoints**: an orbax `CheckpointManager` under `out_dir/checkpoints`, every `save_every` steps
   and at the end, keeping the last `keep`; each holds the state and a JSON `meta`. Resuming restores
   the newest readable checkpoint: an unreadable one (corrupted files) is skipped with a warning; a
-  checkpoint of another method or model is a ValueError.
+  checkpoint of another method or model is a ValueError. Reading a run for inference
+  (`load_trained`, `model_id`, the meta check) is core: `kvjax.checkpoints`.
 * **Metrics**: loss, grad norm (before clipping), learning rate, the task's own metrics and tokens/s,
   every `log_every` steps, to `out_dir/metrics.jsonl` (one JSON object per line) and to stdout with a
   tqdm progress bar. A resumed run first drops the log's records past the restored step.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
-import logging
 import sys
 import time
 import warnings
@@ -44,6 +42,9 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
+
+# checkpoints as inference reads them live in core; `load_trained` and `model_id` stay importable from here
+from kvjax.checkpoints import CheckpointMismatch, check_meta, load_trained, model_id  # noqa: F401
 
 DATA_AXIS = "data"
 
@@ -237,7 +238,7 @@ def restore(mngr: ocp.CheckpointManager, target: TrainState, meta: dict) -> Trai
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            _check_meta(saved_meta, meta)
+            check_meta(saved_meta, meta)
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except CheckpointMismatch:
             raise
@@ -246,71 +247,6 @@ def restore(mngr: ocp.CheckpointManager, target: TrainState, meta: dict) -> Trai
             continue
         return TrainState(**restored)
     return target
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint written by another method or for another model."""
-
-
-def model_id(name: str, cfg) -> str:
-    """`name (hash of the config)`: what a checkpoint records as its model."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list).encode()).hexdigest()
-    return f"{name} ({digest[:12]})"
-
-
-def _same_model(saved: str | None, wanted: str | None) -> bool:
-    """Model ids match by their config hash (the name part may spell the same model differently)."""
-    tail = lambda s: (s or "").rsplit(" (", 1)[-1]  # noqa: E731
-    return tail(saved) == tail(wanted)
-
-
-def _check_meta(saved: dict, meta: dict) -> None:
-    if saved.get("method") != meta.get("method"):
-        raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for method "
-                                 f"{saved.get('method')!r}, this run uses {meta.get('method')!r}")
-    if not _same_model(saved.get("model"), meta.get("model")):
-        raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint was written for model "
-                                 f"{saved.get('model')!r}, this run uses {meta.get('model')!r}")
-
-
-def load_trained(run_dir, method: str, model: str) -> tuple[dict, dict, dict]:
-    """(params, const, meta) of the newest readable checkpoint of a `kvjax train` run directory, for
-    inference. `model` is the loading model's `model_id`. Unreadable checkpoints are skipped with a
-    warning; a run of another method or model, or a directory with no checkpoint, is a ValueError."""
-    root = Path(run_dir).expanduser().absolute()
-    ckpt_dir = root / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise ValueError(f"{run_dir}: no checkpoints/ directory (expected the --out directory of `kvjax train`)")
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    with _quiet_absl():  # orbax logs a warning for every read-only manager
-        mngr = ocp.CheckpointManager(ckpt_dir, options=options)
-    try:
-        for step in sorted(mngr.all_steps(), reverse=True):
-            try:
-                meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                _check_meta(meta, {"method": method, "model": model})
-                state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-            except CheckpointMismatch:
-                raise
-            except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
-                warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
-                continue
-            to_jax = functools.partial(jax.tree_util.tree_map, jnp.asarray)
-            return to_jax(state["params"]), to_jax(state["const"]), dict(meta, step=step)
-    finally:
-        mngr.close()
-    raise ValueError(f"{run_dir}: no readable checkpoint")
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _open_log(path: Path, start: int):

@@ -5,7 +5,8 @@ coordinates (`kvjax.states.latent.LatentKV`). Training makes every prefix U[:, :
 
 * Parametrization (the paper's Cayley parametrization): U = U_0 · Cayley(A), Cayley(A) =
   (I - A)(I + A)^-1 with A skew-symmetric built from the strict upper triangle of W, so U stays
-  exactly orthogonal whatever W; W (the trainable leaf) starts at 0, hence U starts at U_0.
+  exactly orthogonal whatever W; W (the trainable leaf) starts at 0, hence U starts at U_0. The map
+  from (W, U_0) to U is core (`kvjax.checkpoints.matryoshka_bases`): inference computes it too.
 * Initialization (the paper's PCA initialization): U_0 = the principal axes of calibration
   activations, columns sorted by decreasing variance: eigenvectors of the second moment
   (1/N) sum_t x_t x_t^T of the post-RoPE keys (values) of each head. No centering: the projection
@@ -34,40 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.checkpoints import cayley, matryoshka_bases, model_id  # noqa: F401 (cayley: kvjax.train.cayley)
 from kvjax.states import KVCache, init_cache
 from kvjax.states.latent import latent_cache
 from kvjax.models.config import LlamaConfig
-from kvjax.models.llama import Llama
-from kvjax.train.loop import model_id
-
-
-def cayley(w: jax.Array) -> jax.Array:
-    """Orthogonal (I - A)(I + A)^-1 for w [..., D, D], A = triu(w, 1) - triu(w, 1)^T skew-symmetric (I + A is
-    invertible for skew A). Only w's strict upper triangle is used, so the other entries get exactly zero
-    gradient (no Adam updates driven by rounding noise)."""
-    upper = jnp.triu(w, 1)
-    a = upper - jnp.swapaxes(upper, -1, -2)
-    eye = jnp.eye(w.shape[-1], dtype=w.dtype)
-    # (I + A)^-1 and (I - A) commute, so the product is the solution X of (I + A) X = I - A
-    return _solve_positive_real(eye + a, jnp.broadcast_to(eye - a, a.shape))
-
-
-def _solve_positive_real(m: jax.Array, b: jax.Array) -> jax.Array:
-    """X with m X = b, for m [..., D, D] whose symmetric part is positive definite (here I + skew:
-    x^T m x = |x|^2), by Gauss-Jordan elimination without pivoting, which such matrices never need.
-
-    Plain XLA ops instead of `jnp.linalg.solve`: on the 2-core CPU the LAPACK custom call inside the
-    SmolLM2 train step intermittently deadlocked XLA's CPU runtime (the step never finished, ~0% CPU)."""
-    def eliminate(i, mb):
-        m, b = mb
-        pivot = m[..., i, i][..., None]
-        row_m, row_b = m[..., i, :] / pivot, b[..., i, :] / pivot
-        factor = m[..., :, i].at[..., i].set(0)[..., None]  # [..., D, 1]: multiples of row i to remove
-        m = (m - factor * row_m[..., None, :]).at[..., i, :].set(row_m)
-        b = (b - factor * row_b[..., None, :]).at[..., i, :].set(row_b)
-        return m, b
-
-    return jax.lax.fori_loop(0, m.shape[-1], eliminate, (m, b))[1]
+from kvjax.models.family import model_for
 
 
 def pca_basis(x: np.ndarray) -> np.ndarray:
@@ -81,7 +53,7 @@ def pca_basis(x: np.ndarray) -> np.ndarray:
 def _forward(backbone, cfg: LlamaConfig, x, cache: KVCache):
     """Logits float32 [B, T, V] of tokens x [B, T] fed from position 0 onto an empty `cache`."""
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
-    return Llama(cfg).apply({"params": backbone}, x, positions, cache)
+    return model_for(cfg)(cfg).apply({"params": backbone}, x, positions, cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +100,9 @@ class MatryoshkaTask:
         return params, {"u0_k": jnp.asarray(u0_k, dt), "u0_v": jnp.asarray(u0_v, dt)}
 
     def bases(self, params, const) -> tuple[jax.Array, jax.Array]:
-        """U_k, U_v [L, K, D, D] (orthogonal; truncate columns for a rank)."""
-        return const["u0_k"] @ cayley(params["a_k"]), const["u0_v"] @ cayley(params["a_v"])
+        """U_k, U_v [L, K, D, D] (orthogonal; truncate columns for a rank): `kvjax.checkpoints.matryoshka_bases`,
+        which inference uses too."""
+        return matryoshka_bases(params, const)
 
     def sample_ranks(self, key) -> jax.Array:
         """int32 [2, L, K]: a rank per (K or V, layer, head), uniform over the nested levels."""

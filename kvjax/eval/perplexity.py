@@ -27,7 +27,7 @@ from kvjax.eval.scoring import perplexity
 from kvjax.generation import bucket
 from kvjax.lm import LM
 from kvjax.models.config import LlamaConfig
-from kvjax.models.llama import Llama
+from kvjax.models.family import model_for
 from kvjax.timing import compile_seconds
 
 
@@ -49,7 +49,7 @@ def teacher_force(params, cache, logits, targets, *, cfg: LlamaConfig):
 
     The first target is scored by `logits` float32 [B, V] (the prefill's last position); target i > 0
     by a decode step fed target i - 1 at the row's next position. The cache must have M - 1 free slots."""
-    model = Llama(cfg)
+    model = model_for(cfg)(cfg)
     active = jnp.ones(targets.shape[:1], jnp.int32)
 
     def nll(lg, target):  # [B, V], [B] -> [B]

@@ -19,6 +19,8 @@ from typing import Iterable
 import jax
 import numpy as np
 
+import kvjax
+
 KEY_FIELDS = ("task", "subtask", "length", "depth", "sample", "method", "ratio", "budget", "quant")
 META_FIELDS = ("seed", "model", "model_hash", "dtype", "options", "kvjax_version", "jax_version", "device")
 RESULT_FIELDS = ("needle_depth", "kept_fraction", "cache_bytes", "full_cache_bytes", "answer", "expected", "score",
@@ -54,8 +56,6 @@ def params_hash(params) -> str:
 
 def run_metadata(lm, seed: int, options: dict) -> dict:
     """The metadata columns of a run (the same on each of its rows)."""
-    import kvjax
-
     return dict(seed=seed, model=lm.name, model_hash=params_hash(lm.params), dtype=lm.cfg.dtype,
                 options=json.dumps(options, sort_keys=True), kvjax_version=kvjax.__version__,
                 jax_version=jax.__version__, device=jax.devices()[0].device_kind)

@@ -19,6 +19,7 @@ import functools
 from pathlib import Path
 from typing import ClassVar
 
+from kvjax.checkpoints import load_trained, model_id
 from kvjax.methods.base import PrefillMethod, ScoreContext, register
 
 
@@ -61,8 +62,6 @@ class Locret(PrefillMethod):
 
 @functools.lru_cache(maxsize=4)
 def _load_heads(checkpoint: str, cfg, model_name: str) -> dict:
-    from kvjax.train.loop import load_trained, model_id
-
     params, _, _ = load_trained(checkpoint, Locret.name, model_id(model_name, cfg))
     n_layers = params["fc1"]["kernel"].shape[0]
     width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim

@@ -18,6 +18,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.checkpoints import load_trained, matryoshka_bases, model_id
 from kvjax.methods.base import Budget, PrefillMethod, ScoreContext, register
 
 
@@ -55,11 +56,8 @@ class Matryoshka(PrefillMethod):
 
 @functools.lru_cache(maxsize=4)
 def _load_bases(checkpoint: str, cfg, model_name: str):
-    """(U_k, U_v per layer [K, D, D], rank step) of the newest readable checkpoint."""
-    from kvjax.train.loop import load_trained, model_id
-    from kvjax.train.matryoshka import MatryoshkaTask
-
+    """(U_k, U_v per layer [K, D, D], rank step) of the newest readable checkpoint (the rank grid is
+    head_dim / n_levels, as trained: `kvjax.train.matryoshka.MatryoshkaTask.step_rank`)."""
     params, const, meta = load_trained(checkpoint, Matryoshka.name, model_id(model_name, cfg))
-    task = MatryoshkaTask(cfg, model_name, n_levels=meta["n_levels"])
-    uk, uv = task.bases(params, const)
-    return list(uk), list(uv), task.step_rank
+    uk, uv = matryoshka_bases(params, const)
+    return list(uk), list(uv), cfg.head_dim // meta["n_levels"]
