@@ -28,8 +28,9 @@ def make_state(rng, spec, dtype, b=3, n_kv=2, s=160, d=64, lengths=(1, 77, 160),
     if not nan:
         return st
     unused = (jnp.arange(st.residual)[None, :] >= st.n_r[:, None])[:, None, :, None]
-    return dataclasses.replace(st, k_res=jnp.where(unused, jnp.nan, st.k_res).astype(dtype),
-                               v_res=jnp.where(unused, jnp.nan, st.v_res).astype(dtype))
+    return dataclasses.replace(st, store=dataclasses.replace(
+        st.store, k_res=jnp.where(unused, jnp.nan, st.k_res).astype(dtype),
+        v_res=jnp.where(unused, jnp.nan, st.v_res).astype(dtype)))
 
 
 def args(st):

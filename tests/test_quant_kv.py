@@ -201,7 +201,6 @@ def test_eviction_then_quantization_composes(smollm2):
     (dict(quant=quantizers.PerToken(group=3)), "does not divide the head dim"),
     (dict(quant="kvquant-8"), "bits must be one of"),
     (dict(quant=quantizers.KVQuant(bits=2, codebooks=(((0, .3, .6, 1),) * 2,) * 9)), "codebooks for 9 layers"),
-    (dict(method="streaming_llm", capacity=8, quant="int8"), "does not combine with quant"),
 ])
 def test_bad_quant_input(kwargs, message):
     lm = tiny_lm(seed=0)

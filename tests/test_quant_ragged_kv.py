@@ -9,7 +9,7 @@ import pytest
 import kvjax
 from kvjax import quantizers
 from kvjax.states import EMPTY_POS
-from kvjax.states.quant_ragged import QuantRaggedKV
+from kvjax.states import QuantRaggedKV
 from kvjax.states.ragged import RaggedKV, ragged_from_selection
 from kvjax.testing import tiny_lm
 

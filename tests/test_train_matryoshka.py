@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.states import DenseKV, tree_nbytes
+from kvjax.states import DenseKV, QuantKV, tree_nbytes
 from kvjax.states.latent import LatentKV
 from kvjax.testing import random_ids, tiny_lm
 from kvjax.train import MatryoshkaTask, TrainConfig, cayley, load_tokens, pca_basis, token_batches
@@ -163,7 +163,9 @@ def test_generate_loads_a_trained_run(tmp_path):
     assert lm.generate(ids, max_new_tokens=6, cache=cache).ids == half.ids
     with pytest.raises(ValueError, match="give ratio="):
         lm.generate(ids, method="matryoshka", checkpoint=tmp_path / "run", budget=10)
-    with pytest.raises(ValueError, match="does not combine with quant="):
-        lm.generate(ids, method="matryoshka", checkpoint=tmp_path / "run", ratio=0.5, quant="int8")
+    quantized = lm.generate(ids, max_new_tokens=6, method="matryoshka", checkpoint=tmp_path / "run", ratio=0.5,
+                            quant="int8")  # the projections stored quantized (`LatentKV.quantize`)
+    assert all(isinstance(layer, LatentKV) and isinstance(layer.store, QuantKV) for layer in quantized.cache.layers)
+    assert quantized.cache_bytes < half.cache_bytes
     with pytest.raises(ValueError, match="matryoshka needs trained projections"):
         lm.generate(ids, method="matryoshka", ratio=0.5)

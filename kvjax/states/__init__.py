@@ -5,22 +5,24 @@
 * `RollingKV` (`rolling`): fixed capacity, evicting while decoding (StreamingLLM, H2O, TOVA).
 * `LatentKV` (`latent`): keys and values in learned subspaces (MatryoshkaKV).
 * `LocretKV` (`locret`): a Locret prefill's cache, scoring tokens with retaining heads.
-* `QuantKV`, `QuantRaggedKV` (`quant_dense`, `quant_ragged`): quantized storage.
+* `QuantStore` (`quantized`): keys and values stored quantized (codes, scales, zeros, outliers, the
+  full-precision residual window and sink), held by a layout in the place of its K/V: `QuantKV`
+  (`dense`, rows) and `QuantRaggedKV` (`ragged`, a per-head pool); `RollingKV` and `LatentKV` hold a
+  `QuantKV` when quantized (`LayerState.quantize`).
 
 `KVCache` (`cache`) holds them; `STATES` lists every state type (the registry-driven state tests).
 """
 from kvjax.states.base import EMPTY_POS, LayerState, StoreBacked, tree_nbytes, write_slots
 from kvjax.states.cache import KVCache, cache_nbytes, init_cache, kept_positions, memory_report
-from kvjax.states.dense import DenseKV
+from kvjax.states.dense import DenseKV, QuantKV
 from kvjax.states.latent import LatentKV, latent_cache
 from kvjax.states.locret import LocretKV
-from kvjax.states.quant_dense import QuantKV
-from kvjax.states.quant_ragged import QuantRaggedKV
-from kvjax.states.ragged import RaggedKV, ragged_from_selection
+from kvjax.states.quantized import QuantStore
+from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
 from kvjax.states.rolling import RollingKV
 
 STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "QuantKV", "QuantRaggedKV", "STATES", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]

@@ -1,4 +1,5 @@
-"""`DenseKV`: the full-precision layer state, one slot per token per KV head.
+"""`DenseKV`: the full-precision layer state, one slot per token per KV head; `QuantKV`: the same
+layout over a quantized store (`kvjax.states.quantized.QuantStore`), what `DenseKV.quantize` gives.
 
 Rows of a batch may hold different numbers of tokens: slots at or past a row's `length` are scratch
 and masked out (they are overwritten by the next append). Visibility of slot s to query t of row b:
@@ -18,8 +19,13 @@ import numpy as np
 
 from kvjax.attention import blockwise_attention
 from kvjax.kernels.decode_attention import decode_attention
+from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.prefill_attention import prefill_attention
+from kvjax.kernels.quant_decode_attention import quant_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState, write_slots
+from kvjax.states.quantized import QuantStore, round_to
+
+KERNEL_QUANTIZERS = ("kivi", "per_token", "int8", "fp8")  # quantizers whose layouts the quantized kernel reads
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +80,10 @@ class DenseKV(LayerState):
     def positions(self) -> jax.Array:
         return self.pos
 
+    def quantize(self, quantizer, tokens: int, room: int = 0) -> "QuantKV":
+        """The same tokens in a quantized store (`QuantKV.from_dense`) for up to `tokens` per row."""
+        return QuantKV.from_dense(self, quantizer, tokens)
+
     def with_room(self, n: int, round_up=lambda c: c) -> "DenseKV":
         """At least `n` free slots past the longest row, capacity rounded up by `round_up` (host-side)."""
         need = round_up(int(np.max(np.asarray(self.length))) + n)
@@ -123,3 +133,112 @@ class DenseKV(LayerState):
                       pos=jnp.where(kept, jnp.take_along_axis(state.pos, idx, axis=2), EMPTY_POS),
                       length=n_keep.astype(jnp.int32))
         return out if carry is None else (out, jnp.take_along_axis(carry, idx, axis=2))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantKV(LayerState):
+    """The dense layout over a quantized store (`QuantStore`, rows: KV head k of row b writes store row
+    k, and every head of a row holds as many tokens, so the counts are per row).
+
+    KIVI's streaming scheme (Liu et al. 2024, Alg. 1): new tokens go into the full-precision residual;
+    a row's full residual is quantized and flushed into the store (rows flush independently). Prefill
+    attention runs at full precision on a `DenseKV`; `DenseKV.quantize` (`from_dense`) then stores what
+    is kept. Attention dequantizes the store transiently and attends over sink + store + residual with
+    position masks; decode steps of kivi/per_token/int8/fp8 stores without a sink have a Pallas kernel.
+
+    Attributes:
+      store: `QuantStore` of S store slots per row and head (a multiple of R); its arrays are read
+        through this layout's properties (kq, vq, pos, n_q, k_res, v_res, pos_res, n_r, k_sink, v_sink,
+        pos_sink: the layouts the kernel reads).
+    """
+
+    store: QuantStore
+
+    kq = property(lambda self: self.store.kq)
+    vq = property(lambda self: self.store.vq)
+    pos = property(lambda self: self.store.pos)  # int32 [B, K, S]
+    n_q = property(lambda self: self.store.n_q)  # int32 [B]
+    k_res = property(lambda self: self.store.k_res)
+    v_res = property(lambda self: self.store.v_res)
+    pos_res = property(lambda self: self.store.pos_res)
+    n_r = property(lambda self: self.store.n_r)  # int32 [B]
+    k_sink = property(lambda self: self.store.k_sink)
+    v_sink = property(lambda self: self.store.v_sink)
+    pos_sink = property(lambda self: self.store.pos_sink)
+    quantizer = property(lambda self: self.store.quantizer)
+    residual = property(lambda self: self.store.residual)
+
+    @property
+    def capacity(self) -> int:
+        return self.store.slots
+
+    @property
+    def length(self) -> jax.Array:
+        return self.store.n_sink[:, 0] + self.n_q + self.n_r
+
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, quantizer) -> "QuantKV":
+        """An empty state for `capacity` tokens per row."""
+        return cls.from_dense(DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype), quantizer, capacity)
+
+    @classmethod
+    def from_dense(cls, state: DenseKV, quantizer, tokens: int, hold=None) -> "QuantKV":
+        """Quantize a dense state whose rows hold their tokens in slots [0, length), in position order.
+
+        The first `quantizer.sink` tokens of a row go to the sink; of the others, the first
+        floor(n / R) * R go to the store, the rest to the residual. `tokens` (static): the most tokens
+        a row will hold (>= its length); the store gets what the sink does not take, rounded up to a
+        multiple of R (at least R). Unused store slots hold zeros. `hold` (bool [B], optional): rows
+        that keep a full residual rather than flushing it (`QuantStore.append`).
+        """
+        b, n_kv, s = state.pos.shape
+        rows = jnp.arange(b)[:, None, None]
+
+        def take(head, j, valid):
+            idx = (rows, head, jnp.clip(j, 0, s - 1))
+            kv = lambda x: jnp.where(valid[..., None], x[idx], 0).astype(x.dtype)  # noqa: E731
+            return kv(state.k), kv(state.v), jnp.where(valid, state.pos[idx], EMPTY_POS)
+
+        slots = round_to(max(tokens - quantizer.sink, 1), quantizer.residual)
+        return cls(QuantStore.build(quantizer, take, state.length.astype(jnp.int32), n_kv, slots, hold=hold))
+
+    def has_room(self, n: int = 1) -> jax.Array:
+        return jnp.all(self.n_q + self.n_r + n <= self.capacity)
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "QuantKV":
+        """Grow the store so `n` more tokens fit (host-side), in multiples of the residual."""
+        need = round_to(round_up(int(np.max(np.asarray(self.n_q + self.n_r))) + n), self.residual)
+        if need <= self.capacity:
+            return self
+        src = np.where(np.arange(need) < self.capacity, np.arange(need), -1)
+        return QuantKV(self.store.relaid(np.broadcast_to(src, (self.n_q.shape[0], need))))
+
+    def append(self, k, v, pos, n_valid, features=None) -> "QuantKV":
+        """T tokens per row (k, v [B, K, T, D], pos [B, T]), one at a time through the residual."""
+        return QuantKV(self.store.append(k, v, pos, n_valid))
+
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
+        """Attention over the sink, the dequantized store and the residual (one pass; causal by positions)."""
+        k, v, pos = self.store.dense()
+        everything = jnp.full(self.n_q.shape, pos.shape[2], jnp.int32)  # unused slots hold EMPTY_POS
+        return blockwise_attention(q, q_pos, k, v, pos, everything, None, return_lse)
+
+    def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
+        """`kernels.quant_decode_attention`: dequantizes each tile in registers, then the residual."""
+        name = getattr(self.quantizer, "name", type(self.quantizer).__name__)
+        if return_lse:
+            raise unsupported("QuantKV gives no prefill observations in the Pallas path")
+        if name not in KERNEL_QUANTIZERS or self.pos_sink.shape[2]:
+            raise unsupported(f"no Pallas kernel for the {name!r} quantized cache (kernels read "
+                              f"{', '.join(KERNEL_QUANTIZERS)} without a sink)")
+        causal = {} if q.shape[1] == 1 else dict(q_pos=q_pos, pos=self.pos, pos_res=self.pos_res)
+        return quant_decode_attention(q, self.kq, self.vq, self.n_q, self.k_res, self.v_res, self.n_r, **causal,
+                                      interpret=interpret)
+
+    def memory_parts(self) -> dict:
+        return self.store.memory_parts()
+
+    def positions(self) -> jax.Array:
+        """int32 [B, K, N + S + R]: positions held, ascending, unused (`EMPTY_POS`) last."""
+        return jnp.sort(self.store.slot_positions(), axis=2)

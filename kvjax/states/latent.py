@@ -17,6 +17,9 @@ R rank of the key (R_k) or value (R_v) subspace.
 
 `nbytes` is the real memory: the projected arrays, positions and lengths, plus the bases themselves
 (K·D·(R_k + R_v) numbers per layer, independent of S).
+
+Quantized (`quantize`): the store of projections becomes a `QuantKV` (codes of c_k and c_v, its
+residual and sink); appending, attention and growth go through the store as before.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 
 from kvjax.states.base import StoreBacked
 from kvjax.states.cache import KVCache
-from kvjax.states.dense import DenseKV
+from kvjax.states.dense import DenseKV, QuantKV
 
 
 @jax.tree_util.register_dataclass
@@ -38,12 +41,12 @@ class LatentKV(StoreBacked):
 
     Attributes:
       store: `DenseKV` with k = c_k [B, K, S, R_k] (post-RoPE keys projected on `uk`) and
-        v = c_v [B, K, S, R_v] (values projected on `uv`).
+        v = c_v [B, K, S, R_v] (values projected on `uv`), or the same stored quantized (`QuantKV`).
       uk: [K, D, R_k] orthonormal columns (U_k[:, :R_k] of each KV head).
       uv: [K, D, R_v] orthonormal columns (U_v[:, :R_v]).
     """
 
-    store: DenseKV
+    store: DenseKV | QuantKV
     uk: jax.Array
     uv: jax.Array
 
@@ -84,6 +87,15 @@ class LatentKV(StoreBacked):
 
     def with_room(self, n: int, round_up=lambda c: c) -> "LatentKV":
         return dataclasses.replace(self, store=self.store.with_room(n, round_up))
+
+    def quantize(self, quantizer, tokens: int, room: int = 0) -> "LatentKV":
+        """The projections stored quantized (`DenseKV.quantize`), for up to `tokens` per row. The
+        quantizer sees c_k, c_v as it would keys and values (its groups must divide R_k / R_v); a
+        quantizer of pre-RoPE keys (KVQuant) does not apply: projected keys have no RoPE to undo."""
+        if getattr(quantizer, "rotate", None) is not None:
+            raise ValueError(f"{getattr(quantizer, 'name', quantizer)!r} quantizes pre-RoPE keys; a latent state "
+                             "stores projected keys (no RoPE to undo)")
+        return dataclasses.replace(self, store=self.store.quantize(quantizer, tokens, room))
 
 
 def latent_cache(bases_k, bases_v, batch: int, capacity: int, dtype) -> KVCache:

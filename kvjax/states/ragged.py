@@ -1,4 +1,5 @@
-"""`RaggedKV`: a layer state whose KV heads keep different numbers of tokens (Ada-KV, DuoAttention).
+"""`RaggedKV`: a layer state whose KV heads keep different numbers of tokens (Ada-KV, DuoAttention);
+`QuantRaggedKV`: the same pool layout over a quantized store (`RaggedKV.quantize`).
 
 Each row stores one flat pool of slots; KV head k owns the region [start[b, k], end[b, k]) of it and
 uses its first `length[b, k]` slots. The pool holds exactly the kept tokens (plus any room asked for
@@ -18,6 +19,7 @@ import numpy as np
 from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.ragged_decode_attention import ragged_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState
+from kvjax.states.quantized import QuantStore, round_to, split
 
 
 @jax.tree_util.register_dataclass
@@ -99,6 +101,10 @@ class RaggedKV(LayerState):
                                  for b in range(pos.shape[0])]))
         return out
 
+    def quantize(self, quantizer, tokens: int, room: int) -> "QuantRaggedKV":
+        """The same tokens in a quantized pool (`QuantRaggedKV.from_ragged`), `room` more per head."""
+        return QuantRaggedKV.from_ragged(self, quantizer, room)
+
     def with_room(self, n: int, round_up=lambda c: c) -> "RaggedKV":
         """Re-lay the pool so every head has `n` free slots after its used ones (host-side)."""
         start, end, length = (np.asarray(x) for x in (self.start, self.end, self.length))
@@ -165,3 +171,144 @@ def ragged_from_selection(k, v, pos, keep, n_kv_total: int) -> RaggedKV:
                                          order.reshape(order.shape + (1,) * (x.ndim - 3)), axis=1)
     return RaggedKV(k=take(k), v=take(v), pos=jnp.where(kept, take(pos), EMPTY_POS), start=start,
                     end=start + length, length=length)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantRaggedKV(LayerState):
+    """Per-head budgets (Ada-KV) stored quantized: the pool layout over a quantized store.
+
+    The store is one flat pool per row (`QuantStore` with a single store row, [B, 1, P, D] in the
+    quantizer's layouts), KV head k owning the region [start[b, k], end[b, k]); regions start and end
+    on multiples of R, so a key group (G tokens of a channel, G dividing R) never straddles two heads.
+    Each head streams its own tokens as KIVI does: a per-head residual [B, K, R, D], flushed at the end
+    of the head's used region (`QuantStore.address` from `start`). A quantizer's `sink` first tokens of
+    each head stay in full precision.
+
+    Attributes:
+      store: `QuantStore` of P pool slots (a multiple of R), counts per head [B, K].
+      start, end: int32 [B, K] region of each KV head in the pool (multiples of R).
+    """
+
+    store: QuantStore
+    start: jax.Array
+    end: jax.Array
+
+    kq = property(lambda self: self.store.kq)  # [B, 1, P, D]
+    vq = property(lambda self: self.store.vq)
+    pos = property(lambda self: self.store.pos[:, 0])  # int32 [B, P]
+    n_q = property(lambda self: self.store.n_q)  # int32 [B, K]
+    k_res = property(lambda self: self.store.k_res)
+    v_res = property(lambda self: self.store.v_res)
+    pos_res = property(lambda self: self.store.pos_res)
+    n_r = property(lambda self: self.store.n_r)  # int32 [B, K]
+    k_sink = property(lambda self: self.store.k_sink)
+    v_sink = property(lambda self: self.store.v_sink)
+    pos_sink = property(lambda self: self.store.pos_sink)
+    quantizer = property(lambda self: self.store.quantizer)
+    residual = property(lambda self: self.store.residual)
+
+    @property
+    def capacity(self) -> int:
+        return self.store.slots
+
+    @property
+    def length(self) -> jax.Array:
+        """int32 [B, K] tokens held by each head."""
+        return self.store.n_sink + self.n_q + self.n_r
+
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, quantizer) -> "QuantRaggedKV":
+        """An empty pool: each head's region sized for capacity // K tokens."""
+        empty = RaggedKV.init(batch, n_kv_heads, 0, head_dim, dtype)
+        return cls.from_ragged(empty, quantizer, capacity // n_kv_heads)
+
+    @classmethod
+    def from_ragged(cls, state: RaggedKV, quantizer, room: int) -> "QuantRaggedKV":
+        """Quantize a ragged state (each head's tokens in position order in its region).
+
+        Per head: the first `sink` tokens go to the sink, of the others the first floor(n / R) * R to
+        the pool, the rest to the residual. `room` (static): tokens each head may still append;
+        head k's region is sized for the floor((n_k + room) / R) * R tokens it can ever flush.
+        """
+        r = quantizer.residual
+        b, n_kv = state.start.shape
+        n_sink, _, _ = split(state.length, quantizer)
+        region = (state.length - n_sink + room) // r * r
+        start = (jnp.cumsum(region, axis=1) - region).astype(jnp.int32)
+        rows = jnp.arange(b)[:, None, None]
+        # a pool of no slots (an empty state) is read as one zero slot
+        k, v, pos = (x if x.shape[1] else jnp.pad(x, [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))
+                     for x in (state.k, state.v, state.pos))
+
+        def take(head, j, valid):
+            src = jnp.take_along_axis(state.start, head.reshape(b, -1), axis=1).reshape(head.shape) + j
+            idx = (rows, jnp.clip(src, 0, k.shape[1] - 1))
+            kv = lambda x: jnp.where(valid[..., None], x[idx], 0).astype(x.dtype)  # noqa: E731
+            return kv(k), kv(v), jnp.where(valid, pos[idx], EMPTY_POS)
+
+        p = round_to(state.capacity + n_kv * room, r)  # >= sum of regions: static bound
+        store = QuantStore.build(quantizer, take, state.length.astype(jnp.int32), n_kv, p, base=start)
+        return cls(store=store, start=start, end=(start + region).astype(jnp.int32))
+
+    def has_room(self, n: int = 1) -> jax.Array:
+        """bool []: every head can take `n` more tokens (the blocks they flush fit their regions)."""
+        return jnp.all(self.start + self.n_q + (self.n_r + n) // self.residual * self.residual <= self.end)
+
+    def append(self, k, v, pos, n_valid, features=None) -> "QuantRaggedKV":
+        """T tokens per row (k, v [B, K, T, D], pos [B, T]), one at a time through the residuals;
+        a full residual flushes at the end of its head's used region."""
+        return dataclasses.replace(self, store=self.store.append(k, v, pos, n_valid, base=self.start))
+
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
+        """Causal attention of q [B, T, H, D] over each head's sink, dequantized region and residual."""
+        if return_lse:
+            raise ValueError("QuantRaggedKV does not provide observations for eviction (compress a fresh prefill)")
+        dt = self.k_res.dtype
+        b, n_kv = self.start.shape
+        flat = lambda x: x.reshape(b, -1, *x.shape[3:])  # noqa: E731  [B, K, R, ...] -> [B, K*R, ...]
+        keys = self.quantizer.dequantize_keys(self.kq, self.store.pos, dt)[:, 0]
+        values = self.quantizer.dequantize_values(self.vq, dt)[:, 0]
+        slot = jnp.arange(self.capacity)[None, None, :]
+        inside = (slot >= self.start[..., None]) & (slot < (self.start + self.n_q)[..., None])  # [B, K, P]
+        pool_head = jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1)
+        side_head = lambda n: jnp.broadcast_to(jnp.repeat(jnp.arange(n_kv), n), (b, n_kv * n))  # noqa: E731
+        k = jnp.concatenate([flat(self.k_sink), keys, flat(self.k_res)], axis=1)
+        v = jnp.concatenate([flat(self.v_sink), values, flat(self.v_res)], axis=1)
+        pos = jnp.concatenate([flat(self.pos_sink), self.pos, flat(self.pos_res)], axis=1)
+        heads = jnp.concatenate([side_head(self.k_sink.shape[2]), pool_head, side_head(self.residual)], axis=1)
+        return head_attention(q, q_pos, k, v, pos, heads.astype(jnp.int32), n_kv)
+
+    def memory_parts(self) -> dict:
+        parts = self.store.memory_parts()
+        parts["metadata"] += self.nbytes() - self.store.nbytes()  # the regions
+        return parts
+
+    def positions(self) -> list[np.ndarray]:
+        """Per KV head, int32 [B, n_k] original positions held, ascending (rows must hold equal counts)."""
+        pos, start, n_q = (np.asarray(x) for x in (self.pos, self.start, self.n_q))
+        side = np.concatenate([np.asarray(self.pos_sink), np.asarray(self.pos_res)], axis=2)
+        out = []
+        for kh in range(start.shape[1]):
+            held = [np.sort(np.concatenate([pos[b, start[b, kh]: start[b, kh] + n_q[b, kh]],
+                                            side[b, kh][side[b, kh] != EMPTY_POS]])) for b in range(pos.shape[0])]
+            if len({len(h) for h in held}) > 1:
+                raise ValueError("rows hold different numbers of tokens; select one row first")
+            out.append(np.stack(held))
+        return out
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "QuantRaggedKV":
+        """Re-lay the pool so every head can take `n` more tokens (host-side; regions keep their tokens)."""
+        if bool(self.has_room(n)):
+            return self
+        r = self.residual
+        start, end, n_q, n_r = (np.asarray(x) for x in (self.start, self.end, self.n_q, self.n_r))
+        size = np.maximum(end - start, (n_q + n_r + n) // r * r)
+        new_start = np.cumsum(size, axis=1) - size
+        pool = round_to(round_up(int(size.sum(1).max())), r)
+        src = np.full((start.shape[0], pool), -1, np.int64)  # source slot of every destination slot
+        for b in range(start.shape[0]):
+            for kh in range(start.shape[1]):
+                src[b, new_start[b, kh]: new_start[b, kh] + n_q[b, kh]] = np.arange(start[b, kh], start[b, kh] + n_q[b, kh])
+        return QuantRaggedKV(store=self.store.relaid(src), start=jnp.asarray(new_start, jnp.int32),
+                             end=jnp.asarray(new_start + size, jnp.int32))
