@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import kvjax
 from kvjax import generation
+from kvjax.shapes import bucket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import emit, prompt_ids  # noqa: E402
@@ -47,7 +48,7 @@ def quantizer(lm, spec: str, calibration: Path, calib_tokens: int):
 def continuation_logits(lm, context, continuation, quant):
     """log-softmax [M, V] at each continuation token, teacher-forced on the (quantized) context cache."""
     cache = lm.prefill(context, quant=quant)
-    cache = cache.with_room(len(continuation), generation.bucket)
+    cache = cache.with_room(len(continuation), bucket)
     tokens = np.asarray([continuation], np.int32)
     logits, _, _ = generation.prefill(lm.params, lm.cfg, tokens, np.asarray([len(continuation)]), cache,
                                       all_logits=True)

@@ -14,6 +14,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+
+import kvjax
+from kvjax import methods
+
 from kvjax.eval import command as eval_command
 from kvjax.train import command as train_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
@@ -92,8 +98,6 @@ def _compression(args) -> dict:
 
 
 def _generate(args) -> None:
-    import kvjax
-
     lm = kvjax.load(args.model, dtype=args.dtype)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -126,8 +130,6 @@ def _generate(args) -> None:
 
 
 def _methods(args) -> None:
-    from kvjax import methods
-
     sections = [
         ("score", "score methods (score a finished prefill; use with --method NAME --ratio R | --budget N):"),
         ("prefill", "prefill methods (build their cache while prefilling; --method NAME --checkpoint DIR "
@@ -173,10 +175,6 @@ def _fields(cls, skip: str = "") -> str:
 
 
 def _inspect(args) -> None:
-    import numpy as np
-
-    import kvjax
-
     if not args.input_ids.is_file():
         raise ValueError(f"--input-ids: no such file {args.input_ids}")
     ids = np.load(args.input_ids)
@@ -200,16 +198,12 @@ def _inspect(args) -> None:
 
 
 def _info(args) -> None:
-    import dataclasses
-
-    import kvjax
-
     lm = kvjax.load(args.model, dtype=args.dtype)
     print(lm)
     for field in dataclasses.fields(lm.cfg):
         print(f"  {field.name}: {getattr(lm.cfg, field.name)}")
     print(f"  KV bytes per token (full cache, all layers): {lm.cfg.kv_bytes_per_token():,}")
-    n_params = sum(x.size for x in __import__("jax").tree_util.tree_leaves(lm.params))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(lm.params))
     print(f"  parameters: {n_params:,}")
 
 

@@ -23,18 +23,7 @@ from kvjax.states.cache import KVCache
 from kvjax.models.config import LlamaConfig
 from kvjax.models import model_for
 from kvjax.observe import ObsSpec, init_layer_obs
-
-PREFILL_CHUNK = 512  # tokens per prefill call; also the key block of prefill attention
-MIN_BUCKET = 16
-
-
-def bucket(n: int, chunk: int | None = None) -> int:
-    """Padded size for n tokens: the next power of two (>= 16) up to `chunk`, then multiples of `chunk`."""
-    chunk = chunk or PREFILL_CHUNK
-    if n <= chunk:
-        return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
-    return -(-n // chunk) * chunk
-
+from kvjax.shapes import PREFILL_CHUNK
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:

@@ -9,7 +9,6 @@ Inputs are validated on the host, before anything is compiled; bad input raises 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Iterator, Mapping, Sequence
 
@@ -17,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, methods, quant, quantizers
-from kvjax.compress import compress, resolve_keep
-from kvjax.generation import Sampler, bucket
+from kvjax import generation, pipeline
+from kvjax.generation import Sampler
+from kvjax.shapes import bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
 from kvjax.models.config import LlamaConfig
-from kvjax.states import DenseKV, KVCache, LocretKV, QuantKV, QuantRaggedKV, RaggedKV, cache_nbytes, init_cache
-from kvjax.states.latent import latent_cache
+from kvjax.states import KVCache, cache_nbytes, init_cache
 from kvjax.timing import compile_seconds
 from kvjax.tokenizer import Tokenizer
 
@@ -102,69 +100,22 @@ class LM:
         """
         impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
-        plan = self._plan(method, ratio, budget, rows, cache=None, quant=quant, checkpoint=checkpoint)
+        plan = self._plan(rows, method, ratio, budget, quant=quant, checkpoint=checkpoint)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
         logits, cache = self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)
         return (logits, cache) if return_logits else cache
 
-    def _plan(self, method, ratio, budget, rows, cache, capacity: int | None = None, quant=None, checkpoint=None):
-        """Validate a compression request before anything compiles: a `_Plan`, or None for none."""
-        if checkpoint is not None:
-            if method is None or isinstance(method, str) and method == "full":
-                raise ValueError("checkpoint= gives a trained method its weights: pass method= too")
-            method = methods.get(method)
-            if "checkpoint" not in {f.name for f in dataclasses.fields(method)}:
-                raise ValueError(f"method {method.name!r} is not trained: it takes no checkpoint=")
-            method = dataclasses.replace(method, checkpoint=checkpoint)
-        quantizer = None
-        if quant is not None:
-            quantizer = quantizers.get(quant).for_model(self.cfg)
-        if method is None or method == "full":
-            if ratio is not None or budget is not None or capacity is not None:
-                raise ValueError("ratio= / budget= / capacity= need a method= to compress with")
-            if quantizer is not None and cache is not None:
-                raise ValueError("quantization applies to a fresh prefill: do not pass cache= with quant=")
-            return None if quantizer is None else _Plan(None, None, None, quantizer)
-        method = methods.get(method)
-        if cache is not None:
-            raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
-        lengths = [len(r) for r in rows]
-        if capacity is not None:
-            if quantizer is not None:
-                raise ValueError("capacity= (decode-time eviction) does not combine with quant= yet")
-            return _Plan(method, self._rolling_keep(method, capacity, ratio, budget, lengths), capacity, None)
-        if ratio is None and budget is None:
-            raise ValueError(f"method {method.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
-                             "or capacity= (cache bound while decoding)")
-        n_keep = resolve_keep(method, methods.Budget(ratio=ratio, tokens=budget), lengths, self.cfg.n_layers)
-        if isinstance(method, methods.Locret):
-            method.heads(self.cfg, self.name)  # load (and check) the trained heads before compiling
-        if isinstance(method, methods.Matryoshka):
-            if quantizer is not None:
-                raise ValueError("matryoshka (projected K/V) does not combine with quant= yet")
-            method.bases(self.cfg, ratio, self.name)
-        return _Plan(method, n_keep, None, quantizer, ratio=ratio)
-
-    def _rolling_keep(self, method, capacity, ratio, budget, lengths) -> np.ndarray:
-        if ratio is not None or budget is not None:
-            raise ValueError("capacity= bounds the cache on its own: do not combine it with ratio= or budget=")
-        if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 2:
-            raise ValueError(f"capacity must be an integer >= 2 tokens, got {capacity!r}")
-        rule = method.decode_rule(int(capacity))
-        if rule is None:
-            able = sorted(n for n, c in methods.registry().items() if c().decode_rule(64) is not None)
-            raise ValueError(f"method {method.name!r} has no decode-time eviction rule; use one of {able}")
-        _, n_sink, recent = rule
-        if capacity <= n_sink + recent:
-            raise ValueError(f"capacity {capacity} leaves no evictable slot ({method.name} protects "
-                             f"{n_sink} sinks and {recent} recent tokens)")
-        return np.array([[min(n, int(capacity)) for n in lengths]] * self.cfg.n_layers, np.int32)
+    def _plan(self, rows, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
+              cache=None) -> pipeline.Plan | None:
+        """Validate a compression request before anything compiles (`kvjax.pipeline.plan`)."""
+        return pipeline.plan(self.cfg, [len(r) for r in rows], method, ratio, budget, capacity, quant, checkpoint,
+                             model_name=self.name, fresh=cache is None)
 
     def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
                  attention_impl: str = "xla"):
         """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length,
-        then compress / quantize with `plan` (from `_plan`) if given."""
+        then compress / quantize with `plan` (`kvjax.pipeline`)."""
         tokens, lengths = self._pad(rows)
         room = max(tokens.shape[1], extra)
         if cache is None:
@@ -177,54 +128,8 @@ class LM:
             cache = jax.tree_util.tree_map(jnp.copy, cache).with_room(room, bucket)
             cache = dataclasses.replace(cache, attention_impl=attention_impl)
         self._check_positions(cache, lengths)
-        if plan is None:
-            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
-            return logits, cache
-        # `extra` beyond the prompt is room for decoding: allocate it now (64-slot steps), not later
-        room = max(0, extra - int(lengths.max()))
-        if plan.method is not None:
-            quantized_later = plan.quantizer is not None
-            capacities = tuple(plan.rolling or (_round64(int(max(row)) + room) if room and not quantized_later
-                                                else int(max(row))) for row in plan.n_keep)
-        if isinstance(plan.method, methods.Locret):
-            logits, cache = self._prefill_locret(plan.method, tokens, lengths, plan.n_keep[0], capacities,
-                                                 attention_impl)
-        elif isinstance(plan.method, methods.Matryoshka):  # every token, stored projected (`LatentKV`)
-            bases_k, bases_v = plan.method.bases(self.cfg, plan.ratio, self.name)
-            cache = latent_cache(bases_k, bases_v, len(rows), bucket(int(lengths.max()) + room), self.cfg.jnp_dtype)
-            cache = dataclasses.replace(cache, attention_impl=attention_impl)
-            logits, cache, _ = generation.prefill(self.params, self.cfg, tokens, lengths, cache)
-        else:
-            observe = plan.method.observations() if plan.method is not None else None
-            logits, cache, obs = generation.prefill(self.params, self.cfg, tokens, lengths, cache, observe=observe)
-            if plan.method is not None:
-                cache = compress(cache, obs, jnp.asarray(plan.n_keep), method=plan.method, cfg=self.cfg,
-                                 capacities=capacities, rolling=plan.rolling is not None)
-        if plan.quantizer is not None:
-            if plan.check_finite:
-                for i, layer in enumerate(cache.layers):
-                    quant.check_finite(layer.k, f"layer {i} keys")
-                    quant.check_finite(layer.v, f"layer {i} values")
-            kept = [int(max(row)) for row in plan.n_keep] if plan.method is not None else [int(lengths.max())] * len(
-                cache.layers)
-            cache = quantize_cache(cache, quantizer=plan.quantizer, tokens=tuple(n + room for n in kept), room=room)
-        return logits, cache
-
-    def _prefill_locret(self, method, tokens, lengths, budget, capacities, attention_impl):
-        """Locret's chunked prefill (`kvjax.states.locret`): `LocretKV` layers of budget[b] tokens per head (int
-        [B]) evict between chunks, then each is cut to its budget as a `DenseKV` of capacities[l] slots."""
-        c = self.cfg
-        chunk = min(tokens.shape[1], generation.PREFILL_CHUNK)
-        heads = method.heads(c, self.name)
-        stabilizers = [method.n_stabilizers(int(n)) for n in budget]
-        local = [method.n_local(int(n)) for n in budget]
-        layers = tuple(LocretKV.init(len(lengths), c.n_kv_heads, bucket(int(max(budget)) + chunk), c.head_dim,
-                                     c.jnp_dtype, budget, stabilizers, local,
-                                     jax.tree_util.tree_map(lambda x: jnp.array(x[i]), heads))  # noqa: B023
-                       for i in range(c.n_layers))  # distinct buffers: the prefill donates them
-        cache = KVCache(layers=layers, next_pos=jnp.zeros((len(lengths),), jnp.int32), attention_impl=attention_impl)
-        logits, cache, _ = generation.prefill(self.params, c, tokens, lengths, cache)
-        return logits, finish_locret(cache, capacities)
+        # `extra` beyond the prompt is room for decoding
+        return pipeline.prefill(self.params, self.cfg, plan, tokens, lengths, cache, max(0, extra - int(lengths.max())))
 
     # ------------------------------------------------------------------------------ generate
     def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -267,11 +172,11 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
-        plan = self._plan(method, ratio, budget, rows, cache, capacity, quant, checkpoint)
+        plan = self._plan(rows, method, ratio, budget, capacity, quant, checkpoint, cache)
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, impl)
         if plan is not None:  # room for the new tokens after the compressed prompt (64-slot steps)
-            cache = cache.with_room(max_new_tokens, _round64)
+            cache = cache.with_room(max_new_tokens, pipeline.round_step)
         logits.block_until_ready()
         prefill_compile = compile_seconds() - c0
         prefill_s = time.perf_counter() - t0 - prefill_compile
@@ -354,44 +259,6 @@ class LM:
         if end.max() > self.cfg.max_positions:
             raise ValueError(f"cache + prompt reach position {end.max()}, beyond the model's maximum "
                              f"positions ({self.cfg.max_positions})")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """A validated compression request: eviction (method, n_keep int32 [L, B], rolling capacity) and/or
-    quantization (quantizer)."""
-
-    method: object
-    n_keep: np.ndarray | None
-    rolling: int | None
-    quantizer: object
-    check_finite: bool = False
-    ratio: float | None = None  # the requested ratio (MatryoshkaKV's fraction of the K/V bytes removed)
-
-
-@functools.partial(jax.jit, static_argnames=("quantizer", "tokens", "room"))
-def quantize_cache(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room: int) -> KVCache:
-    """Every layer of a cache stored quantized: dense layers as `QuantKV` (layer l will hold
-    `tokens[l]` at most), per-head (ragged) layers as `QuantRaggedKV` (with `room` more per head)."""
-    layers = []
-    for i, (layer, n) in enumerate(zip(cache.layers, tokens)):
-        if isinstance(layer, DenseKV):
-            layers.append(QuantKV.from_dense(layer, quantizer.for_layer(i), n))
-        elif isinstance(layer, RaggedKV):
-            layers.append(QuantRaggedKV.from_ragged(layer, quantizer.for_layer(i), room))
-        else:
-            raise ValueError(f"cannot quantize a {type(layer).__name__} layer")
-    return dataclasses.replace(cache, layers=tuple(layers))
-
-
-@functools.partial(jax.jit, static_argnames=("capacities",))
-def finish_locret(cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
-    """Every `LocretKV` layer cut to its budget (`LocretKV.finish`) as a `DenseKV` of capacities[l] slots."""
-    return dataclasses.replace(cache, layers=tuple(layer.finish(n) for layer, n in zip(cache.layers, capacities)))
-
-
-def _round64(n: int) -> int:
-    return -(-n // 64) * 64
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:

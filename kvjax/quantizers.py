@@ -26,7 +26,7 @@ import numpy as np
 from kvjax import quant
 from kvjax.methods.base import _REGISTRY, check_positive, register_quantizer
 from kvjax.methods.base import registry as _registry
-from kvjax.methods.spec import instantiate, parse_call, quantizer_bits
+from kvjax.methods.spec import instantiate, resolve
 from kvjax.models.rope import rope_inv_freq
 from kvjax.models.rope import apply_rope
 
@@ -245,11 +245,7 @@ def get(spec) -> Quantizer:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"quant must be a spec string or a quantizer object, got {type(spec).__name__}")
-    name, kwargs = parse_call(spec)
-    if name not in _REGISTRY:
-        bits = quantizer_bits(name, kwargs)
-        if bits is not None:
-            name, kwargs = bits
+    name, kwargs = resolve(spec)
     cls = _REGISTRY.get(name)
     if cls is None or cls.kind != "quantizer":
         what = f"{name!r} is a {cls.kind} method, not a quantizer" if cls else f"unknown quantization {spec!r}"

@@ -37,15 +37,6 @@ LAZY_IMPORTS = {
 # specs and plugins being reworked): none of them is a heavy optional dependency, so they should move to the
 # top of their module (a cycle, e.g. quantizers -> methods.spec -> ..., by a module-graph fix); delete the
 # entries then. Unlike LAZY_IMPORTS, an entry that no longer matches is not an error.
-PENDING = {
-    ("kvjax/cli.py", "kvjax"), ("kvjax/cli.py", "dataclasses"), ("kvjax/cli.py", "numpy"), ("kvjax/cli.py", "jax"),
-    ("kvjax/cli.py", "kvjax.plugins"), ("kvjax/plugins.py", "kvjax.methods"),
-    ("kvjax/quantizers.py", "kvjax.methods.spec"),
-    ("kvjax/eval/command.py", "kvjax"), ("kvjax/eval/command.py", "kvjax.eval"),
-    ("kvjax/eval/command.py", "dataclasses"), ("kvjax/eval/command.py", "tqdm"),
-    ("kvjax/eval/command.py", "kvjax.eval.perplexity"), ("kvjax/eval/command.py", "kvjax.eval.prompts"),
-    ("kvjax/eval/command.py", "kvjax.eval.bench"), ("kvjax/eval/command.py", "kvjax.eval.plots"),
-}
 
 
 def _sources(folders=tuple(PACKAGES)) -> list[tuple[Path, str]]:
@@ -131,7 +122,7 @@ def test_no_imports_inside_functions():
         for name, line in _function_imports(_parse(path), module, path.name == "__init__.py"):
             if (rel, name) in LAZY_IMPORTS:
                 used.add((rel, name))
-            elif (rel, name) not in PENDING:
+            else:
                 bad.append(f"{rel}:{line} imports {name} inside a function")
     assert not bad, ("imports inside functions (move them to the top of the module; a cycle means the module "
                      "graph needs a fix, e.g. a lower-level module; only heavy optional dependencies may be "

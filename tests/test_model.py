@@ -15,7 +15,8 @@ from numpy_llama import hf_inv_freq
 
 import kvjax
 from kvjax import generation
-from kvjax.generation import Sampler, bucket
+from kvjax.generation import Sampler
+from kvjax.shapes import bucket
 from kvjax.states import init_cache
 from kvjax.lm import LM
 from kvjax.models import LlamaConfig, rope_inv_freq

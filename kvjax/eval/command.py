@@ -6,9 +6,18 @@ length, haystack folder, text file, output path) raises ValueError before the mo
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+import kvjax
+from kvjax.eval import prompts, records, ruler, runner, summary
+from kvjax.eval.bench import run_bench
+from kvjax.eval.perplexity import run_ppl, text_chunks
+from kvjax.eval.plots import plot_all
+from kvjax.eval.prompts import cut, sample_rng
 from kvjax.hub import DEFAULT_MODEL
 
 TASKS = ("passkey", "niah", "ruler", "ppl", "bench")
@@ -19,8 +28,6 @@ WIKITEXT = DATA / "wikitext-2" / "test.txt"
 
 def add_parsers(sub) -> None:
     """The `eval` and `plot` subcommands."""
-    from kvjax.eval import prompts
-
     e = sub.add_parser("eval", help="evaluate methods on a task: passkey, niah, ruler, ppl, bench",
                        description="Evaluate every method x ratio (or budget) x quantizer on a task; writes a CSV "
                                    "(one row per sample x configuration), a markdown summary and plots.")
@@ -86,13 +93,6 @@ def _positive(**kw) -> None:
 
 
 def run_eval(args) -> None:
-    import dataclasses
-
-    from tqdm import tqdm
-
-    import kvjax
-    from kvjax.eval import prompts, records, ruler, runner, summary
-
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
     _keep_rss_bounded()
@@ -154,14 +154,10 @@ def run_eval(args) -> None:
                                  f"maximum ({lm.cfg.max_positions})")
         total = len(samples) * len(configs)
     elif args.task == "ppl":
-        from kvjax.eval.perplexity import text_chunks
-
         chunks = text_chunks(tok.encode, args.text, args.context_len, args.eval_len, args.n)
         options.update(text=str(args.text), context_len=args.context_len, eval_len=args.eval_len)
         total = len(chunks) * len(configs)
     else:
-        from kvjax.eval.prompts import cut, sample_rng
-
         hay = prompts.tokenize_haystack(tok.encode, prompts.read_haystack_dir(args.haystack))
         bench_prompts = {n: cut(hay, int(sample_rng(args.seed, "bench", n, None, 0).integers(len(hay.starts))), n)[0]
                          .tolist() for n in lengths}
@@ -175,12 +171,8 @@ def run_eval(args) -> None:
     if args.task in ("passkey", "niah", "ruler"):
         runner.run_retrieval(lm, samples, configs, max_batch=args.batch, **kw)
     elif args.task == "ppl":
-        from kvjax.eval.perplexity import run_ppl
-
         run_ppl(lm, chunks, args.context_len, configs, max_batch=args.batch, **kw)
     else:
-        from kvjax.eval.bench import run_bench
-
         run_bench(lm, bench_prompts, configs, new_tokens=args.new_tokens, **kw)
     progress.close()
     rows = [r for r in records.read_rows(out) if r["task"] == args.task]
@@ -188,14 +180,10 @@ def run_eval(args) -> None:
     print(table)
     out.with_suffix(".md").write_text(table + "\n")
     if not args.no_plots:
-        from kvjax.eval.plots import plot_all
-
         for path in plot_all(out):
             print(f"wrote {path}", file=sys.stderr)
 
 
 def run_plot(args) -> None:
-    from kvjax.eval.plots import plot_all
-
     for path in plot_all(args.csv, args.out_dir):
         print(f"wrote {path}")

@@ -24,7 +24,7 @@ from kvjax.eval.records import row_key
 from kvjax.eval.runner import (Config, batches, branch, config_fields, own_prefill, prefill_alone, shared_prefill,
                                union_spec)
 from kvjax.eval.scoring import perplexity
-from kvjax.generation import bucket
+from kvjax.shapes import bucket
 from kvjax.lm import LM
 from kvjax.models.config import LlamaConfig
 from kvjax.models.family import model_for

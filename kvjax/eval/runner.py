@@ -24,21 +24,17 @@ import time
 from typing import Callable, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, methods, quantizers
-from kvjax.compress import compress, resolve_keep
+from kvjax import generation, methods, pipeline
 from kvjax.eval.prompts import Sample
 from kvjax.eval.records import row_key
 from kvjax.eval.scoring import SCORERS
-from kvjax.generation import bucket
-from kvjax.states import DenseKV, KVCache, init_cache, tree_nbytes
-from kvjax.states.latent import latent_cache
-from kvjax.lm import LM, quantize_cache
+from kvjax.shapes import bucket
+from kvjax.lm import LM
+from kvjax.states import init_cache, tree_nbytes
 from kvjax.models.config import LlamaConfig
-from kvjax.observe import ObsSpec, init_layer_obs
-from kvjax.states.ragged import RaggedKV
+from kvjax.observe import ObsSpec
 from kvjax.timing import compile_seconds
 
 Emit = Callable[[list[dict]], None]
@@ -82,28 +78,24 @@ def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budg
     return list(dict.fromkeys(out))
 
 
+def config_plan(cfg: LlamaConfig, config: Config, length: int, batch: int = 1, model_name: str = ""):
+    """The pipeline's plan (`kvjax.pipeline.plan`) of a configuration for `batch` rows of `length` tokens."""
+    return pipeline.plan(cfg, [length] * batch, config.method, config.ratio, config.budget, quant=config.quant,
+                         model_name=model_name)
+
+
 def check_configs(cfg: LlamaConfig, configs: Sequence[Config], lengths: Iterable[int]) -> None:
-    """Everything that can be checked before a long run: names, budgets at every length, combinations."""
+    """Everything that can be checked before a long run: names, budgets at every length, combinations
+    (each configuration planned at each length; trained methods load their weights)."""
     for c in configs:
-        if c.quant is not None:
-            quantizers.get(c.quant).for_model(cfg)
-        if not c.evicts:
-            continue
-        m = methods.get(c.method)
-        if c.quant is not None and isinstance(m, (methods.AdaKV, methods.Matryoshka)):
-            raise ValueError(f"{c.method} does not combine with a quantizer yet")
-        if isinstance(m, methods.Locret):  # load the trained weights now: a bad checkpoint fails early
-            m.heads(cfg)
-        if isinstance(m, methods.Matryoshka):
-            m.bases(cfg, c.ratio if c.ratio is not None else 0.0)
-        budget = methods.Budget(ratio=c.ratio, tokens=c.budget)
         for n in lengths:
-            resolve_keep(m, budget, [n], cfg.n_layers)
+            config_plan(cfg, c, n)
 
 
 def union_spec(configs: Sequence[Config]) -> ObsSpec | None:
     """The observations every evicting configuration needs, recorded once by the shared prefill."""
-    specs = [methods.get(c.method).observations() for c in configs if c.evicts]
+    specs = [token.observations() for token in (methods.split(c.method)[0] for c in configs if c.evicts)
+             if token is not None]
     if not specs:
         return None
     starts = {s.qstats_from for s in specs} - {None}
@@ -117,43 +109,17 @@ def union_spec(configs: Sequence[Config]) -> ObsSpec | None:
 # ------------------------------------------------------------------------------------ memory
 @functools.lru_cache(maxsize=None)
 def cache_bytes(cfg: LlamaConfig, config: Config, length: int) -> int:
-    """Bytes of the cache `LM.prefill` builds for a `length`-token context under `config` (one row)."""
-    capacity = bucket(length)
-    cache = jax.eval_shape(lambda: init_cache(cfg.n_layers, 1, cfg.n_kv_heads, capacity, cfg.head_dim,
-                                              cfg.jnp_dtype))
-    kept = (length,) * cfg.n_layers
-    m = methods.get(config.method) if config.evicts else None
-    if isinstance(m, methods.Matryoshka):  # every token, projected
-        bases_k, bases_v = m.bases(cfg, config.ratio)
-        cache = jax.eval_shape(lambda: latent_cache(bases_k, bases_v, 1, length, cfg.jnp_dtype))
-    elif m is not None and m.prefills_itself:  # Locret: a dense state per layer
-        n_keep = resolve_keep(m, methods.Budget(ratio=config.ratio, tokens=config.budget), [length], cfg.n_layers)
-        kept = tuple(int(r.max()) for r in n_keep)
-        cache = jax.eval_shape(lambda: KVCache(
-            layers=tuple(DenseKV.init(1, cfg.n_kv_heads, n, cfg.head_dim, cfg.jnp_dtype) for n in kept),
-            next_pos=jnp.zeros((1,), jnp.int32)))
-    elif m is not None:
-        spec = m.observations()
-        lengths = np.array([length])
-        obs = jax.eval_shape(lambda: tuple(init_layer_obs(spec, lengths, cfg.n_heads, cfg.head_dim, capacity,
-                                                          cfg.jnp_dtype) for _ in range(cfg.n_layers)))
-        n_keep = resolve_keep(m, methods.Budget(ratio=config.ratio, tokens=config.budget), lengths, cfg.n_layers)
-        kept = tuple(int(r.max()) for r in n_keep)
-        cache = jax.eval_shape(functools.partial(compress, method=m, cfg=cfg, capacities=kept),
-                               cache, obs, jnp.asarray(n_keep))
-    if config.quant is not None:
-        cache = jax.eval_shape(functools.partial(quantize_cache, quantizer=quantizers.get(config.quant).for_model(cfg),
-                                                 tokens=kept), cache)
-    return tree_nbytes(cache)
+    """Bytes of the cache `LM.prefill` builds for a `length`-token context under `config` (one row),
+    from the pipeline's abstract shapes (nothing runs)."""
+    return tree_nbytes(pipeline.abstract(cfg, config_plan(cfg, config, length), length))
 
 
 def kept_fraction(cfg: LlamaConfig, config: Config, length: int) -> float:
     """Mean over layers of the tokens kept per head / context tokens."""
-    if not config.evicts:
+    p = config_plan(cfg, config, length)
+    if p is None or p.method is None:
         return 1.0
-    n_keep = resolve_keep(methods.get(config.method), methods.Budget(ratio=config.ratio, tokens=config.budget),
-                          [length], cfg.n_layers)
-    return float(n_keep.mean() / length)
+    return float(p.n_keep.mean() / length)
 
 
 # ------------------------------------------------------------------------------ prefill/branch
@@ -178,7 +144,8 @@ def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spe
 def own_prefill(config: Config) -> bool:
     """The configuration's method works while prefilling (Locret, MatryoshkaKV): it cannot branch off a
     shared prefill."""
-    return config.evicts and methods.get(config.method).prefills_itself
+    token = methods.split(config.method)[0] if config.evicts else None
+    return token is not None and token.prefills_itself
 
 
 def prefill_alone(lm: LM, contexts: Sequence[Sequence[int]], config: Config, room: int):
@@ -191,40 +158,9 @@ def prefill_alone(lm: LM, contexts: Sequence[Sequence[int]], config: Config, roo
 
 def branch(lm: LM, cache, obs, config: Config, length: int, room: int):
     """The prefilled cache (B rows of `length` tokens) compressed / quantized under `config`, with
-    `room` free slots per head for what is fed on top. New arrays: the prefilled cache stays valid.
-
-    Eviction runs in the prefill cache's capacity (one `compress` program per method and length,
-    whatever the ratio); the kept tokens are then cut down to the smallest bucketed capacity that
-    holds the longest layer plus `room`, the same for every layer, so decoding reads what the
-    method kept and the answer programs are shared by every method at that capacity."""
-    capacity = cache.capacity
-    n_layers = lm.cfg.n_layers
-    if not config.evicts and config.quant is None:  # a copy: the callers' steps donate their cache
-        cache = jax.tree_util.tree_map(jnp.copy, cache)
-    if config.evicts:
-        m = methods.get(config.method)
-        n_keep = resolve_keep(m, methods.Budget(ratio=config.ratio, tokens=config.budget),
-                              [length] * cache.batch, n_layers)
-        cache = compress(cache, obs, jnp.asarray(n_keep), method=m, cfg=lm.cfg, capacities=(capacity,) * n_layers)
-        need = bucket(int(n_keep.max()) + room)
-        cache = dataclasses.replace(cache, layers=tuple(_shrink(layer, need, room) for layer in cache.layers))
-    if config.quant is not None:
-        cache = quantize_cache(cache, quantizer=quantizers.get(config.quant).for_model(lm.cfg),
-                               tokens=(capacity,) * n_layers)
-    return cache
-
-
-def _shrink(layer, capacity: int, room: int):
-    """A freshly compressed layer in `capacity` slots (dense: slots past every row's kept tokens
-    dropped) or, per-head pools, re-laid with `room` free slots after each head's tokens."""
-    if isinstance(layer, DenseKV):
-        if capacity >= layer.capacity:
-            return layer
-        return DenseKV(k=layer.k[:, :, :capacity], v=layer.v[:, :, :capacity], pos=layer.pos[:, :, :capacity],
-                       length=layer.length)
-    if isinstance(layer, RaggedKV):
-        return layer.with_room(room, bucket)
-    raise ValueError(f"cannot shrink a {type(layer).__name__} layer")
+    `room` free slots per head for what is fed on top (`kvjax.pipeline.branch`). New arrays: the
+    prefilled cache stays valid."""
+    return pipeline.branch(cache, obs, lm.cfg, config_plan(lm.cfg, config, length, cache.batch, lm.name), room)
 
 
 def batches(items: Sequence, max_batch: int) -> list[tuple[list, int]]:

@@ -17,6 +17,9 @@
 User plugins: `@kvjax.register_method("name")` on a frozen dataclass subclassing `ScoreMethod` (or
 `PrefillMethod`), `@kvjax.register_quantizer("name")` on a `Quantizer`; `--import FILE` on the CLI.
 """
+import importlib
+import pkgutil
+
 from kvjax.methods.adakv import AdaKV
 from kvjax.methods.base import (KINDS, WRAPPERS, Budget, EvictionMethod, PrefillMethod, ScoreContext, ScoreMethod,
                                 lookup, register, register_method, register_quantizer, registry, unregister)
@@ -35,6 +38,10 @@ from kvjax.methods.spec import Compose, get, kind_of, parse_call, spec_of, split
 WRAPPERS["adakv"] = AdaKV
 
 from kvjax import quantizers as _quantizers  # noqa: E402,F401 (registers the quantizers: kind "quantizer")
+
+# every method module of this package registers itself on import: a new method is one file here
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["get", "split", "spec_of", "kind_of", "Compose", "KINDS", "AdaKV", "WRAPPERS", "Budget", "EvictionMethod",
            "ScoreMethod", "PrefillMethod", "ScoreContext", "register", "register_method", "register_quantizer",

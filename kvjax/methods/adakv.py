@@ -52,6 +52,9 @@ class AdaKV(EvictionMethod):
         raise ValueError("decode-time eviction (capacity=) keeps one budget for every head: use the scorer alone")
 
     def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
+        if capacity > state.capacity:  # room asked beyond the prefill's slots: empty slots score -inf
+            scores = jnp.pad(scores, [(0, 0), (0, 0), (0, capacity - state.capacity)])
+            state = state.with_capacity(capacity)
         b, n_kv, s = scores.shape
         scores = jnp.where(jnp.arange(s)[None, None, :] < state.length[:, None, None], scores, -jnp.inf)
         rank = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # 0 = best slot of its head

@@ -5,7 +5,8 @@ tokens during a chunked prefill that evicts to the budget between chunks (`kvjax
     kvjax.methods.Locret(checkpoint="runs/locret", stabilizers=0.4)
 
 The heads come from a `kvjax train locret` run directory (`checkpoint`). Unlike the other methods,
-Locret does not score a finished prefill: `LM` runs the prefill with `LocretKV` layer states.
+Locret does not score a finished prefill: it builds `LocretKV` layer states for the prefill
+(`build_cache`) and cuts them to plain dense states after it (`finish`), through `kvjax.pipeline`.
 
 `stabilizers` is a fraction of the budget: the reference keeps the last 2500 entries at a budget of
 6000 (Phi-3-mini; 0.42) or 16384 (Llama-3.1-8B; 0.15); a fraction carries over to the small budgets
@@ -19,8 +20,14 @@ import functools
 from pathlib import Path
 from typing import ClassVar
 
+import jax
+import jax.numpy as jnp
+
+from kvjax.shapes import bucket
 from kvjax.checkpoints import load_trained, model_id
 from kvjax.methods.base import PrefillMethod, ScoreContext, register
+from kvjax.states.cache import KVCache
+from kvjax.states.locret import LocretKV
 
 
 @register("locret")
@@ -44,6 +51,27 @@ class Locret(PrefillMethod):
         raise ValueError("Locret scores tokens while prefilling (its retaining heads need each token's q, k, v): "
                          "use it through LM.prefill / LM.generate, not on a finished prefill")
 
+    def prepare(self, cfg, plan) -> None:
+        """Load (and check) the trained heads before anything compiles."""
+        self.heads(cfg, plan.model_name)
+
+    def build_cache(self, cfg, plan, batch: int, capacity: int, chunk: int) -> KVCache:
+        """The prefill's cache: per layer a `LocretKV` of (longest budget + one chunk) slots holding the
+        layer's retaining head, budget n_keep[0][b] per row (`capacity`, the prompt's, is not needed)."""
+        budget = plan.n_keep[0]
+        heads = self.heads(cfg, plan.model_name)
+        stabilizers = [self.n_stabilizers(int(n)) for n in budget]
+        local = [self.n_local(int(n)) for n in budget]
+        slots = bucket(int(max(budget)) + chunk)
+        layers = tuple(LocretKV.init(batch, cfg.n_kv_heads, slots, cfg.head_dim, cfg.jnp_dtype, budget, stabilizers,
+                                     local, jax.tree_util.tree_map(lambda x: jnp.array(x[i]), heads))  # noqa: B023
+                       for i in range(cfg.n_layers))  # distinct buffers: the prefill donates them
+        return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32))
+
+    def finish(self, cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
+        """Every layer cut to its budget (`LocretKV.finish`) as a `DenseKV` of capacities[l] slots."""
+        return _finish(cache, capacities)
+
     def n_stabilizers(self, budget: int) -> int:
         return int(self.stabilizers * budget)
 
@@ -58,6 +86,11 @@ class Locret(PrefillMethod):
             raise ValueError("locret needs trained retaining heads: pass checkpoint= (the --out directory of "
                              "`kvjax train locret`)")
         return _load_heads(self.checkpoint, cfg, model_name)
+
+
+@functools.partial(jax.jit, static_argnames=("capacities",))
+def _finish(cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
+    return dataclasses.replace(cache, layers=tuple(layer.finish(n) for layer, n in zip(cache.layers, capacities)))
 
 
 @functools.lru_cache(maxsize=4)

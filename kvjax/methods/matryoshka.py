@@ -20,6 +20,8 @@ import numpy as np
 
 from kvjax.checkpoints import load_trained, matryoshka_bases, model_id
 from kvjax.methods.base import Budget, PrefillMethod, ScoreContext, register
+from kvjax.states.cache import KVCache
+from kvjax.states.latent import latent_cache
 
 
 @register("matryoshka")
@@ -42,6 +44,18 @@ class Matryoshka(PrefillMethod):
             raise ValueError("matryoshka keeps every token and removes dimensions: give ratio= (fraction of the "
                              "K/V bytes removed), not budget=")
         return n_tokens
+
+    def prepare(self, cfg, plan) -> None:
+        """Load (and check) the trained bases before anything compiles."""
+        self.bases(cfg, plan.ratio, plan.model_name)
+
+    def build_cache(self, cfg, plan, batch: int, capacity: int, chunk: int) -> KVCache:
+        """An empty cache of `LatentKV` layers of `capacity` slots at rank (1 - ratio)·D."""
+        bases_k, bases_v = self.bases(cfg, plan.ratio, plan.model_name)
+        return latent_cache(bases_k, bases_v, batch, capacity, cfg.jnp_dtype)
+
+    def finish(self, cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
+        return cache  # every token stays, projected
 
     def bases(self, cfg, ratio: float, model_name: str = ""):
         """(bases_k, bases_v): per layer [K, D, r] orthonormal columns at r = (1 - ratio)·D on the rank grid."""

@@ -101,6 +101,16 @@ def instantiate(cls, name: str, kwargs: dict):
         raise ValueError(f"bad parameters for {name!r} ({e}); its parameters: {fields}") from None
 
 
+def resolve(text: str) -> tuple[str, dict]:
+    """(registered name, parameters) of "name(k=v, ...)", reading "quantizer-BITS" as bits=BITS."""
+    name, kwargs = parse_call(text)
+    if name not in _REGISTRY:
+        bits = quantizer_bits(name, kwargs)
+        if bits is not None:
+            name, kwargs = bits
+    return name, kwargs
+
+
 def quantizer_bits(name: str, kwargs: dict) -> tuple[str, dict] | None:
     """"kivi-2" -> ("kivi", {"bits": 2, ...}) when the prefix is a registered quantizer, else None."""
     m = _BITS.fullmatch(name)
@@ -140,11 +150,7 @@ def get(spec):
         return Compose(parts=tuple(p for p in split_top(body) if p.strip()))
     if text in WRAPPERS:
         raise ValueError(f"{text!r} wraps another method: write it as '{text}:<method>', e.g. '{text}:snapkv'")
-    name, kwargs = parse_call(text)
-    if name not in _REGISTRY:
-        bits = quantizer_bits(name, kwargs)
-        if bits is not None:
-            name, kwargs = bits
+    name, kwargs = resolve(text)
     return instantiate(lookup(name), name, kwargs)
 
 

@@ -125,6 +125,11 @@ class LayerState(abc.ABC):
         """At least `n` free slots past the longest row, capacity rounded up by `round_up` (host-side)."""
         return self
 
+    def shrunk(self, capacity: int, room: int, round_up=lambda c: c) -> "LayerState":
+        """A freshly compressed state laid out compactly: in `capacity` slots per row (every row's
+        tokens fit), or, for per-head pools, with `room` free slots after each head's tokens."""
+        raise ValueError(f"cannot shrink a {type(self).__name__} layer")
+
     # ----------------------------------------------------------------------------- quantization
     def quantize(self, quantizer, tokens: int, room: int) -> "LayerState":
         """The same tokens stored quantized by `quantizer` (for this layer), for up to `tokens` tokens

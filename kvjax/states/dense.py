@@ -23,7 +23,7 @@ from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.prefill_attention import prefill_attention
 from kvjax.kernels.quant_decode_attention import quant_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState, write_slots
-from kvjax.states.quantized import QuantStore, round_to
+from kvjax.states.quantized import QuantLayout, QuantStore, round_to
 
 KERNEL_QUANTIZERS = ("kivi", "per_token", "int8", "fp8")  # quantizers whose layouts the quantized kernel reads
 
@@ -100,7 +100,7 @@ class DenseKV(LayerState):
                                        constant_values=value)
         return dataclasses.replace(self, k=pad(self.k, 0), v=pad(self.v, 0), pos=pad(self.pos, EMPTY_POS))
 
-    def truncated(self, capacity: int) -> "DenseKV":
+    def shrunk(self, capacity: int, room: int = 0, round_up=lambda c: c) -> "DenseKV":
         """The first `capacity` slots (every row's tokens must fit in them)."""
         if capacity >= self.capacity:
             return self
@@ -137,7 +137,7 @@ class DenseKV(LayerState):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantKV(LayerState):
+class QuantKV(QuantLayout):
     """The dense layout over a quantized store (`QuantStore`, rows: KV head k of row b writes store row
     k, and every head of a row holds as many tokens, so the counts are per row).
 
@@ -155,23 +155,7 @@ class QuantKV(LayerState):
 
     store: QuantStore
 
-    kq = property(lambda self: self.store.kq)
-    vq = property(lambda self: self.store.vq)
     pos = property(lambda self: self.store.pos)  # int32 [B, K, S]
-    n_q = property(lambda self: self.store.n_q)  # int32 [B]
-    k_res = property(lambda self: self.store.k_res)
-    v_res = property(lambda self: self.store.v_res)
-    pos_res = property(lambda self: self.store.pos_res)
-    n_r = property(lambda self: self.store.n_r)  # int32 [B]
-    k_sink = property(lambda self: self.store.k_sink)
-    v_sink = property(lambda self: self.store.v_sink)
-    pos_sink = property(lambda self: self.store.pos_sink)
-    quantizer = property(lambda self: self.store.quantizer)
-    residual = property(lambda self: self.store.residual)
-
-    @property
-    def capacity(self) -> int:
-        return self.store.slots
 
     @property
     def length(self) -> jax.Array:

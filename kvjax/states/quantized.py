@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import quant
-from kvjax.states.base import EMPTY_POS, tree_nbytes
+from kvjax.states.base import EMPTY_POS, LayerState, tree_nbytes
 
 
 def round_to(n: int, m: int) -> int:
@@ -313,3 +313,25 @@ class QuantStore:
         out["elements"] = slots * (self.k_res.shape[-1] + self.v_res.shape[-1])
         out["itemsize"] = self.k_res.dtype.itemsize
         return out
+
+
+class QuantLayout(LayerState):
+    """Base of the layouts holding a `QuantStore` field `store`: its arrays read as the layout's own
+    (the names the Pallas kernels take). A layout adds `pos` and `length` in its shapes."""
+
+    kq = property(lambda self: self.store.kq)
+    n_q = property(lambda self: self.store.n_q)  # int32 [B] (dense layout) or [B, K] (per-head pool)
+    n_r = property(lambda self: self.store.n_r)
+    vq = property(lambda self: self.store.vq)
+    k_res = property(lambda self: self.store.k_res)
+    v_res = property(lambda self: self.store.v_res)
+    pos_res = property(lambda self: self.store.pos_res)
+    k_sink = property(lambda self: self.store.k_sink)
+    v_sink = property(lambda self: self.store.v_sink)
+    pos_sink = property(lambda self: self.store.pos_sink)
+    quantizer = property(lambda self: self.store.quantizer)
+    residual = property(lambda self: self.store.residual)
+
+    @property
+    def capacity(self) -> int:
+        return self.store.slots

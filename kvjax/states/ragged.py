@@ -19,7 +19,7 @@ import numpy as np
 from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.ragged_decode_attention import ragged_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState
-from kvjax.states.quantized import QuantStore, round_to, split
+from kvjax.states.quantized import QuantLayout, QuantStore, round_to, split
 
 
 @jax.tree_util.register_dataclass
@@ -101,6 +101,10 @@ class RaggedKV(LayerState):
                                  for b in range(pos.shape[0])]))
         return out
 
+    def shrunk(self, capacity: int, room: int, round_up=lambda c: c) -> "RaggedKV":
+        """Re-laid with `room` free slots after each head's tokens (the pool sized by `round_up`)."""
+        return self.with_room(room, round_up)
+
     def quantize(self, quantizer, tokens: int, room: int) -> "QuantRaggedKV":
         """The same tokens in a quantized pool (`QuantRaggedKV.from_ragged`), `room` more per head."""
         return QuantRaggedKV.from_ragged(self, quantizer, room)
@@ -175,7 +179,7 @@ def ragged_from_selection(k, v, pos, keep, n_kv_total: int) -> RaggedKV:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantRaggedKV(LayerState):
+class QuantRaggedKV(QuantLayout):
     """Per-head budgets (Ada-KV) stored quantized: the pool layout over a quantized store.
 
     The store is one flat pool per row (`QuantStore` with a single store row, [B, 1, P, D] in the
@@ -194,23 +198,7 @@ class QuantRaggedKV(LayerState):
     start: jax.Array
     end: jax.Array
 
-    kq = property(lambda self: self.store.kq)  # [B, 1, P, D]
-    vq = property(lambda self: self.store.vq)
     pos = property(lambda self: self.store.pos[:, 0])  # int32 [B, P]
-    n_q = property(lambda self: self.store.n_q)  # int32 [B, K]
-    k_res = property(lambda self: self.store.k_res)
-    v_res = property(lambda self: self.store.v_res)
-    pos_res = property(lambda self: self.store.pos_res)
-    n_r = property(lambda self: self.store.n_r)  # int32 [B, K]
-    k_sink = property(lambda self: self.store.k_sink)
-    v_sink = property(lambda self: self.store.v_sink)
-    pos_sink = property(lambda self: self.store.pos_sink)
-    quantizer = property(lambda self: self.store.quantizer)
-    residual = property(lambda self: self.store.residual)
-
-    @property
-    def capacity(self) -> int:
-        return self.store.slots
 
     @property
     def length(self) -> jax.Array:

@@ -1,0 +1,245 @@
+"""The one compression pipeline: plan, then prefill, observe, compress, quantize.
+
+    p = pipeline.plan(cfg, lengths, method="snapkv", ratio=0.5, quant="kivi-2")   # host, before compiling
+    logits, cache = pipeline.prefill(params, cfg, p, tokens, lengths, cache, room)
+    pipeline.abstract(cfg, p, length)                                             # exact bytes, nothing run
+
+`LM` (prefill / generate), the eval runner (one shared prefill, a branch per configuration) and the
+trained methods all go through here, so a new method kind or state is wired in one place.
+
+Method kinds (`kvjax.methods`): a *score method* scores the slots of a finished prefill
+(`EvictionMethod.score`, kvpress semantics: the prefill attends to the whole prompt, then every
+layer keeps its top tokens); a *prefill method* builds its own states before the prefill and
+finishes them after it (`build_cache` / `finish`: Locret evicts while prefilling, MatryoshkaKV
+stores projections); a *quantizer* stores what is kept quantized (`LayerState.quantize`). A
+`Compose` chains a token method and a quantizer; `quant=` is the same as composing.
+
+Legend: B batch, L layers, T prompt tokens, C slots after compression.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import generation, methods, quant as quant_ops, quantizers
+from kvjax.compress import compress, resolve_keep
+from kvjax.shapes import bucket
+from kvjax.observe import init_layer_obs
+from kvjax.states.cache import KVCache, init_cache
+
+DECODE_STEP = 64  # decode room is allocated in steps of this many slots
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A validated compression request (host-side; built before anything compiles).
+
+    Attributes:
+      method: the token method (score or prefill kind), or None.
+      quantizer: the quantizer bound to the model, or None.
+      n_keep: int32 [L, B] tokens each layer keeps per row and KV head (None without a method).
+      rolling: capacity C of a decode-time-evicting cache (`capacity=`), or None.
+      ratio, budget: the request (prefill methods read the ratio: MatryoshkaKV's removed dimensions).
+      model_name: the model's name (trained methods check their checkpoint against it).
+      check_finite: debug mode: check K/V for NaN/Inf before quantizing.
+    """
+
+    method: object = None
+    quantizer: object = None
+    n_keep: np.ndarray | None = None
+    rolling: int | None = None
+    ratio: float | None = None
+    budget: int | None = None
+    model_name: str = ""
+    check_finite: bool = False
+
+    def kept(self, n_layers: int, length: int) -> tuple[int, ...]:
+        """Tokens each layer holds after compression (the longest row)."""
+        if self.method is None:
+            return (length,) * n_layers
+        return tuple(int(row.max()) for row in self.n_keep)
+
+
+def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
+         model_name: str = "", fresh: bool = True) -> Plan | None:
+    """Validate a compression request for prompts of `lengths` tokens: a `Plan`, or None for none.
+
+    `method`: None / "full", a name, a spec with parameters ("snapkv(window=16)"), "wrapper:name",
+    "compose(snapkv, kivi-4)", or a method / quantizer / `Compose` object. `quant`: a quantizer spec
+    or object (the same as composing it). `fresh`: False when the prompt is fed on top of a given cache,
+    which cannot be compressed again. Every error is a ValueError raised here, before any compile.
+    """
+    token, quantizer = (None, None) if method is None or method == "full" else methods.split(method)
+    if quant is not None:
+        if quantizer is not None:
+            raise ValueError(f"method {method!r} already quantizes: do not also pass quant=")
+        quantizer = quantizers.get(quant)
+    if quantizer is not None:
+        quantizer = quantizer.for_model(cfg)
+    if checkpoint is not None:
+        token = _with_checkpoint(token, checkpoint)
+    lengths = [int(n) for n in lengths]
+    if token is None:
+        if ratio is not None or budget is not None or capacity is not None:
+            raise ValueError("ratio= / budget= / capacity= need a method= to compress with")
+        if quantizer is not None and not fresh:
+            raise ValueError("quantization applies to a fresh prefill: do not pass cache= with quant=")
+        return None if quantizer is None else Plan(quantizer=quantizer, model_name=model_name)
+    if not fresh:
+        raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
+    if capacity is not None:
+        n_keep = _rolling_keep(token, capacity, ratio, budget, lengths, cfg.n_layers)
+        return Plan(token, quantizer, n_keep, rolling=int(capacity), model_name=model_name)
+    if ratio is None and budget is None:
+        raise ValueError(f"method {token.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
+                         "or capacity= (cache bound while decoding)")
+    n_keep = resolve_keep(token, methods.Budget(ratio=ratio, tokens=budget), lengths, cfg.n_layers)
+    p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name)
+    if token.prefills_itself:
+        token.prepare(cfg, p)  # load (and check) trained weights before compiling
+    return p
+
+
+def _with_checkpoint(token, checkpoint):
+    if token is None:
+        raise ValueError("checkpoint= gives a trained method its weights: pass method= too")
+    if "checkpoint" not in {f.name for f in dataclasses.fields(token)}:
+        raise ValueError(f"method {token.name!r} is not trained: it takes no checkpoint=")
+    return dataclasses.replace(token, checkpoint=checkpoint)
+
+
+def _rolling_keep(method, capacity, ratio, budget, lengths, n_layers: int) -> np.ndarray:
+    if ratio is not None or budget is not None:
+        raise ValueError("capacity= bounds the cache on its own: do not combine it with ratio= or budget=")
+    if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 2:
+        raise ValueError(f"capacity must be an integer >= 2 tokens, got {capacity!r}")
+    rule = method.decode_rule(int(capacity))
+    if rule is None:
+        able = sorted(n for n, c in methods.registry("score").items() if _has_decode_rule(c))
+        raise ValueError(f"method {method.name!r} has no decode-time eviction rule; use one of {able}")
+    _, n_sink, recent = rule
+    if capacity <= n_sink + recent:
+        raise ValueError(f"capacity {capacity} leaves no evictable slot ({method.name} protects "
+                         f"{n_sink} sinks and {recent} recent tokens)")
+    return np.array([[min(n, int(capacity)) for n in lengths]] * n_layers, np.int32)
+
+
+def _has_decode_rule(cls) -> bool:
+    try:
+        return cls().decode_rule(64) is not None
+    except (TypeError, ValueError):  # a method with required parameters (a user's), or a wrapper
+        return False
+
+
+# ------------------------------------------------------------------------------------------ run
+def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, room: int):
+    """Prefill right-padded `tokens` int [B, T_pad] (real `lengths` [B]) onto `cache`, then compress
+    and quantize under `p`, leaving `room` free slots per row (and head) for decoding (allocated now
+    in `DECODE_STEP` steps, not later). Returns (logits float32 [B, V] at each row's last token, cache).
+
+    A prefill method builds its own states (its `build_cache` replaces `cache`, whose batch and
+    attention implementation it keeps)."""
+    if p is None:
+        logits, cache, _ = generation.prefill(params, cfg, tokens, lengths, cache)
+        return logits, cache
+    method = p.method
+    if method is not None and method.prefills_itself:
+        chunk = min(tokens.shape[1], generation.PREFILL_CHUNK)
+        own = method.build_cache(cfg, p, cache.batch, bucket(int(lengths.max()) + room), chunk)
+        cache = dataclasses.replace(own, attention_impl=cache.attention_impl)
+        logits, cache, _ = generation.prefill(params, cfg, tokens, lengths, cache)
+        cache = method.finish(cache, capacities(p, room))
+    else:
+        observe = method.observations() if method is not None else None
+        logits, cache, obs = generation.prefill(params, cfg, tokens, lengths, cache, observe=observe)
+        if method is not None:
+            cache = compress(cache, obs, jnp.asarray(p.n_keep), method=method, cfg=cfg, capacities=capacities(p, room),
+                             rolling=p.rolling is not None)
+    return logits, quantize(cache, p, room, tuple(n + room for n in p.kept(cfg.n_layers, int(lengths.max()))))
+
+
+def capacities(p: Plan, room: int) -> tuple[int, ...]:
+    """Slots of each layer after eviction: the kept tokens plus the decode room (64-slot steps), or the
+    rolling capacity. A quantized cache sizes its store itself (`quantize`), so eviction keeps exactly
+    the kept tokens there."""
+    if p.rolling is not None:
+        return (p.rolling,) * len(p.n_keep)
+    grow = room and p.quantizer is None
+    return tuple(round_step(int(row.max()) + room) if grow else int(row.max()) for row in p.n_keep)
+
+
+def quantize(cache: KVCache, p: Plan | None, room: int, tokens: tuple[int, ...]) -> KVCache:
+    """Every state of `cache` stored quantized under `p.quantizer` (unchanged without one); state i
+    will hold `tokens[i]` tokens at most (per-head pools: `room` more per head)."""
+    if p is None or p.quantizer is None:
+        return cache
+    if p.check_finite:  # every float array a state holds (keys, values, projections, scores)
+        for i, layer in enumerate(cache.layers):
+            for path, x in jax.tree_util.tree_leaves_with_path(layer):
+                if jnp.issubdtype(x.dtype, jnp.floating):
+                    name = jax.tree_util.keystr(path).lstrip(".")
+                    quant_ops.check_finite(x, f"layer {i} {dict(k='keys', v='values').get(name, name)}")
+    return quantize_states(cache, quantizer=p.quantizer, tokens=tokens, room=room)
+
+
+@functools.partial(jax.jit, static_argnames=("quantizer", "tokens", "room"))
+def quantize_states(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room: int) -> KVCache:
+    """`LayerState.quantize` of every state (state i by `quantizer.for_layer(i)`, for `tokens[i]` tokens)."""
+    layers = tuple(layer.quantize(quantizer.for_layer(i), n, room)
+                   for i, (layer, n) in enumerate(zip(cache.layers, tokens)))
+    return dataclasses.replace(cache, layers=layers)
+
+
+def round_step(n: int) -> int:
+    return -(-n // DECODE_STEP) * DECODE_STEP
+
+
+# ------------------------------------------------------------------------------------ branches
+def branch(cache: KVCache, obs, cfg, p: Plan | None, room: int) -> KVCache:
+    """A compressed (and quantized) copy of a shared prefill's `cache` (never donated; rows of equal
+    length), with `room` free slots per row and head for what is fed on top.
+
+    Eviction runs in the prefill cache's capacity, so `compress` compiles once per (method, length)
+    whatever the ratio (`n_keep` is traced); the kept tokens are then cut to the smallest bucketed
+    capacity holding the longest layer plus `room`, the same for every layer, so the programs fed on
+    top are shared by every method at that capacity."""
+    capacity, n_layers = cache.capacity, cfg.n_layers
+    if p is None or p.quantizer is None and p.method is None:
+        return jax.tree_util.tree_map(jnp.copy, cache)  # a copy: the callers' steps donate their cache
+    if p.method is not None:
+        cache = compress(cache, obs, jnp.asarray(p.n_keep), method=p.method, cfg=cfg, capacities=(capacity,) * n_layers)
+        need = bucket(int(p.n_keep.max()) + room)
+        cache = dataclasses.replace(cache, layers=tuple(layer.shrunk(need, room, bucket) for layer in cache.layers))
+    return quantize(cache, p, room, (capacity,) * n_layers)
+
+
+# -------------------------------------------------------------------------------------- memory
+def abstract(cfg, p: Plan | None, length: int, batch: int = 1) -> KVCache:
+    """The cache `LM.prefill` builds for `batch` rows of `length` tokens under `p`, as shapes and dtypes
+    only (`jax.eval_shape`: nothing is computed or allocated); `cache_nbytes` of it is exact. The plan's
+    `n_keep` must be for rows of `length` tokens."""
+    capacity = bucket(length)
+    cache = jax.eval_shape(lambda: init_cache(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim,
+                                              cfg.jnp_dtype))
+    if p is None:
+        return cache
+    method = p.method
+    if method is not None and method.prefills_itself:
+        chunk = min(capacity, generation.PREFILL_CHUNK)
+        cache = jax.eval_shape(lambda: method.finish(method.build_cache(cfg, p, batch, length, chunk),
+                                                     capacities(p, 0)))
+    elif method is not None:
+        spec = method.observations()
+        lengths = np.full((batch,), length)
+        obs = jax.eval_shape(lambda: tuple(init_layer_obs(spec, lengths, cfg.n_heads, cfg.head_dim, capacity,
+                                                          cfg.jnp_dtype) for _ in range(cfg.n_layers)))
+        cache = jax.eval_shape(functools.partial(compress, method=method, cfg=cfg, capacities=capacities(p, 0),
+                                                 rolling=p.rolling is not None), cache, obs, jnp.asarray(p.n_keep))
+    if p.quantizer is not None:
+        cache = jax.eval_shape(functools.partial(quantize_states, quantizer=p.quantizer, room=0,
+                                                 tokens=p.kept(cfg.n_layers, length)), cache)
+    return cache
