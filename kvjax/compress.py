@@ -49,17 +49,18 @@ def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaC
     """
     layers = []
     for i, state in enumerate(cache.layers):
-        producer = next(j for j in range(cfg.n_layers) if cache.state_index(j) == i)
+        producer = cache.producer(i)
         ctx = ScoreContext(k=state.k, v=state.v, pos=state.pos, length=state.length, n_tokens=cache.next_pos,
                            obs=obs[producer], layer=producer, n_layers=cfg.n_layers, cfg=cfg,
                            attention_impl=cache.attention_impl)
         with jax.named_scope(f"evict_{i}"):
             scores = method.score(ctx).astype(jnp.float32)
             if rolling:
-                rule, n_sink, recent = method.decode_rule(capacities[i])
-                kept, init = state.keep_top(scores, n_keep[i], capacities[i], method.decode_init_score(ctx))
+                rule, n_sink, recent = method.decode_rule(capacities[producer])
+                kept, init = state.keep_top(scores, n_keep[producer], capacities[producer],
+                                            method.decode_init_score(ctx))
                 layers.append(RollingKV(k=kept.k, v=kept.v, pos=kept.pos, length=kept.length,
                                         score=init.astype(jnp.float32), rule=rule, n_sink=n_sink, recent=recent))
             else:
-                layers.append(method.select(ctx, state, scores, n_keep[i], capacities[i]))
+                layers.append(method.select(ctx, state, scores, n_keep[producer], capacities[producer]))
     return dataclasses.replace(cache, layers=tuple(layers), next_pos=method.next_positions(cache.next_pos, n_keep[0]))

@@ -188,9 +188,10 @@ def quantize(cache: KVCache, p: Plan | None, room: int, tokens: tuple[int, ...])
 
 @functools.partial(jax.jit, static_argnames=("quantizer", "tokens", "room"))
 def quantize_states(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room: int) -> KVCache:
-    """`LayerState.quantize` of every state (state i by `quantizer.for_layer(i)`, for `tokens[i]` tokens)."""
-    layers = tuple(layer.quantize(quantizer.for_layer(i), n, room)
-                   for i, (layer, n) in enumerate(zip(cache.layers, tokens)))
+    """`LayerState.quantize` of every state; a state holds at most `tokens[l]` tokens, quantized by
+    `quantizer.for_layer(l)`, l its producer layer (`tokens` is per model layer)."""
+    layers = tuple(layer.quantize(quantizer.for_layer(cache.producer(i)), tokens[cache.producer(i)], room)
+                   for i, layer in enumerate(cache.layers))
     return dataclasses.replace(cache, layers=layers)
 
 
@@ -230,7 +231,7 @@ def abstract(cfg, p: Plan | None, length: int, batch: int = 1) -> KVCache:
     method = p.method
     if method is not None and method.prefills_itself:
         chunk = min(capacity, generation.PREFILL_CHUNK)
-        cache = jax.eval_shape(lambda: method.finish(method.build_cache(cfg, p, batch, length, chunk),
+        cache = jax.eval_shape(lambda: method.finish(method.build_cache(cfg, p, batch, capacity, chunk),
                                                      capacities(p, 0)))
     elif method is not None:
         spec = method.observations()

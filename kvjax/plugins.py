@@ -5,10 +5,11 @@
 
 A plugin registers its classes when imported (`@kvjax.register_method("my_press")`,
 `@kvjax.register_quantizer(...)`). `spec`: a path ending in `.py`, loaded with importlib as the
-module named by its file stem (registered in `sys.modules`), or a module name to import.
+module `kvjax_plugin_<file stem>` (registered in `sys.modules`; the prefix keeps a file named like a
+real package, optax.py say, from standing in for it), or a module name to import.
 
 Loading the same file again returns the module already loaded (the file runs once per process); a
-different file whose stem names a module already loaded is an error (rename it). Every failure is a
+different file of a loaded plugin's name is an error (rename it). Every failure is a
 one-line ValueError naming the plugin: no such file or module, or the exception it raised on import
 (whatever it registered before raising is unregistered again).
 """
@@ -28,13 +29,16 @@ from kvjax.methods import base
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
+PREFIX = "kvjax_plugin_"  # module names of plugin files: PREFIX + the file stem
+
+
 def load_plugins(specs: Iterable[str | os.PathLike]) -> list[ModuleType]:
     """`load_plugin` of each spec, in order."""
     return [load_plugin(s) for s in specs]
 
 
 def load_plugin(spec: str | os.PathLike) -> ModuleType:
-    """Import a plugin: a `.py` file (module name: its stem) or a module name. Returns the module."""
+    """Import a plugin: a `.py` file (module name: `PREFIX` + its stem) or a module name. Returns the module."""
     text = os.fspath(spec)
     if text.endswith(".py") or isinstance(spec, os.PathLike):
         return _load_file(text)
@@ -48,14 +52,14 @@ def _load_file(text: str) -> ModuleType:
     if not path.is_file():
         raise ValueError(f"plugin {text}: no such file" if not path.exists() else f"plugin {text}: not a file")
     path = path.resolve()
-    name = path.stem
+    # a private module name: a plugin file called optax.py must not stand in for the real optax
+    name = PREFIX + re.sub(r"\W", "_", path.stem)
     held = sys.modules.get(name)
     if held is not None:
         where = getattr(held, "__file__", None)
         if where is not None and Path(where).resolve() == path:
             return held  # loaded already: the file runs once
-        raise ValueError(f"plugin {text}: its module name {name!r} is already taken by "
-                         f"{where or 'a built-in module'}; rename the file")
+        raise ValueError(f"plugin {text}: another plugin file of that name is loaded ({where}); rename the file")
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ValueError(f"plugin {text}: cannot be loaded as a Python module")

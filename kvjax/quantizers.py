@@ -176,6 +176,7 @@ class KVQuant(Quantizer):
     codebooks: tuple | None = None
     layer: int | None = None
     inv_freq: tuple[float, ...] | None = None
+    layer_freqs: tuple[tuple[float, ...], ...] | None = None  # per layer, bound by `for_model`
 
     def __post_init__(self):
         quant.check_bits(self.bits, (2, 3, 4), "kvquant")
@@ -201,10 +202,13 @@ class KVQuant(Quantizer):
             raise ValueError(f"kvquant: head_dim must be a multiple of 8 (3-bit packing), got {cfg.head_dim}")
         if self.codebooks is not None and len(self.codebooks) != cfg.n_layers:
             raise ValueError(f"kvquant: codebooks for {len(self.codebooks)} layers, the model has {cfg.n_layers}")
-        return dataclasses.replace(self, inv_freq=tuple(float(f) for f in rope_inv_freq(cfg)))
+        freqs = tuple(tuple(float(f) for f in rope_inv_freq(cfg, i)) for i in range(cfg.n_layers))
+        return dataclasses.replace(self, inv_freq=freqs[0], layer_freqs=freqs)
 
     def for_layer(self, layer: int) -> Quantizer:
-        return self if self.codebooks is None else dataclasses.replace(self, layer=layer)
+        """Layer `layer`'s codebooks and RoPE frequencies (families may use other bases per layer)."""
+        freq = self.inv_freq if self.layer_freqs is None else self.layer_freqs[layer]
+        return dataclasses.replace(self, inv_freq=freq, layer=layer if self.codebooks is not None else None)
 
     def _levels(self, which: int):
         if self.codebooks is None:

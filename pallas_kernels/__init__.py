@@ -7,7 +7,8 @@
 * `prefill_attention`, `attention_column_sums`, `window_attention`: the scoring prefill
   (FlashAttention-2 forward with lse, H2O column sums, observation-window attention).
 
-`dispatch.attend(state, q, q_pos)` picks the kernel for a layer state (`attention_impl="pallas"`).
+Each layer state picks its kernel (`LayerState.attend_kernel`, `kvjax.states`); `dispatch` holds the
+shared fallback rule (`attention_impl="auto"`) and the scoring-prefill entry points.
 """
 from kvjax.kernels.decode_attention import decode_attention, decode_attention_reference
 from kvjax.kernels.prefill_attention import (attention_column_sums, attention_column_sums_reference,

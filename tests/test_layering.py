@@ -33,10 +33,6 @@ LAZY_IMPORTS = {
                                            "backend on `import kvjax.eval.plots` would switch a notebook's backend",
     ("kvjax/eval/plots.py", "matplotlib.pyplot"): "imported after `matplotlib.use('Agg')` (see above)",
 }
-# Function-level imports in files other changes own at the time of writing (the CLI, `kvjax eval`, method
-# specs and plugins being reworked): none of them is a heavy optional dependency, so they should move to the
-# top of their module (a cycle, e.g. quantizers -> methods.spec -> ..., by a module-graph fix); delete the
-# entries then. Unlike LAZY_IMPORTS, an entry that no longer matches is not an error.
 
 
 def _sources(folders=tuple(PACKAGES)) -> list[tuple[Path, str]]:

@@ -306,7 +306,7 @@ def test_register_rules():
 def test_user_score_method_from_the_api(lm, tmp_path):
     path = recent_plugin(tmp_path)
     module = kvjax.plugins.load_plugin(path)
-    assert module.__name__ == "recent_press" and sys.modules["recent_press"] is module
+    assert module.__name__ == "kvjax_plugin_recent_press" and sys.modules["kvjax_plugin_recent_press"] is module
     assert kvjax.plugins.load_plugin(str(path)) is module  # loaded once: no "registered twice"
     assert methods.registry()["recent_press"] is module.RecentPress and module.RecentPress.kind == "score"
     ids = random_ids(40, 1).tolist()
@@ -397,7 +397,7 @@ def test_bad_plugins_api(tmp_path):
     with pytest.raises(ValueError) as e:
         kvjax.plugins.load_plugin(path)
     assert str(e.value) == f"plugin {path} raised RuntimeError on import: boom second line"
-    assert "half_done" not in methods.registry() and "half_done" not in sys.modules
+    assert "half_done" not in methods.registry() and "kvjax_plugin_half_done" not in sys.modules
     path.write_text(RECENT.replace("{name}", "half_done").replace("{cls}", "Half"))  # fixed: loads now
     kvjax.plugins.load_plugin(path)
     assert "half_done" in methods.registry()
@@ -405,9 +405,12 @@ def test_bad_plugins_api(tmp_path):
     broken = write(tmp_path, "needs_dep", "import no_such_dependency_kvjax\n")
     with pytest.raises(ValueError, match="raised ModuleNotFoundError on import: No module named"):
         kvjax.plugins.load_plugin(broken)
-    # a file whose stem is a loaded module (not this file)
-    with pytest.raises(ValueError, match="module name 'json' is already taken by .*json.*; rename the file"):
-        kvjax.plugins.load_plugin(write(tmp_path, "json", "x = 1\n"))
+    # a file named like a real module does not shadow it; another file of a loaded plugin's name is refused
+    shadow = kvjax.plugins.load_plugin(write(tmp_path, "json", "x = 1\n"))
+    assert shadow.x == 1 and sys.modules["json"] is not shadow and hasattr(sys.modules["json"], "dumps")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="another plugin file of that name is loaded .*json.py.*; rename the file"):
+        kvjax.plugins.load_plugin(write(tmp_path / "other", "json", "x = 2\n"))
 
 
 @pytest.mark.parametrize("case", ["missing", "raises", "syntax", "twice", "builtin_name", "module", "compose_order",
@@ -426,11 +429,11 @@ def test_bad_input_on_the_cli_is_one_line_and_exit_2(case, lm, tmp_path, monkeyp
         "syntax": (["methods", "--import", write(tmp_path, "typo", "def f(:\n")],
                    ["typo.py raised SyntaxError on import"]),
         "twice": (["methods", "--import", first, "--import", recent_plugin(tmp_path, "second", "twin", "Second")],
-                  ["second.py raised ValueError on import", "name 'twin' registered twice: first.First and "
-                                                            "second.Second"]),
+                  ["second.py raised ValueError on import",
+                   "name 'twin' registered twice: kvjax_plugin_first.First and kvjax_plugin_second.Second"]),
         "builtin_name": (["generate", "--prompt", "hi", "--import",
                           recent_plugin(tmp_path, "shadow", "snapkv", "Shadow")],
-                         ["registered twice: kvjax.methods.snapkv.SnapKV and shadow.Shadow"]),
+                         ["registered twice: kvjax.methods.snapkv.SnapKV and kvjax_plugin_shadow.Shadow"]),
         "module": (["inspect", "--input-ids", tmp_path / "ids.npy", "--out", tmp_path / "o.npz", "--method", "snapkv",
                     "--ratio", 0.5, "--import", "no_such_module_kvjax"], ["no module named 'no_such_module_kvjax'"]),
         "compose_order": (ppl + ["--method", "compose(kivi-2, snapkv)", "--ratio", 0.5],

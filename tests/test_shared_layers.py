@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import generation
+from kvjax import generation, pipeline
+from kvjax.compress import compress, resolve_keep
 from kvjax.states import KVCache, init_cache, tree_nbytes
 from numpy_llama import forward
 from test_checkpoints import LLAMA, random_hf_weights, write_hf_dir
@@ -69,3 +70,22 @@ def test_bad_share_maps_are_refused(model, share):
     lm, _ = model
     with pytest.raises(ValueError, match="share"):
         shared_cache(lm, 1, 16, share)
+
+
+def test_a_shared_state_is_compressed_and_quantized_once_by_its_producer(model):
+    # PyramidKV budgets differ by layer: state k follows its producer layer 2k's budget
+    lm, _ = model
+    ids = np.random.default_rng(2).integers(0, lm.cfg.vocab_size, 40)
+    method = kvjax.methods.PyramidKV(window=4, kernel=3)
+    n_keep = resolve_keep(method, kvjax.methods.Budget(ratio=0.5), [40], lm.cfg.n_layers)  # [L, 1]
+    assert len({int(n) for n in n_keep[:, 0]}) > 1
+    _, cache, obs = generation.prefill(lm.params, lm.cfg, ids[None].astype(np.int32), np.array([40]),
+                                       shared_cache(lm, 1, 64), observe=method.observations())
+    capacities = tuple(int(n) for n in n_keep[:, 0])
+    out = compress(cache, obs, jnp.asarray(n_keep), method=method, cfg=lm.cfg, capacities=capacities)
+    assert out.share == PAIRS and len(out.layers) == 2
+    assert [int(s.length[0]) for s in out.layers] == [int(n_keep[0, 0]), int(n_keep[2, 0])]
+    quantized = pipeline.quantize_states(out, quantizer=kvjax.quantizers.get("int8(residual=4)"), tokens=capacities,
+                                         room=0)
+    assert [s.capacity for s in quantized.layers] == [-(-capacities[0] // 4) * 4, -(-capacities[2] // 4) * 4]
+    assert kvjax.cache_nbytes(quantized) < kvjax.cache_nbytes(out)

@@ -140,3 +140,20 @@ def test_decode_only_and_scoring_states_refuse_what_they_cannot_take():
     with pytest.raises(ValueError, match="pass features="):
         locret.append(k, v, pos, jnp.asarray(N_VALID, jnp.int32))
     assert isinstance(LatentKV.init(*ROWS["LatentKV"].init_args).store, DenseKV)
+
+
+# state -> (tokens, room) of `quantize`: what a dense layout will hold, what a per-head pool may add
+QUANTIZABLE = {"DenseKV": (T, 0), "RaggedKV": (T, 2), "RollingKV": (S, 0), "LatentKV": (T, 0)}
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZABLE))
+def test_quantized_storage_attends_like_the_reference(name):
+    cls = next(c for c in STATES if c.__name__ == name)
+    state = filled(cls, ROWS[name])
+    quantized = state.quantize(quantizers.get("int8(residual=2)"), *QUANTIZABLE[name])
+    assert quantized.nbytes() < state.nbytes()
+    k, v, _, _, q = tokens()
+    q_pos = jnp.asarray([[T], [N_VALID[1]]], jnp.int32)
+    out = jax.jit(lambda s, q, p: s.attend(q, p))(quantized, q, q_pos)
+    want = naive_attention(q, q_pos, k, v, np.broadcast_to(np.arange(T), (B, K, T)), N_VALID)
+    np.testing.assert_allclose(np.asarray(out), want, atol=0.05, rtol=0.05)

@@ -37,8 +37,6 @@ from kvjax.methods.spec import Compose, get, kind_of, parse_call, spec_of, split
 
 WRAPPERS["adakv"] = AdaKV
 
-from kvjax import quantizers as _quantizers  # noqa: E402,F401 (registers the quantizers: kind "quantizer")
-
 # every method module of this package registers itself on import: a new method is one file here
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

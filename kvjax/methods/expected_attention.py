@@ -21,7 +21,7 @@ from kvjax.observe import ObsSpec
 
 def mean_rotation(ctx: ScoreContext, n_future: int) -> jax.Array:
     """RoPE rotation matrices averaged over positions [T, T + n_future): float32 [B, D, D]."""
-    inv = jnp.asarray(rope_inv_freq(ctx.cfg))  # [D/2]
+    inv = jnp.asarray(rope_inv_freq(ctx.cfg, ctx.layer))  # [D/2]
     pos = ctx.n_tokens[:, None].astype(jnp.float32) + jnp.arange(n_future, dtype=jnp.float32)  # [B, F]
     ang = pos[..., None] * inv  # [B, F, D/2]
     c, s = jnp.cos(ang).mean(1), jnp.sin(ang).mean(1)  # [B, D/2]

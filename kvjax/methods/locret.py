@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,6 @@ class Locret(PrefillMethod):
     checkpoint: str | None = None  # a `kvjax train locret --out` directory
     stabilizers: float = 0.4  # fraction of the budget kept as the most recent entries between chunks
     local: int = 100  # the prompt's last tokens kept at the final cut (the reference's `loc`)
-
-    prefills_itself: ClassVar[bool] = True
 
     def __post_init__(self):
         if not 0 <= self.stabilizers < 1:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +27,6 @@ from kvjax.states.latent import latent_cache
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Matryoshka(PrefillMethod):
     checkpoint: str | None = None  # a `kvjax train matryoshka --out` directory
-
-    prefills_itself: ClassVar[bool] = True  # its cache is built before the prefill, not after
 
     def __post_init__(self):
         if self.checkpoint is not None:

@@ -42,7 +42,7 @@ class StreamingLLM(EvictionMethod):
         slot = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, n_kv, c))
         kept = slot < n_keep[:, None, None]
         delta = jnp.where(kept, slot - state.pos, 0)
-        k = apply_rope(state.k, delta, jnp.asarray(rope_inv_freq(ctx.cfg)))
+        k = apply_rope(state.k, delta, jnp.asarray(rope_inv_freq(ctx.cfg, ctx.layer)))
         return dataclasses.replace(state, k=k, pos=jnp.where(kept, slot, state.pos))
 
     def decode_rule(self, capacity: int):

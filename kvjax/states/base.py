@@ -122,8 +122,11 @@ class LayerState(abc.ABC):
         return jnp.max(self.length) + n <= self.capacity
 
     def with_room(self, n: int, round_up=lambda c: c) -> "LayerState":
-        """At least `n` free slots past the longest row, capacity rounded up by `round_up` (host-side)."""
-        return self
+        """At least `n` free slots past the longest row, capacity rounded up by `round_up` (host-side).
+        A state that cannot grow returns itself when it has the room, else raises (no silent stop)."""
+        if bool(self.has_room(n)):
+            return self
+        raise ValueError(f"a {type(self).__name__} layer cannot grow to take {n} more tokens")
 
     def shrunk(self, capacity: int, room: int, round_up=lambda c: c) -> "LayerState":
         """A freshly compressed state laid out compactly: in `capacity` slots per row (every row's

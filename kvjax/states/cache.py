@@ -51,6 +51,10 @@ class KVCache:
         """Index in `layers` of the state model layer `layer` reads."""
         return layer if self.share is None else self.share[layer]
 
+    def producer(self, state: int) -> int:
+        """The model layer that writes state `state` (the first layer reading it)."""
+        return state if self.share is None else self.share.index(state)
+
     def writes(self, layer: int) -> bool:
         """Model layer `layer` is the first to read its state: it appends its K/V there."""
         s = self.state_index(layer)
