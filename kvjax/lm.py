@@ -174,8 +174,9 @@ class LM:
                              f"model's maximum positions ({self.cfg.max_positions})")
         plan = self._plan(rows, method, ratio, budget, capacity, quant, checkpoint, cache)
         c0, t0 = compile_seconds(), time.perf_counter()
-        # a compressed prompt gets its room for the new tokens from the pipeline (64-slot steps)
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, impl)
+        if plan is not None:  # every head's room for the new tokens (per-head pools are packed tight)
+            cache = cache.with_room(max_new_tokens, pipeline.round_step)
         logits.block_until_ready()
         prefill_compile = compile_seconds() - c0
         prefill_s = time.perf_counter() - t0 - prefill_compile
