@@ -1,10 +1,9 @@
 """`kvjax train METHOD`: train a learned compressor on a frozen model.
 
-    kvjax train locret --model smollm2-135m --data ../shared/data/wikitext-2/valid.txt \\
-        --steps 200 --out runs/locret [--resume]
+    kvjax train locret --model smollm2-135m --steps 200 --out runs/locret [--resume] [--data PATH]
     kvjax generate --method locret --checkpoint runs/locret --ratio 0.5 --prompt "..."
-    kvjax train matryoshka --model smollm2-135m --data ../shared/data/tinyshakespeare.txt \\
-        --steps 500 --out runs/matryoshka [--resume] [--cache-fraction 0.5]
+    kvjax train matryoshka --model smollm2-135m --steps 500 --out runs/matryoshka [--resume] \\
+        [--cache-fraction 0.5]     # no --data: $KVJAX_DATA/tinyshakespeare.txt, TFDS or generated prose
 
 Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
 `--cache-fraction` the greedy per-layer ranks meeting that fraction of the full K/V bytes to
@@ -28,8 +27,10 @@ def add_parser(sub) -> None:
     t = sub.add_parser("train", help="train a learned KV-cache compressor on a frozen model")
     t.add_argument("method", choices=METHODS)
     t.add_argument("--model", default=DEFAULT_MODEL)
-    t.add_argument("--data", required=True,
-                   help="a text file, a directory of *.txt, a .npy of token ids, or tfds:NAME[/CONFIG][:SPLIT]")
+    t.add_argument("--data", default=None,
+                   help="a text file, a directory of *.txt, a .npy of token ids, or tfds:NAME[/CONFIG][:SPLIT] "
+                        "(default: $KVJAX_DATA/tinyshakespeare.txt, else a prepared TFDS dataset, else prose "
+                        "generated from --seed; see kvjax/data.py)")
     t.add_argument("--steps", type=int, required=True)
     t.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.jsonl)")
     t.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                       warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, save_every=args.save_every,
                       keep=args.keep, log_every=args.log_every, seed=args.seed)
-    if not args.data.startswith(TFDS_PREFIX) and not Path(args.data).expanduser().exists():
+    if args.data is not None and not args.data.startswith(TFDS_PREFIX) and not Path(args.data).expanduser().exists():
         raise ValueError(f"--data: no such file or directory {args.data}")
     mesh = make_mesh(args.devices)
     check_mesh(mesh, cfg.batch_size)
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
     else:
         task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
-    tokens = load_tokens(args.data, lm.tokenizer)
+    tokens = load_tokens(args.data, lm.tokenizer, args.seed)
     batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
     print(f"kvjax train {args.method}: {lm!r}, {len(tokens):,} tokens, {cfg.steps} steps of "
           f"{cfg.batch_size} x {cfg.seq_len} on {mesh.shape['data']} device(s) -> {args.out}")

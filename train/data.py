@@ -1,14 +1,16 @@
 """Training data: a token stream cut into fixed-length windows, served by a grain `MapDataset`.
 
-    tokens = load_tokens("../shared/data/tinyshakespeare.txt", lm.tokenizer)
+    tokens = load_tokens("corpus.txt", lm.tokenizer)   # or None: the default data (below)
     batches = token_batches(tokens, seq_len=128, batch_size=8, seed=0)
     batches[step]                      # int32 [B, L + 1], the same for a given (seed, step)
 
 Sources (`load_tokens`):
-  * a text file, or a directory (every `*.txt` below it, in sorted path order);
+  * a text file, or a directory (every `*.txt` below it, in sorted path order); binary files are refused;
   * a `.npy` array of token ids (any integer dtype, flattened);
   * `tfds:NAME[/CONFIG][:SPLIT]`: a TensorFlow Datasets source read with `tfds.data_source`
-    (random access, no TensorFlow), its `text` feature; the split defaults to `train`.
+    (random access, no TensorFlow), its `text` feature; the split defaults to `train`;
+  * None (no `--data`): `kvjax.data.resolve("train")`, i.e. `$KVJAX_DATA/tinyshakespeare.txt`, else a
+    prepared TFDS dataset, else English-like prose generated from the seed.
 Documents are tokenized and joined with the tokenizer's end-of-sequence id between them, the whole
 corpus once in memory (meant for corpora up to a few hundred MB).
 
@@ -24,14 +26,18 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from kvjax.data import read_text, resolve, tfds_data_dir, tfds_documents
+
 TFDS_PREFIX = "tfds:"
 
 
-def load_tokens(source: str, tokenizer) -> np.ndarray:
-    """int32 [N] token ids of a text file, a directory of `*.txt`, a `.npy` id array or a TFDS source."""
-    source = str(source)
-    if source.startswith(TFDS_PREFIX):
-        texts = _tfds_texts(source[len(TFDS_PREFIX):])
+def load_tokens(source: str | Path | None, tokenizer, seed: int = 0) -> np.ndarray:
+    """int32 [N] token ids of a text file, a directory of `*.txt`, a `.npy` id array, a TFDS source, or
+    (None) the default data (`seed` picks the generated prose, if that is what it comes to)."""
+    if source is None:
+        texts = list(resolve("train", seed=seed).documents)
+    elif str(source).startswith(TFDS_PREFIX):
+        texts = _tfds_texts(str(source)[len(TFDS_PREFIX):])
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -44,7 +50,7 @@ def load_tokens(source: str, tokenizer) -> np.ndarray:
                 raise ValueError(f"--data: {path} holds ids outside the vocabulary [0, {tokenizer.vocab_size})")
             return ids.astype(np.int32)
         files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        texts = [read_text(f) for f in files]
     eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
     ids: list[int] = []
     for text in texts:
@@ -56,18 +62,12 @@ def load_tokens(source: str, tokenizer) -> np.ndarray:
 
 
 def _tfds_texts(spec: str) -> list[str]:
-    """Texts of `NAME[/CONFIG][:SPLIT]` through `tfds.data_source` (feature `text`)."""
-    import tensorflow_datasets as tfds
-
+    """Texts of `NAME[/CONFIG][:SPLIT]` (feature `text`) in `kvjax.data.tfds_data_dir()`, prepared
+    there first if need be."""
     name, _, split = spec.partition(":")
     if not name:
         raise ValueError("--data tfds: give a dataset name, e.g. tfds:tiny_shakespeare")
-    source = tfds.data_source(name, split=split or "train")
-    texts = []
-    for i in range(len(source)):
-        text = source[i]["text"]
-        texts.append(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text))
-    return texts
+    return tfds_documents(name, split or "train", "text", tfds_data_dir(), download=True)
 
 
 def token_batches(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> grain.MapDataset:

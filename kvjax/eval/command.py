@@ -1,7 +1,9 @@
 """`kvjax eval <task>` and `kvjax plot results.csv`: argument parsing, checks before the run, the run.
 
 Everything that can be wrong with a request (task, lengths, depths, methods and budgets at each
-length, haystack folder, text file, output path) raises ValueError before the model runs.
+length, haystack folder, text file, output path) raises ValueError before the model runs. Haystack
+and perplexity text come from `kvjax.data.resolve`: `--haystack` / `--text`, else `$KVJAX_DATA`, else
+a prepared TFDS dataset, else prose generated from `--seed`; the CSV's `options` record which.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import kvjax
+from kvjax import data
 from kvjax.eval import prompts, records, ruler, runner, summary
 from kvjax.eval.bench import run_bench
 from kvjax.eval.perplexity import run_ppl, text_chunks
@@ -21,9 +24,6 @@ from kvjax.eval.prompts import cut, sample_rng
 from kvjax.hub import DEFAULT_MODEL
 
 TASKS = ("passkey", "niah", "ruler", "ppl", "bench")
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-ESSAYS = DATA / "paul_graham_essays"
-WIKITEXT = DATA / "wikitext-2" / "test.txt"
 
 
 def add_parsers(sub) -> None:
@@ -54,14 +54,18 @@ def add_parsers(sub) -> None:
     e.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens per answer (task default)")
     e.add_argument("--question-in-context", action="store_true",
                    help="query-aware variant: the question also ends the compressed context")
-    e.add_argument("--haystack", type=Path, default=ESSAYS, help="folder of .txt files (niah, ruler)")
+    e.add_argument("--haystack", type=Path, default=None,
+                   help="niah, ruler, bench: folder of .txt files (default: $KVJAX_DATA/paul_graham_essays, "
+                        "else a prepared TFDS dataset, else prose generated from --seed)")
     e.add_argument("--needle", default=prompts.NIAH_NEEDLE)
     e.add_argument("--question", default=prompts.NIAH_QUESTION)
     e.add_argument("--answer-prefix", default=prompts.NIAH_ANSWER_PREFIX)
     e.add_argument("--expect", nargs="+", default=list(prompts.NIAH_EXPECT),
                    help="phrases a correct niah answer contains")
     e.add_argument("--subtasks", nargs="+", default=None, help="RULER subtasks (default: all)")
-    e.add_argument("--text", type=Path, default=WIKITEXT, help="ppl: text file (default: WikiText-2 test)")
+    e.add_argument("--text", type=Path, default=None,
+                   help="ppl: text file (default: $KVJAX_DATA/wikitext-2/test.txt, else a prepared TFDS dataset, "
+                        "else prose generated from --seed)")
     e.add_argument("--context-len", type=int, default=2048, help="ppl: tokens prefilled and compressed")
     e.add_argument("--eval-len", type=int, default=256, help="ppl: tokens teacher-forced on top")
     e.add_argument("--new-tokens", type=int, default=64, help="bench: tokens decoded")
@@ -111,6 +115,11 @@ def run_eval(args) -> None:
     quants = [None if q == "none" else q for q in args.quant]
     configs = runner.make_configs(args.method, args.ratio, args.budget, quants)
     out = args.out or Path(f"{args.task}.csv")
+    corpus = None
+    if args.task in ("niah", "ruler", "bench"):
+        corpus = data.resolve("haystack", args.haystack, args.seed)
+    elif args.task == "ppl":  # generated text: ~8 characters per token needed is ample for any tokenizer
+        corpus = data.resolve("text", args.text, args.seed, min_chars=8 * args.n * (args.context_len + args.eval_len))
     lm = kvjax.load(args.model, dtype=args.dtype)
     lengths = [args.context_len] if args.task == "ppl" else args.lengths
     for n in lengths:
@@ -129,11 +138,11 @@ def run_eval(args) -> None:
                        for n in lengths for d in depths for i in range(args.n)]
             options.update(question_in_context=args.question_in_context, max_new_tokens=new or 10)
         elif args.task == "niah":
-            hay = prompts.tokenize_haystack(tok.encode, prompts.read_haystack_dir(args.haystack))
+            hay = prompts.tokenize_haystack(tok.encode, prompts.corpus_sentences(corpus))
             samples = [prompts.niah_sample(tok, hay, n, d, i, args.seed, args.needle, args.question, args.answer_prefix,
                                            args.expect, args.question_in_context, new or 32)
                        for n in lengths for d in depths for i in range(args.n)]
-            options.update(haystack=str(args.haystack), needle=args.needle, question=args.question,
+            options.update(haystack=corpus.label, needle=args.needle, question=args.question,
                            answer_prefix=args.answer_prefix, expect=args.expect,
                            question_in_context=args.question_in_context, max_new_tokens=new or 32)
         else:
@@ -141,12 +150,12 @@ def run_eval(args) -> None:
             for s in subtasks:
                 if s not in ruler.SUBTASKS:
                     raise ValueError(f"unknown RULER subtask {s!r}; known: {', '.join(ruler.SUBTASKS)}")
-            hay = prompts.tokenize_haystack(tok.encode, prompts.read_haystack_dir(args.haystack))
+            hay = prompts.tokenize_haystack(tok.encode, prompts.corpus_sentences(corpus))
             samples = [ruler.ruler_sample(tok, hay, s, n, i, args.seed) for s in subtasks for n in lengths
                        for i in range(args.n)]
             if new:
                 samples = [dataclasses.replace(s, max_new_tokens=new) for s in samples]
-            options.update(haystack=str(args.haystack), subtasks=subtasks, max_new_tokens=new)
+            options.update(haystack=corpus.label, subtasks=subtasks, max_new_tokens=new)
         for s in samples:
             end = len(s.context) + len(s.suffix) + s.max_new_tokens
             if end > lm.cfg.max_positions:
@@ -154,14 +163,14 @@ def run_eval(args) -> None:
                                  f"maximum ({lm.cfg.max_positions})")
         total = len(samples) * len(configs)
     elif args.task == "ppl":
-        chunks = text_chunks(tok.encode, args.text, args.context_len, args.eval_len, args.n)
-        options.update(text=str(args.text), context_len=args.context_len, eval_len=args.eval_len)
+        chunks = text_chunks(tok.encode, corpus, args.context_len, args.eval_len, args.n)
+        options.update(text=corpus.label, context_len=args.context_len, eval_len=args.eval_len)
         total = len(chunks) * len(configs)
     else:
-        hay = prompts.tokenize_haystack(tok.encode, prompts.read_haystack_dir(args.haystack))
+        hay = prompts.tokenize_haystack(tok.encode, prompts.corpus_sentences(corpus))
         bench_prompts = {n: cut(hay, int(sample_rng(args.seed, "bench", n, None, 0).integers(len(hay.starts))), n)[0]
                          .tolist() for n in lengths}
-        options.update(haystack=str(args.haystack), new_tokens=args.new_tokens)
+        options.update(haystack=corpus.label, new_tokens=args.new_tokens)
         total = len(lengths) * len(configs)
 
     results = records.ResultsFile(out, records.run_metadata(lm, args.seed, options), args.resume, args.overwrite)

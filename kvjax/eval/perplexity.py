@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.data import Corpus, read_file
 from kvjax.eval.records import row_key
 from kvjax.eval.runner import (Config, batches, branch, config_fields, own_prefill, prefill_alone, shared_prefill,
                                union_spec)
@@ -31,15 +32,15 @@ from kvjax.models.family import model_for
 from kvjax.timing import compile_seconds
 
 
-def text_chunks(encode, path, context_len: int, eval_len: int, n: int) -> np.ndarray:
-    """int32 [n, C + M]: the first n consecutive chunks of the tokenized text file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"no text file {str(p)!r}")
-    ids = np.asarray(encode(p.read_text(encoding="utf-8", errors="replace")), np.int32)
+def text_chunks(encode, source: Corpus | str | Path, context_len: int, eval_len: int, n: int) -> np.ndarray:
+    """int32 [n, C + M]: the first n consecutive chunks of the tokenized text (a text file's path, or a
+    resolved `kvjax.data.Corpus`, its documents joined by blank lines)."""
+    corpus = source if isinstance(source, Corpus) else read_file(source)
+    ids = np.asarray(encode("\n\n".join(corpus.documents)), np.int32)
     size = context_len + eval_len
     if len(ids) < n * size:
-        raise ValueError(f"{str(p)!r} has {len(ids)} tokens: too few for {n} chunks of {context_len} + {eval_len}")
+        raise ValueError(f"{corpus.label!r} has {len(ids)} tokens: too few for {n} chunks of {context_len} + "
+                         f"{eval_len}")
     return ids[: n * size].reshape(n, size)
 
 

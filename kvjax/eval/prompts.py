@@ -20,10 +20,11 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from kvjax.data import Corpus, read_folder
 
 Encode = Callable[[str], list]
 
@@ -94,16 +95,14 @@ def tokenize_haystack(encode: Encode, sentences: Sequence[str]) -> Haystack:
                     starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]))
 
 
+def corpus_sentences(corpus: Corpus) -> list[str]:
+    """Sentences of every document of a corpus, in order."""
+    return [s for d in corpus.documents for s in split_sentences(d)]
+
+
 def read_haystack_dir(path) -> list[str]:
-    """Sentences of every .txt file of a folder (sorted by name)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"haystack folder {str(folder)!r} does not exist")
-    files = sorted(folder.glob("*.txt"))
-    sentences = [s for f in files for s in split_sentences(f.read_text(encoding="utf-8", errors="replace"))]
-    if not sentences:
-        raise ValueError(f"haystack folder {str(folder)!r} holds no non-empty .txt file")
-    return sentences
+    """Sentences of every .txt file of a folder (sorted by name; binary files are refused)."""
+    return corpus_sentences(read_folder(path))
 
 
 def cut(hay: Haystack, first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
