@@ -13,6 +13,8 @@
 | vt | repeated noise | chain VAR A = N, VAR B = VAR A, ... (4 hops), one solved example first | 5 names |
 | cwe | numbered word list: 10 words x30, others x3 (x6 / x1 below 4096 tokens), one solved example | - | 10 words |
 
+"essays" is the haystack corpus: `--haystack`, else `kvjax.data.resolve("haystack")` ($KVJAX_DATA's Paul
+Graham essays, a prepared TFDS dataset, or prose generated from the seed).
 Needle: "One of the special magic {numbers|uuids} for {key} is: {value}." at random sentence boundaries;
 the question and answer prefix use the singular when one value is asked for. Contexts have exactly
 `length` tokens (haystacks are cut at the token level, see `kvjax.eval.prompts`); the question, the
