@@ -189,7 +189,7 @@ TEMPLATES = (
     "{name} spent {duration} in {place} and {verb} the {adj} {thing} {time}.",
     "The {role} from {place} {verb} {a_adj} {thing} {reason}.",
     "{Time}, {name} decided to {activity}, and it was {opinion}.",
-    "Most people who {activity} say that it teaches patience more than anything else.",
+    "Most {role}s in {place} who {activity} say that it is {opinion}.",
     "According to the {role}, the {thing} in {place} was {opinion}.",
     "{name} and {name2} met in {place} while studying {topic}.",
     "It took {duration} to finish the {thing}, {reason}.",
@@ -199,7 +199,7 @@ TEMPLATES = (
     "There is {a_adj} {thing} behind the {thing2}, and {name} {verb} it {time}.",
     "The {role}s of {place} met {time} to talk about {topic} and {topic2}.",
     "{A_adj} {role} taught {name} how to {activity}.",
-    "Why would anyone {activity} {time}?",
+    "Why would {a_adj} {role} in {place} want to {activity}?",
     "Some say the {thing} was {opinion}; others think it was {opinion2}.",
     "By the end of {duration}, the {thing} looked {adj} again.",
 )

@@ -136,18 +136,6 @@ def test_data_sources(tmp_path):
         load_tokens(tmp_path / "bad.npy", lm.tokenizer)
 
 
-def test_tfds_source_with_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    lm = tiny_lm(0)
-    with tfds.testing.mock_data(num_examples=3):
-        ids = load_tokens("tfds:tiny_shakespeare", lm.tokenizer)
-        texts = [tfds.data_source("tiny_shakespeare", split="train")[i]["text"] for i in range(3)]
-    expected = []
-    for text in texts:
-        expected += lm.encode(text.decode() if isinstance(text, bytes) else text) + [lm.tokenizer.eos_ids[0]]
-    assert ids.tolist() == expected
-
-
 def test_bad_input_errors(tmp_path):
     lm = tiny_lm(0)
     with pytest.raises(ValueError, match="no such file or directory"):
