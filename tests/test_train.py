@@ -94,13 +94,13 @@ def test_corrupted_latest_checkpoint_falls_back(setup, tmp_path):
 def test_checkpoint_of_another_model_or_method(setup, tmp_path):
     lm, task, batches, ref_dir, _ = setup
     other_model = MatryoshkaTask(lm.cfg.replace(rope_theta=5000.0), "tiny-0", n_levels=4)
-    with pytest.raises(ValueError, match="checkpoint mismatch: .* model 'tiny-0 "):
+    with pytest.raises(ValueError, match=r"trained with other settings \(model \"tiny-0 \(\w+\)\" → \"tiny-0 "):
         train(other_model, lm.params, batches, CFG, ref_dir, resume=True, progress=False)
 
     class OtherMethod(MatryoshkaTask):
         name = "other"
 
-    with pytest.raises(ValueError, match="checkpoint mismatch: .* method 'matryoshka', this run uses 'other'"):
+    with pytest.raises(ValueError, match=r"trained with other settings \(method \"matryoshka\" → \"other\"; saved in"):
         train(OtherMethod(lm.cfg, "tiny-0", n_levels=4), lm.params, batches, CFG, ref_dir, resume=True,
               progress=False)
     with pytest.raises(ValueError, match="already holds checkpoints"):

@@ -7,7 +7,9 @@
 
 Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
 `--cache-fraction` the greedy per-layer ranks meeting that fraction of the full K/V bytes to
-`OUT/ranks.json`.
+`OUT/ranks.json`. `OUT/settings.json` records the run's settings; `--resume` refuses (exit 2, naming
+each one) settings that differ from them, except `--steps`, `--save-every`, `--keep`, `--log-every`
+and the `--data` path (the data's tokens must be the same): see `kvjax.train.loop`.
 Heavy imports (optax, grain, the training modules) happen only when the command runs (the CLI
 imports this module at start-up).
 """
@@ -57,7 +59,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     import kvjax
     from kvjax.train.data import TFDS_PREFIX, load_tokens, token_batches
-    from kvjax.train.loop import TrainConfig, check_mesh, make_mesh, train
+    from kvjax.train.loop import TrainConfig, check_mesh, data_digest, make_mesh, train
     from kvjax.train.locret import LocretTask
     from kvjax.train.matryoshka import MatryoshkaTask
 
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
     batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
     print(f"kvjax train {args.method}: {lm!r}, {len(tokens):,} tokens, {cfg.steps} steps of "
           f"{cfg.batch_size} x {cfg.seq_len} on {mesh.shape['data']} device(s) -> {args.out}")
-    result = train(task, lm.params, batches, cfg, args.out, resume=args.resume, mesh=mesh)
+    settings = dict(data=data_digest(tokens), data_source=args.data, dtype=lm.cfg.dtype)
+    result = train(task, lm.params, batches, cfg, args.out, resume=args.resume, mesh=mesh, settings=settings)
     if args.cache_fraction is not None:
         state = result.state
         ranks_k, ranks_v, kl = task.search_ranks(state.params, state.const, lm.params, batches[cfg.steps],

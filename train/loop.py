@@ -17,9 +17,20 @@
   backbone replicated; gradients are averaged by XLA (the loss is a mean over the global batch).
 * **Checkpoints**: an orbax `CheckpointManager` under `out_dir/checkpoints`, every `save_every` steps
   and at the end, keeping the last `keep`; each holds the state and a JSON `meta`. Resuming restores
-  the newest readable checkpoint: an unreadable one (corrupted files) is skipped with a warning; a
-  checkpoint of another method or model is a ValueError. Reading a run for inference
-  (`load_trained`, `model_id`, the meta check) is core: `kvjax.checkpoints`.
+  the newest readable checkpoint: an unreadable one (corrupted files) is skipped with a one-line
+  warning, and a folder with checkpoints but none readable is a ValueError (never a fresh start over
+  them); a checkpoint of another method or model, or whose arrays have other shapes than this run's,
+  is a ValueError. Reading a run for inference (`load_trained`, `model_id`, the meta check) is core:
+  `kvjax.checkpoints`.
+* **Settings** (`out_dir/settings.json`): what the run is, written when it starts: the task's method
+  and model (name and config hash) and its fields (`hidden`, `response`, `n_levels`, loss weights,
+  ...), every `TrainConfig` field, and the caller's `settings=` (`kvjax train`: the data's token digest
+  and source, the dtype). `resume` checks them *before anything on disk changes*: a run may continue
+  with another `steps` (to train longer; the cosine schedule then stretches to the new end), `save_every`,
+  `keep`, `log_every` or data source path (`MAY_CHANGE`), and any other difference (model, method,
+  architecture sizes, `seq_len`, `batch_size`, optimizer settings, seed, data tokens) is a ValueError
+  naming each setting, old -> new: continuing would mix two runs' checkpoints and metrics in one folder.
+  A folder with checkpoints but no settings.json (a run from before they were saved) is not resumed.
 * **Metrics**: loss, grad norm (before clipping), learning rate, the task's own metrics and tokens/s,
   every `log_every` steps, to `out_dir/metrics.jsonl` (one JSON object per line) and to stdout with a
   tqdm progress bar. A resumed run first drops the log's records past the restored step.
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -44,7 +56,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 # checkpoints as inference reads them live in core; `load_trained` and `model_id` stay importable from here
-from kvjax.checkpoints import CheckpointMismatch, check_meta, load_trained, model_id  # noqa: F401
+from kvjax.checkpoints import (CheckpointMismatch, check_meta, load_trained, model_id,  # noqa: F401
+                               quiet_absl, same_model)
 
 DATA_AXIS = "data"
 
@@ -158,13 +171,16 @@ def shard_batch(mesh: Mesh, tokens):
 
 
 def train(task, backbone, batches, cfg: TrainConfig, out_dir, *, resume: bool = False, mesh: Mesh | None = None,
-          on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
+          settings: dict | None = None) -> TrainResult:
     """Train `task`'s compressor for `cfg.steps` steps on `batches` (batches[s]: int32 [B, L + 1]).
 
     `resume`: continue from the newest readable checkpoint in `out_dir` (a fresh start if there is
-    none); without it, an `out_dir` that already holds checkpoints is a ValueError. `on_step(step,
-    metrics)` is called after every step (evaluation, early stopping). Returns the final state and
-    the metric records written.
+    none), after checking that the run's saved settings match this one's (`check_settings`);
+    without it, an `out_dir` that already holds checkpoints is a ValueError. `settings`: what else
+    defines the run (JSON values; e.g. the data's digest), saved and checked with the rest.
+    `on_step(step, metrics)` is called after every step (evaluation, early stopping). Returns the
+    final state and the metric records written.
     """
     mesh = mesh or make_mesh()
     check_mesh(mesh, cfg.batch_size)
@@ -173,6 +189,9 @@ def train(task, backbone, batches, cfg: TrainConfig, out_dir, *, resume: bool = 
         raise ValueError(f"batches hold {first.shape}, expected [batch_size, seq_len + 1] = "
                          f"{(cfg.batch_size, cfg.seq_len + 1)}")
     out_dir = Path(out_dir)
+    settings = run_settings(task, cfg, settings)
+    if resume:
+        check_settings(out_dir, settings)  # before anything in out_dir changes
     mngr = checkpoint_manager(out_dir, cfg)
     if mngr.all_steps() and not resume:
         raise ValueError(f"{out_dir} already holds checkpoints (steps {mngr.all_steps()}): resume, or pick a new "
@@ -185,6 +204,7 @@ def train(task, backbone, batches, cfg: TrainConfig, out_dir, *, resume: bool = 
     start = int(state.step)
     if start > cfg.steps:
         raise ValueError(f"the checkpoint is at step {start}, past the requested {cfg.steps} steps")
+    _write_json(out_dir / SETTINGS_FILE, settings)
     log = _open_log(out_dir / "metrics.jsonl", start)
     step_fn = jit_train_step(task, cfg)
     records = []
@@ -231,22 +251,119 @@ def _save_args(state: TrainState, meta: dict):
 
 def restore(mngr: ocp.CheckpointManager, target: TrainState, meta: dict) -> TrainState:
     """The newest readable checkpoint restored into `target`'s structure and shardings (`target` itself
-    if there is none). Unreadable checkpoints are skipped with a warning; one whose method or model
-    differs from `meta` raises ValueError."""
+    if there is none). Unreadable checkpoints are skipped with a one-line warning; ValueError if every
+    one is unreadable, or if one's method or model differs from `meta`, or its params / const have
+    other shapes than `target`'s."""
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       dataclasses.asdict(target))
-    for step in sorted(mngr.all_steps(), reverse=True):
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
         try:
-            saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            check_meta(saved_meta, meta)
-            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+            with quiet_absl():
+                saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                check_meta(saved_meta, meta)
+                _check_shapes(mngr.directory / str(step) / "state", abstract, step)
+                restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except CheckpointMismatch:
             raise
         except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
-            warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+            warnings.warn(f"checkpoint at step {step} is unreadable ({_first_line(e)}); trying an older one")
             continue
-        return TrainState(**restored)
+        return TrainState(**restored["state"])
+    if steps:
+        raise ValueError(f"no checkpoint in {mngr.directory} is readable (steps {sorted(steps)}): it is not "
+                         "trained over from step 0; pick a new output directory")
     return target
+
+
+def _check_shapes(state_dir: Path, abstract: dict, step: int) -> None:
+    """CheckpointMismatch if the saved params / const (orbax's metadata, nothing read) have other shapes
+    than `abstract`'s: restoring them would fail deep inside orbax."""
+    saved = ocp.StandardCheckpointHandler().metadata(Path(state_dir)).tree
+    for part in ("params", "const"):
+        want = dict(jax.tree_util.tree_flatten_with_path(abstract[part])[0])
+        have = dict(jax.tree_util.tree_flatten_with_path(saved.get(part, {}))[0])
+        for path in sorted(set(want) | set(have), key=jax.tree_util.keystr):
+            old = tuple(have[path].shape) if path in have else None
+            new = tuple(want[path].shape) if path in want else None
+            if old != new:
+                raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint at step {step} holds {part}"
+                                         f"{jax.tree_util.keystr(path)} of shape {old}, this run's is {new}: it "
+                                         "was trained with other settings; pick a new output directory")
+
+
+def _first_line(e: BaseException, width: int = 160) -> str:
+    """`Type: message` of an exception, cut to its first line and `width` characters (orbax's messages
+    carry whole TensorStore specs)."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------- settings
+SETTINGS_FILE = "settings.json"
+# what a resumed run may change: its length and bookkeeping, and where the (same) data is read from
+MAY_CHANGE = frozenset({"steps", "save_every", "keep", "log_every", "data_source"})
+
+
+def run_settings(task, cfg: TrainConfig, extra: dict | None = None) -> dict:
+    """The settings that define a run, as JSON values: the task's `meta()` (method, model) and its
+    dataclass fields (a field named like a `TrainConfig` one is `task.<name>`), `cfg`'s fields, `extra`."""
+    settings = dict(task.meta())
+    config = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(task):
+        if f.name not in ("cfg", "model_name"):  # both are in `model` (name and config hash)
+            settings.setdefault(f"task.{f.name}" if f.name in config else f.name, getattr(task, f.name))
+    settings.update(config)
+    settings.update(extra or {})
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_settings(out_dir, settings: dict) -> None:
+    """ValueError unless `out_dir` can be resumed with `settings`: its saved settings differ only in
+    `MAY_CHANGE` (the model compared by its config hash), or it holds no run yet. Reads only."""
+    out_dir = Path(out_dir)
+    path = out_dir / SETTINGS_FILE
+    if not path.is_file():
+        ckpts = out_dir / "checkpoints"
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            raise ValueError(f"{out_dir} holds checkpoints but no {SETTINGS_FILE} (a run from a kvjax that did not "
+                             "save its settings): it cannot be checked against this run's settings, so it is not "
+                             "resumed; pick a new output directory")
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}): cannot check the run's settings") from None
+    differ = []
+    for key in [*saved, *(k for k in settings if k not in saved)]:
+        old, new = saved.get(key), settings.get(key)
+        same = same_model(old, new) if key == "model" else old == new
+        if key not in MAY_CHANGE and not same:
+            differ.append(f"{key} {_show(old)} → {_show(new)}")
+    if differ:
+        raise ValueError(f"{out_dir} was trained with other settings ({', '.join(differ)}; saved in {path}): "
+                         "resume with the run's settings, or pick a new output directory")
+
+
+def data_digest(tokens) -> str:
+    """`N tokens, blake2b HEX` of a token array: what `settings["data"]` records of a run's data."""
+    a = np.ascontiguousarray(np.asarray(tokens, np.int32))
+    return f"{a.size} tokens, blake2b {hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest()}"
+
+
+def _show(value) -> str:
+    return "(unset)" if value is None else json.dumps(value) if isinstance(value, (str, list, dict)) else str(value)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """`value` as JSON at `path`, atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def _open_log(path: Path, start: int):
