@@ -123,7 +123,7 @@ def resolve(kind: str, explicit=None, seed: int = 0, min_chars: int = 0) -> Corp
         return read(explicit)
     env = os.environ.get("KVJAX_DATA")
     if env:
-        root = Path(env).expanduser()
+        root = Path(env).expanduser().resolve()  # labels are absolute paths, whatever the working directory
         if not root.is_dir():
             raise ValueError(f"$KVJAX_DATA={env!r} is not a folder")
         if (root / entry).exists():
