@@ -15,6 +15,9 @@ from kvjax.eval.records import read_rows
 from kvjax.eval.summary import number
 
 
+PLOTTED = ("score", "cache_bytes", "nll", "n_tokens")  # result columns the figures read, besides the key
+
+
 def _plt():
     import matplotlib
 
@@ -108,9 +111,13 @@ def plot_ppl(rows: list[dict], path: Path) -> Path:
 
 
 def plot_all(csv_path, out_dir=None) -> list[Path]:
-    """Every figure the rows of a results CSV allow, written beside it (or into `out_dir`)."""
+    """Every figure the rows of a results CSV allow, written beside it (or into `out_dir`). A file that is
+    not a results CSV (binary, other columns) is a ValueError naming it."""
     csv_path = Path(csv_path)
-    rows = read_rows(csv_path)
+    rows = read_rows(csv_path)  # ValueError naming the file if it is not a results CSV
+    missing = [c for c in PLOTTED if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{str(csv_path)!r} is not a kvjax results CSV (no column {', '.join(missing)})")
     folder = Path(out_dir) if out_dir else csv_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / csv_path.stem
