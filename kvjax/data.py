@@ -134,7 +134,8 @@ def resolve(kind: str, explicit=None, seed: int = 0, min_chars: int = 0) -> Corp
         try:
             documents = tfds_documents(name, split, feature, tfds_data_dir(), max_chars=n_chars)
         except Exception as e:  # an unprepared, partial or tfrecord-only dataset, or no tfds: fall through
-            print(f"kvjax: TFDS dataset {name} not usable ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+            reason = (str(e).strip().splitlines() or [""])[0][:120]
+            print(f"kvjax: TFDS dataset {name} not usable ({type(e).__name__}: {reason})", file=sys.stderr)
             continue
         if any(d.strip() for d in documents):
             return _note(flag, Corpus(f"tfds:{name}:{split}", tuple(documents)))
