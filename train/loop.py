@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import sys
 import time
 import warnings
@@ -267,6 +268,7 @@ def restore(mngr: ocp.CheckpointManager, target: TrainState, meta: dict) -> Trai
         except CheckpointMismatch:
             raise
         except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
+            _quiet_failed_reads(mngr.directory / str(step))
             warnings.warn(f"checkpoint at step {step} is unreadable ({_first_line(e)}); trying an older one")
             continue
         return TrainState(**restored["state"])
@@ -290,6 +292,36 @@ def _check_shapes(state_dir: Path, abstract: dict, step: int) -> None:
                 raise CheckpointMismatch(f"checkpoint mismatch: the checkpoint at step {step} holds {part}"
                                          f"{jax.tree_util.keystr(path)} of shape {old}, this run's is {new}: it "
                                          "was trained with other settings; pick a new output directory")
+
+
+_DAMAGED: set[str] = set()  # checkpoint folders found unreadable in this process
+
+
+def _quiet_failed_reads(step_dir) -> None:
+    """Keep the leftovers of a failed orbax read of `step_dir` off the terminal, for the rest of the process.
+
+    orbax reads under a fresh event loop that it closes when the first array read fails; tensorstore's
+    other reads still finish on their threads and call back into the closed loop (an unraisable
+    "RuntimeError: Event loop is closed" traceback each), and their failed tasks log "Task exception was
+    never retrieved" when collected. The damage is already reported in one line: drop exactly those
+    (other unraisable exceptions go to the previous hook; asyncio records about other files stay)."""
+    if not _DAMAGED:
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is "
+                    "closed"):
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+        logging.getLogger("asyncio").addFilter(_not_about_damaged)
+    _DAMAGED.add(str(step_dir))
+
+
+def _not_about_damaged(record: logging.LogRecord) -> bool:
+    """False for a log record whose exception names a damaged checkpoint folder."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and any(d in str(exc) for d in _DAMAGED))
 
 
 def _first_line(e: BaseException, width: int = 160) -> str:
