@@ -3,6 +3,7 @@
 # Run from the repository root with the project's virtualenv active:  bash experiments/eval_smollm2.sh [TASK...]
 # Each task's wall time is appended to experiments/results/eval/times.txt. Same seed, same numbers.
 set -euo pipefail
+export KVJAX_DATA="${KVJAX_DATA:-../shared/data}"  # the published tables: essays and WikiText-2 from there
 OUT=experiments/results/eval
 METHODS="full streaming_llm snapkv pyramidkv tova knorm observed_attention expected_attention adakv:snapkv"
 RATIOS="0.25 0.5 0.75 0.9"

@@ -32,6 +32,8 @@ LAZY_IMPORTS = {
     ("kvjax/eval/plots.py", "matplotlib"): "drawing only: matplotlib takes ~0.7 s to import, and selecting the Agg "
                                            "backend on `import kvjax.eval.plots` would switch a notebook's backend",
     ("kvjax/eval/plots.py", "matplotlib.pyplot"): "imported after `matplotlib.use('Agg')` (see above)",
+    ("kvjax/data.py", "tensorflow_datasets"): "optional (tfds/test extras): imported only for tfds:NAME or when a "
+                                              "prepared TFDS dataset's folder exists; ~0.7 s to import",
 }
 
 
