@@ -20,54 +20,37 @@ def _fold_queries(q, q_pos, n_kv):
     return qf.astype(jnp.float32) * (d ** -0.5), jnp.tile(q_pos, (1, g))
 
 
-def _masked_scores(qf, qf_pos, kb, pb, slot0, length):
-    """Scores [B, K, G*T, S_blk] of one key block, -inf where a key is not visible."""
-    sc = jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
-    used = (slot0 + jnp.arange(kb.shape[2]))[None, :] < length[:, None]  # [B, S_blk]
-    visible = used[:, None, None, :] & (pb[:, :, None, :] <= qf_pos[:, None, :, None])
-    return jnp.where(visible, sc, -jnp.inf)
+def _visible(qf_pos, pb, hidden):
+    """Visibility [B, K, G*T, S_blk] of one key block: slot not `hidden` [B, K, S_blk] and pos <= q_pos."""
+    return ~hidden[:, :, None, :] & (pb[:, :, None, :] <= qf_pos[:, None, :, None])
 
 
-def _over_blocks(fn, init, arrays, length, block):
-    """fold `fn(carry, *blocks, slot0)` over key blocks of `arrays` ([B, K, S, ...]) in use."""
-    s = arrays[0].shape[2]
-    if block is None or block >= s:
-        return fn(init, *arrays, 0)
-    if s % block:
-        raise ValueError(f"cache capacity {s} is not a multiple of the attention block {block}")
+def online_attention(q, q_pos, parts, return_lse: bool = False):
+    """Causal softmax attention with GQA, accumulated block by block with an online softmax (flash
+    attention) over any number of key sources read one block at a time.
 
-    def body(i, carry):
-        start = i * block
-        return fn(carry, *(jax.lax.dynamic_slice_in_dim(x, start, block, axis=2) for x in arrays), start)
-
-    return jax.lax.fori_loop(0, (jnp.max(length) + block - 1) // block, body, init)
-
-
-def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None, return_lse: bool = False):
-    """Causal softmax attention with GQA over key blocks with an online softmax (flash attention).
-
-    Never materializes more than [G*T, block] scores per KV head. Slots past `length` get exactly
-    zero weight, so they must hold finite values (caches are zero-initialized and only ever written
-    with real or padding tokens' K/V).
+    Each part is `(read, n)`: `read(i)` gives block i as (k [B, K, S_blk, D], v [B, K, S_blk, Dv],
+    pos int32 [B, K, S_blk], hidden bool [B, K, S_blk]), where `hidden` marks slots to skip (unused,
+    or read twice); `n` is None (one block, `read(0)`) or an int32 count of blocks (a `fori_loop`, so
+    a store is read, dequantized and scored one block at a time and never materialized whole).
+    A key slot is visible to query t iff it is not hidden and its position is <= q_pos[b, t].
 
     Args:
       q: [B, T, H, D] queries (post-RoPE).  q_pos: int32 [B, T].
-      k: [B, K, S, D].  v: [B, K, S, Dv] (Dv = D except for latent states).  kv_pos: int32 [B, K, S].
-      length: int32 [B].
-      block: key block size; None (or >= S) attends over all S slots in one pass. S must be a
-        multiple of `block`. Blocks past the longest row's length are skipped.
       return_lse: also return the log-sum-exp of each query's scores, float32 [B, K, G*T].
     Returns:
-      [B, T, H, Dv] in q's dtype (and the lse).
+      [B, T, H, Dv] in q's dtype (and the lse). Queries that see no key get 0.
     """
     b, t, h, _ = q.shape
-    n_kv, dv = k.shape[1], v.shape[-1]  # values may have another width than keys (`LatentKV` ranks)
+    k0, v0 = jax.eval_shape(lambda: parts[0][0](0)[:2])  # the shapes of a block, nothing computed
+    n_kv, dv = k0.shape[1], v0.shape[-1]  # values may have another width than keys (`LatentKV` ranks)
     g = h // n_kv
     qf, qf_pos = _fold_queries(q, q_pos, n_kv)
 
-    def one_block(carry, kb, vb, pb, slot0):
-        m, l, acc = carry  # [B, K, GT], [B, K, GT], [B, K, GT, D]
-        sc = _masked_scores(qf, qf_pos, kb, pb, slot0, length)
+    def one_block(carry, kb, vb, pb, hidden):
+        m, l, acc = carry  # [B, K, GT], [B, K, GT], [B, K, GT, Dv]
+        sc = jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
+        sc = jnp.where(_visible(qf_pos, pb, hidden), sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(sc - m_safe[..., None])
@@ -76,14 +59,71 @@ def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None
         acc = acc * corr[..., None] + jnp.einsum("bkqs,bksd->bkqd", p, vb.astype(jnp.float32))
         return m_new, l, acc
 
-    init = (jnp.full((b, n_kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g * t), jnp.float32),
-            jnp.zeros((b, n_kv, g * t, dv), jnp.float32))
-    m, l, acc = _over_blocks(one_block, init, (k, v, kv_pos), length, block)
+    carry = (jnp.full((b, n_kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g * t), jnp.float32),
+             jnp.zeros((b, n_kv, g * t, dv), jnp.float32))
+    for read, n in parts:
+        if n is None:
+            carry = one_block(carry, *read(0))
+        else:
+            carry = jax.lax.fori_loop(0, n, lambda i, c, read=read: one_block(c, *read(i)), carry)
+    m, l, acc = carry
     out = acc / jnp.maximum(l, 1e-30)[..., None]  # rows with no visible key (padding) give 0
     out = out.reshape(b, n_kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv).astype(q.dtype)
     if return_lse:
         return out, m + jnp.log(jnp.maximum(l, 1e-30))
     return out
+
+
+def _block_size(s: int, block: int | None) -> int:
+    return s if block is None or block >= s else block
+
+
+def _slot_block(arrays, length, block: int, i):
+    """Block i of arrays [B, K, S, ...] (the last: positions [B, K, S]): (start, blocks, hidden), read
+    from `start` = min(i * block, S - block); slots past `length` [B] or [B, K], or before i * block
+    (read by the previous block when `block` does not divide S), are hidden."""
+    s = arrays[0].shape[2]
+    first = i * block
+    start = jnp.minimum(first, s - block)
+    slot = start + jnp.arange(block)
+    length = length.reshape(length.shape + (1,) * (arrays[-1].ndim - length.ndim))  # [B, 1, 1] or [B, K, 1]
+    blocks = tuple(jax.lax.dynamic_slice_in_dim(x, start, block, axis=2) for x in arrays)
+    return start, blocks, jnp.broadcast_to((slot < first) | (slot >= length), blocks[-1].shape)
+
+
+def _n_blocks(length, block: int, s: int):
+    """Blocks some row uses (None: one block covers every slot)."""
+    return None if block == s else (jnp.max(length) + block - 1) // block
+
+
+def slot_blocks(arrays, length, block: int | None):
+    """`online_attention`'s part over the first `length[b]` slots of (k, v, pos) [B, K, S, ...]:
+    blocks of `block` slots (None or >= S: one block), only those some row uses."""
+    s = arrays[0].shape[2]
+    block = _block_size(s, block)
+
+    def read(i):
+        _, blocks, hidden = _slot_block(arrays, length, block, i)
+        return blocks + (hidden,)
+
+    return read, _n_blocks(length, block, s)
+
+
+def blockwise_attention(q, q_pos, k, v, kv_pos, length, block: int | None = None, return_lse: bool = False):
+    """Causal softmax attention with GQA over the first `length` slots of a dense state, by key blocks
+    with an online softmax (`online_attention`); never more than [G*T, block] scores per KV head.
+
+    Args:
+      q: [B, T, H, D] queries (post-RoPE).  q_pos: int32 [B, T].
+      k: [B, K, S, D].  v: [B, K, S, Dv] (Dv = D except for latent states).  kv_pos: int32 [B, K, S].
+      length: int32 [B] slots in use.
+      block: key block size; None (or >= S) attends over all S slots in one pass. Blocks past the
+        longest row's length are skipped.
+      return_lse: also return the log-sum-exp of each query's scores, float32 [B, K, G*T].
+    Returns:
+      [B, T, H, Dv] in q's dtype (and the lse).
+    """
+    return online_attention(q, q_pos, [slot_blocks((k, v, kv_pos), length, block)], return_lse)
 
 
 def attention_column_sums(q, q_pos, q_valid, k, kv_pos, length, lse, block: int | None = None):
@@ -100,10 +140,18 @@ def attention_column_sums(q, q_pos, q_valid, k, kv_pos, length, lse, block: int 
     qf, qf_pos = _fold_queries(q, q_pos, n_kv)
     weight = jnp.tile(q_valid, (1, g)).astype(jnp.float32)  # [B, G*T]
 
-    def one_block(col, kb, pb, slot0):
-        p = jnp.exp(_masked_scores(qf, qf_pos, kb, pb, slot0, length) - lse[..., None]) * weight[:, None, :, None]
-        part = p.reshape(b, n_kv, g, t, -1).sum(3)  # [B, K, G, S_blk]
-        return jax.lax.dynamic_update_slice_in_dim(col, part, slot0, axis=3)
+    block = _block_size(s, block)
 
-    col = _over_blocks(one_block, jnp.zeros((b, n_kv, g, s), jnp.float32), (k, kv_pos), length, block)
+    def one_block(i, col):
+        start, (kb, pb), hidden = _slot_block((k, kv_pos), length, block, i)
+        sc = jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
+        sc = jnp.where(_visible(qf_pos, pb, hidden), sc, -jnp.inf)
+        p = jnp.exp(sc - lse[..., None]) * weight[:, None, :, None]
+        part = p.reshape(b, n_kv, g, t, -1).sum(3)  # [B, K, G, S_blk]; hidden slots add 0
+        old = jax.lax.dynamic_slice_in_dim(col, start, block, axis=3)
+        return jax.lax.dynamic_update_slice_in_dim(col, old + part, start, axis=3)
+
+    col = jnp.zeros((b, n_kv, g, s), jnp.float32)
+    n = _n_blocks(length, block, s)
+    col = one_block(0, col) if n is None else jax.lax.fori_loop(0, n, one_block, col)
     return col.reshape(b, h, s)

@@ -131,11 +131,24 @@ def test_blockwise_under_jit_and_bfloat16():
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2, rtol=2e-2)
 
 
-def test_block_must_divide_capacity():
-    q, q_pos, k, v, kv_pos, length = random_case(0)
-    with pytest.raises(ValueError, match="multiple"):
-        blockwise_attention(jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(k), jnp.asarray(v),
-                            jnp.asarray(kv_pos), jnp.asarray(length), 12)
+@pytest.mark.parametrize("block", [12, 20])  # 32 slots: the last block overlaps the one before it
+def test_block_that_does_not_divide_capacity(block):
+    q, q_pos, k, v, kv_pos, length = random_case(0, lengths=(29, 31))
+    out = np.asarray(attention(jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(k), jnp.asarray(v),
+                               jnp.asarray(kv_pos), jnp.asarray(length), block=block))
+    np.testing.assert_allclose(out, naive_attention(q, q_pos, k, v, kv_pos, length), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [None, 8, 12])
+def test_column_sums_match_full_softmax(block):
+    from kvjax.attention import attention_column_sums
+    from kvjax.kernels import attention_column_sums_reference
+    q, q_pos, k, v, kv_pos, length = (jnp.asarray(x) for x in random_case(5, lengths=(29, 31)))
+    valid = jnp.array([[True] * 5, [True, True, False, True, True]])
+    _, lse = blockwise_attention(q, q_pos, k, v, kv_pos, length, block, return_lse=True)
+    col = attention_column_sums(q, q_pos, valid, k, kv_pos, length, lse, block)
+    ref = attention_column_sums_reference(q, q_pos, valid, k, kv_pos, length)
+    np.testing.assert_allclose(np.asarray(col), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- DenseKV

@@ -21,6 +21,7 @@ import kvjax
 from kvjax import generation, quant, quantizers
 from kvjax.states import EMPTY_POS, DenseKV, KVCache, LatentKV, LocretKV, QuantKV, QuantRaggedKV, RaggedKV, \
     RollingKV, cache_nbytes, memory_report, tree_nbytes
+from kvjax.states.ragged import ragged_from_selection
 from kvjax.testing import tiny_lm
 
 B, K, D = 2, 2, 8
@@ -93,6 +94,41 @@ def test_dense_quantize_equals_the_former_from_dense(spec):
         np.testing.assert_array_equal(values(got.vq)[b, :, :n_q], values(want["vq"])[b, :, :n_q])
     for a, w in zip(jax.tree_util.tree_leaves(got.kq), jax.tree_util.tree_leaves(want["kq"])):
         assert a.shape == w.shape and a.dtype == w.dtype
+
+
+def dequantized_reference(store, q, q_pos):
+    """Attention over the whole store dequantized at once (the former jnp path)."""
+    from kvjax.attention import blockwise_attention
+    k, v, pos = store.dense()  # sink | store | residual side by side, unused slots at EMPTY_POS
+    return blockwise_attention(q, q_pos, k, v, pos, jnp.full((q.shape[0],), pos.shape[2], jnp.int32))
+
+
+@pytest.mark.parametrize("spec", [quantizers.KIVI(bits=2, group=4, residual=8), quantizers.Int8(residual=4),
+                                  quantizers.KVQuant(bits=3, group=8, residual=16, sink=2, outliers=0.1)],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("block", [None, 16, 24])  # one block; blocks that divide S; the last block overlapping
+def test_store_is_read_a_block_at_a_time(spec, block):
+    spec = bound(spec) if spec.name == "kvquant" else spec
+    st = dense_state([61, 35], 64).quantize(spec, 64, 0)
+    q = jax.random.normal(jax.random.key(3), (B, 3, 2 * K, D))
+    q_pos = jnp.array([[60, 40, 12], [34, 30, 3]], jnp.int32)
+    got = jax.jit(lambda s, q: s.attend_jnp(q, q_pos, block))(st, q)
+    want = dequantized_reference(st.store, q, q_pos)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [5, 8, 24])
+def test_ragged_pools_are_read_a_region_block_at_a_time(block):
+    rng = np.random.default_rng(0)
+    keep = rng.random((B, K, 40)) < np.array([0.9, 0.3])[None, :, None]  # heads keep very different counts
+    st = dense_state([40, 40], 40)
+    rag = ragged_from_selection(st.k, st.v, st.pos, jnp.asarray(keep), int(keep.sum(axis=(1, 2)).max()))
+    q = jax.random.normal(jax.random.key(4), (B, 2, 2 * K, D))
+    q_pos = jnp.array([[39, 20], [39, 7]], jnp.int32)
+    for state in (rag, rag.quantize(quantizers.KIVI(bits=2, group=4, residual=8), 0, 8)):  # block None: tested
+        got = jax.jit(lambda s, q: s.attend_jnp(q, q_pos, block))(state, q)             # against references
+        want = jax.jit(lambda s, q: s.attend_jnp(q, q_pos, None))(state, q)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
 def test_quantize_is_a_state_method():

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.attention import blockwise_attention
+from kvjax.attention import blockwise_attention, online_attention
 from kvjax.kernels.decode_attention import decode_attention
 from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.prefill_attention import prefill_attention
@@ -203,10 +203,8 @@ class QuantKV(QuantLayout):
         return QuantKV(self.store.append(k, v, pos, n_valid))
 
     def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
-        """Attention over the sink, the dequantized store and the residual (one pass; causal by positions)."""
-        k, v, pos = self.store.dense()
-        everything = jnp.full(self.n_q.shape, pos.shape[2], jnp.int32)  # unused slots hold EMPTY_POS
-        return blockwise_attention(q, q_pos, k, v, pos, everything, None, return_lse)
+        """Attention over the sink, the store (dequantized a block at a time) and the residual."""
+        return online_attention(q, q_pos, self.store.attention_parts(block), return_lse)
 
     def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
         """`kernels.quant_decode_attention`: dequantizes each tile in registers, then the residual."""

@@ -280,6 +280,38 @@ class QuantStore:
             vq=regroup(self.vq, v, lambda qa, p: q.dequantize_values(qa, dt), lambda x, p: q.quantize_values(x)))
 
     # ---------------------------------------------------------------------------------- reading
+    def attention_parts(self, block: int | None = None, base=None) -> list:
+        """`kvjax.attention.online_attention` parts over what each head holds: its sink, its store
+        slots [0, n_q) from its `address` start (`base`: pool regions), and its residual slots [0, n_r).
+
+        The store is read `block` slots at a time (rounded to a multiple of R; None: the whole store in
+        one block) and each block dequantized as it is scored: no full-precision copy of the store is
+        made, and blocks no head uses are not read (KVQuant's RoPE and outliers apply per block too).
+        """
+        r, s, dt = self.residual, self.slots, self.k_res.dtype
+        blk = s if block is None else min(round_to(block, r), s)  # S is a multiple of R
+        n_q = self.per_head(self.n_q)
+
+        def read_store(i):
+            first = i * blk
+            start = jnp.minimum(first, s - blk)  # a multiple of R: groups are read whole
+            at = jnp.broadcast_to(start, n_q.shape) if base is None else base + start
+            pos = self.read_blocks(self.pos, at, blk)
+            k = self.quantizer.dequantize_keys(self.read_blocks(self.kq, at, blk), pos, dt)
+            v = self.quantizer.dequantize_values(self.read_blocks(self.vq, at, blk), dt)
+            slot = (start + jnp.arange(blk))[None, None, :]
+            return k, v, pos, (slot < first) | (slot >= n_q[..., None])
+
+        def side(k, v, pos, n):
+            return lambda i: (k, v, pos, jnp.arange(pos.shape[2])[None, None, :] >= n[..., None])
+
+        parts = [(side(self.k_res, self.v_res, self.pos_res, self.per_head(self.n_r)), None)]
+        if s:
+            parts.insert(0, (read_store, (jnp.max(n_q) + blk - 1) // blk))
+        if self.k_sink.shape[2]:
+            parts.insert(0, (side(self.k_sink, self.v_sink, self.pos_sink, self.n_sink), None))
+        return parts
+
     def slot_positions(self) -> jax.Array:
         """Rows layout: int32 [B, K, N + S + R] positions of the sink, store and residual slots."""
         return jnp.concatenate([self.pos_sink, self.pos, self.pos_res], axis=2)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.attention import online_attention
 from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.ragged_decode_attention import ragged_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState
@@ -70,18 +71,13 @@ class RaggedKV(LayerState):
         return dataclasses.replace(self, k=write(self.k, k), v=write(self.v, v), pos=write(self.pos, pos_bkt),
                                    length=self.length + n_valid[:, None].astype(jnp.int32))
 
-    def slot_head(self) -> jax.Array:
-        """int32 [B, P]: the KV head whose used slots include each pool slot, -1 for unused slots."""
-        p = jnp.arange(self.capacity)[None, None, :]
-        inside = (p >= self.start[:, :, None]) & (p < (self.start + self.length)[:, :, None])  # [B, K, P]
-        return jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1).astype(jnp.int32)
-
     def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
-        """Causal attention of q [B, T, H, D] over each query head's own KV head region -> [B, T, H, D]
-        (`head_attention`). `block` is accepted for interface parity and unused."""
+        """Causal attention of q [B, T, H, D] over each KV head's own region, read `block` slots at a
+        time (None: P slots, one block) -> [B, T, H, D]; other heads' slots are not read."""
         if return_lse:
             raise ValueError("RaggedKV does not provide observations for eviction (compress a fresh prefill)")
-        return head_attention(q, q_pos, self.k, self.v, self.pos, self.slot_head(), self.start.shape[1])
+        return online_attention(q, q_pos, [region_blocks((self.k, self.v, self.pos), self.start, self.length,
+                                                         block or self.capacity)])
 
     def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
         """`kernels.ragged_decode_attention`: each head reads only its own region (positions read for T > 1)."""
@@ -133,27 +129,19 @@ class RaggedKV(LayerState):
                         length=self.length)
 
 
-def head_attention(q, q_pos, k, v, pos, slot_head, n_kv: int):
-    """Causal attention of q [B, T, H, D] over the slots of a flat pool that belong to each query
-    head's KV head -> [B, T, H, D].
+def region_blocks(pools, start, length, block: int):
+    """`online_attention`'s part over each KV head's region of flat pools [B, P, ...] (k, v, pos):
+    block i gathers slots start[b, k] + i * block + [0, block) of every head ([B, K, block, ...]),
+    those at or past the head's `length` [B, K] hidden; only blocks some head uses are read."""
+    b, p = pools[0].shape[:2]
+    rows = jnp.arange(b)[:, None, None]
 
-    k, v: [B, P, D]; pos: int32 [B, P]; slot_head: int32 [B, P] the KV head (of `n_kv`) of each
-    slot, -1 for none. Plain jnp, one pass: every query row scores the whole pool and masks other
-    heads' slots (K times the necessary flops, no copy of the pool); the Pallas ragged kernel reads
-    only each head's own slots.
-    """
-    b, t, h, d = q.shape
-    g = h // n_kv
-    qf = q.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b, h * t, d) * (d ** -0.5)  # row = h*T + t
-    row_head = jnp.repeat(jnp.arange(h) // g, t)  # [H*T]
-    row_pos = jnp.tile(q_pos, (1, h))  # [B, H*T]
-    sc = jnp.einsum("bqd,bpd->bqp", qf, k.astype(jnp.float32))
-    visible = (slot_head[:, None, :] == row_head[None, :, None]) & (pos[:, None, :] <= row_pos[:, :, None])
-    sc = jnp.where(visible, sc, -jnp.inf)
-    m = jnp.max(sc, axis=-1, keepdims=True)
-    p = jnp.exp(sc - jnp.where(jnp.isneginf(m), 0.0, m))
-    out = jnp.einsum("bqp,bpd->bqd", p, v.astype(jnp.float32)) / jnp.maximum(p.sum(-1), 1e-30)[..., None]
-    return out.reshape(b, h, t, d).transpose(0, 2, 1, 3).astype(q.dtype)
+    def read(i):
+        off = i * block + jnp.arange(block)
+        idx = jnp.minimum(start[..., None] + off, p - 1)  # [B, K, block]
+        return tuple(x[rows, idx] for x in pools) + (off >= length[..., None],)
+
+    return read, (jnp.max(length) + block - 1) // block
 
 
 def ragged_from_selection(k, v, pos, keep, n_kv_total: int) -> RaggedKV:
@@ -249,23 +237,11 @@ class QuantRaggedKV(QuantLayout):
         return dataclasses.replace(self, store=self.store.append(k, v, pos, n_valid, base=self.start))
 
     def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
-        """Causal attention of q [B, T, H, D] over each head's sink, dequantized region and residual."""
+        """Causal attention of q [B, T, H, D] over each head's sink, its region of the store (dequantized
+        a block at a time, `QuantStore.attention_parts`) and its residual."""
         if return_lse:
             raise ValueError("QuantRaggedKV does not provide observations for eviction (compress a fresh prefill)")
-        dt = self.k_res.dtype
-        b, n_kv = self.start.shape
-        flat = lambda x: x.reshape(b, -1, *x.shape[3:])  # noqa: E731  [B, K, R, ...] -> [B, K*R, ...]
-        keys = self.quantizer.dequantize_keys(self.kq, self.store.pos, dt)[:, 0]
-        values = self.quantizer.dequantize_values(self.vq, dt)[:, 0]
-        slot = jnp.arange(self.capacity)[None, None, :]
-        inside = (slot >= self.start[..., None]) & (slot < (self.start + self.n_q)[..., None])  # [B, K, P]
-        pool_head = jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1)
-        side_head = lambda n: jnp.broadcast_to(jnp.repeat(jnp.arange(n_kv), n), (b, n_kv * n))  # noqa: E731
-        k = jnp.concatenate([flat(self.k_sink), keys, flat(self.k_res)], axis=1)
-        v = jnp.concatenate([flat(self.v_sink), values, flat(self.v_res)], axis=1)
-        pos = jnp.concatenate([flat(self.pos_sink), self.pos, flat(self.pos_res)], axis=1)
-        heads = jnp.concatenate([side_head(self.k_sink.shape[2]), pool_head, side_head(self.residual)], axis=1)
-        return head_attention(q, q_pos, k, v, pos, heads.astype(jnp.int32), n_kv)
+        return online_attention(q, q_pos, self.store.attention_parts(block, base=self.start))
 
     def memory_parts(self) -> dict:
         parts = self.store.memory_parts()
