@@ -309,8 +309,8 @@ def _quiet_failed_reads(step_dir) -> None:
         previous = sys.unraisablehook
 
         def hook(unraisable):
-            if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is "
-                    "closed"):
+            exc = unraisable.exc_value
+            if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
                 previous(unraisable)
 
         sys.unraisablehook = hook

@@ -195,16 +195,12 @@ class ResultsFile:
     def __init__(self, path, meta: dict, resume: bool = False, overwrite: bool = False):
         self.path, self.meta = Path(path), meta
         self.done: set[tuple[str, ...]] = set()
-        if self._exists() and not (resume or overwrite):
-            raise ValueError(f"{str(self.path)!r} exists: pass --resume to continue it or --overwrite to replace it")
         self._release = None
+        self._exists(resume or overwrite)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._release = weakref.finalize(self, _unlock, _lock(self.path))
-            exists = self._exists()  # again: another run may have written it before we took the lock
-            if exists and not (resume or overwrite):
-                raise ValueError(f"{str(self.path)!r} exists: pass --resume to continue it or --overwrite to "
-                                 "replace it")
+            exists = self._exists(resume or overwrite)  # again: another run may have written it meanwhile
             if exists and resume:
                 self._check_resume()
             else:
@@ -218,8 +214,12 @@ class ResultsFile:
                 raise ValueError(f"cannot write the results file {str(self.path)!r}: {e.strerror or e}") from None
             raise
 
-    def _exists(self) -> bool:
-        return self.path.is_file() and self.path.stat().st_size > 0
+    def _exists(self, may_exist: bool) -> bool:
+        """Whether the file holds anything; ValueError if it does and `may_exist` (resume, overwrite) is false."""
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if exists and not may_exist:
+            raise ValueError(f"{str(self.path)!r} exists: pass --resume to continue it or --overwrite to replace it")
+        return exists
 
     def close(self) -> None:
         """Release the file's lock (idempotent)."""
