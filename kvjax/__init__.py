@@ -9,6 +9,10 @@ Your own method: `@kvjax.register_method("name")` on a frozen dataclass subclass
 `kvjax.methods.ScoreMethod` (quantizers: `@kvjax.register_quantizer`); the CLI imports it with
 `--import FILE`.
 """
+from kvjax import interrupt
+
+interrupt.install_if_program()  # the `kvjax` command: Ctrl-C while it imports exits 130, no traceback
+
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.states import DenseKV, KVCache, cache_nbytes, init_cache, kept_positions
 from kvjax.lm import LM, Generation, load

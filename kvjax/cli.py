@@ -4,36 +4,49 @@
     kvjax info --model smollm2-135m
     kvjax eval ppl --import my_press.py --method my_press --ratio 0.5     # your own method
     kvjax train matryoshka --model smollm2-135m --data ../shared/data/tinyshakespeare.txt --steps 500 --out runs/m
+    kvjax cache list                      # what $KVJAX_CACHE holds; kvjax cache clean [KEY] [--older-than DAYS]
 
-Bad input prints one line `kvjax: error: ...` and exits with status 2 (no traceback).
+Bad input, and a file or folder that cannot be read or written, print one line `kvjax: error: ...` and
+exit with status 2 (no traceback). Ctrl-C prints one line and exits with status 130 (`kvjax.interrupt`);
+for eval and train the line says how to resume. Compiles longer than half a second show a
+"kvjax: compiling ..." line on stderr (`kvjax.timing.report_compiles`). JAX's persistent compilation
+cache is on (`kvjax.compile_cache`; off with --no-compile-cache or KVJAX_COMPILE_CACHE=0).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 import kvjax
-from kvjax import methods
-
+from kvjax import compile_cache, hub, interrupt, methods, timing
 from kvjax.eval import command as eval_command
 from kvjax.train import command as train_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.plugins import load_plugins
 
+NPY_MAGIC = b"\x93NUMPY"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression research framework (JAX).")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write JAX's persistent compilation cache ($KVJAX_CACHE/xla); "
+                        "the same as KVJAX_COMPILE_CACHE=0")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text, streaming it, then print speed and cache size")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"known name ({', '.join(KNOWN_MODELS)}), a .gguf file or an HF checkpoint directory")
-    g.add_argument("--prompt", required=True, help="the prompt text")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, metavar="FILE",
+                        help="read the prompt from a UTF-8 text file (- for stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -71,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
 
     eval_command.add_parsers(sub)
     train_command.add_parser(sub)
+
+    c = sub.add_parser("cache", help="list or clean what the kvjax cache folder ($KVJAX_CACHE) holds")
+    c_sub = c.add_subparsers(dest="cache_command", required=True)
+    c_sub.add_parser("list", help="each entry: key, what, size, last used")
+    clean = c_sub.add_parser("clean", help="delete entries (all, by key, or unused for some days); prints bytes freed")
+    clean.add_argument("keys", nargs="*", metavar="KEY", help="entries to delete (keys from `kvjax cache list`)")
+    clean.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                       help="only entries last used more than DAYS days ago")
     return p
 
 
@@ -97,16 +118,38 @@ def _compression(args) -> dict:
                 checkpoint=args.checkpoint)
 
 
+def _read_prompt(args) -> str:
+    """The prompt of --prompt or --prompt-file (- : stdin), as UTF-8 text; empty or only whitespace is an error."""
+    if args.prompt_file is None:
+        text = args.prompt
+    else:
+        name = "stdin" if str(args.prompt_file) == "-" else str(args.prompt_file)
+        if name != "stdin" and not args.prompt_file.is_file():
+            raise ValueError(f"--prompt-file: no such file {args.prompt_file}")
+        data = sys.stdin.buffer.read() if name == "stdin" else args.prompt_file.read_bytes()
+        if b"\0" in data:
+            raise ValueError(f"--prompt-file {name} holds NUL bytes: not a text file")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                             f"{e.start}); convert it, e.g. iconv -t utf-8") from None
+    if not text.strip():
+        raise ValueError("empty prompt: the prompt is empty or only whitespace")
+    return text
+
+
 def _generate(args) -> None:
+    text = _read_prompt(args)
     lm = kvjax.load(args.model, dtype=args.dtype)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}]
+            {"role": "user", "content": text}]
         ids = lm.chat(messages)
     else:
         if args.system:
             raise ValueError("--system needs --chat")
-        ids = lm.encode(args.prompt)
+        ids = lm.encode(text)
     shown = ""
     result = None
     for result in lm.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -117,16 +160,22 @@ def _generate(args) -> None:
         sys.stdout.flush()
         shown = text
     sys.stdout.write(result.text[len(shown):] + "\n")
-    n_new = result.new_tokens
-    print(f"[prompt {len(ids)} tokens | new {n_new} tokens | prefill {len(ids) / max(result.prefill_s, 1e-9):.1f} tok/s "
-          f"| decode {max(n_new - 1, 0) / max(result.decode_s, 1e-9):.1f} tok/s | compile {result.compile_s:.1f} s "
-          f"| KV cache {result.cache_bytes:,} bytes]")
+    print(_stats_line(len(ids), result))
     if args.quant:
         rep = kvjax.memory_report(result.cache)
         parts = ", ".join(f"{k} {rep[k]:,}" for k in ("codes", "scales", "zeros", "outliers", "residual", "sink", "kv",
                                                       "metadata") if rep[k])
         print(f"[quantized cache: {parts} bytes | {rep['bits_per_element']:.2f} bits per element | "
               f"{rep['full_precision_bytes']:,} bytes at full precision]")
+
+
+def _stats_line(n_prompt: int, result) -> str:
+    """Compile first (apart: the prefill and decode figures exclude it), then run times and speeds."""
+    n_new = result.new_tokens
+    return (f"[compile {result.compile_s:.1f} s, not in the times below | prompt {n_prompt} tokens: prefill "
+            f"{result.prefill_s:.2f} s, {n_prompt / max(result.prefill_s, 1e-9):.1f} tok/s | new {n_new} tokens: "
+            f"decode {result.decode_s:.2f} s, {max(n_new - 1, 0) / max(result.decode_s, 1e-9):.1f} tok/s "
+            f"| KV cache {result.cache_bytes:,} bytes]")
 
 
 def _methods(args) -> None:
@@ -177,7 +226,13 @@ def _fields(cls, skip: str = "") -> str:
 def _inspect(args) -> None:
     if not args.input_ids.is_file():
         raise ValueError(f"--input-ids: no such file {args.input_ids}")
-    ids = np.load(args.input_ids)
+    with args.input_ids.open("rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ValueError(f"--input-ids {args.input_ids} is not a .npy file (no NumPy header); "
+                             "write the ids with numpy.save(path, ids)")
+    ids = np.load(args.input_ids, allow_pickle=False)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"--input-ids must hold integer token ids, got {ids.dtype}")
     if ids.ndim == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.ndim != 1:
@@ -207,19 +262,84 @@ def _info(args) -> None:
     print(f"  parameters: {n_params:,}")
 
 
+def _cache(args) -> None:
+    root = hub.cache_dir()
+    entries = hub.cache_entries()
+    if args.cache_command == "list":
+        if not entries:
+            print(f"{root}: empty")
+            return
+        print(f"{root}:")
+        for e in entries:
+            print(f"  {e.key:28s} {_size(e.nbytes):>9s}  last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.last_used))}"
+                  f"  {e.what}")
+        print(f"  total {_size(sum(e.nbytes for e in entries))}")
+        return
+    if args.older_than is not None and args.older_than < 0:
+        raise ValueError(f"--older-than must be >= 0 days, got {args.older_than}")
+    known = {e.key: e for e in entries}
+    unknown = [k for k in args.keys if k.rstrip("/") not in known]
+    if unknown:
+        raise ValueError(f"no cache entry {unknown[0]!r} in {root}; entries: {', '.join(known) or 'none'}")
+    chosen = [known[k.rstrip("/")] for k in args.keys] if args.keys else entries
+    if args.older_than is not None:
+        chosen = [e for e in chosen if time.time() - e.last_used > args.older_than * 86400]
+    freed = sum(hub.remove_entry(e.key) for e in chosen)
+    print(f"removed {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'} from {root}, freed {freed:,} bytes "
+          f"({_size(freed)})")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"
+
+
+def _interrupt_message(args) -> str:
+    """The one line Ctrl-C prints: for eval and train, where the results are and how to resume."""
+    if args.command == "eval":
+        where = f"rows so far are in {args.out or Path(f'{args.task}.csv')}"
+    elif args.command == "train":
+        where = f"checkpoints so far are in {args.out}"
+    else:
+        return "kvjax: interrupted"
+    how = ("rerun the same command to continue" if args.resume else
+           "rerun it with --resume instead of --overwrite to continue" if getattr(args, "overwrite", False) else
+           "rerun the same command with --resume to continue")
+    return f"kvjax: interrupted; {where}: {how}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `kvjax` command; returns the exit status. As the program (argv None), Ctrl-C ends the
+    process with status 130 at once (`kvjax.interrupt`); called with argv, it returns 130."""
+    program = argv is None
+    if program:
+        interrupt.install()
     args = _parser().parse_args(argv)
-    try:
-        if getattr(args, "imports", None):
-            load_plugins(args.imports)  # user methods, before any name is resolved
-        {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect,
-         "eval": eval_command.run_eval, "plot": eval_command.run_plot,
-         "train": train_command.run}[args.command](args)
-    except ValueError as e:
-        print(f"kvjax: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    if args.no_compile_cache:
+        compile_cache.disable()
+    line = _interrupt_message(args)
+
+    def message() -> str:  # on a line of its own, also when a "compiling ..." line is open
+        return ("\n" if timing.status_line_open() else "") + line
+
+    with interrupt.running(message), timing.report_compiles(sys.stderr):
+        try:
+            if getattr(args, "imports", None):
+                load_plugins(args.imports)  # user methods, before any name is resolved
+            {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect,
+             "eval": eval_command.run_eval, "plot": eval_command.run_plot,
+             "train": train_command.run, "cache": _cache}[args.command](args)
+        except (ValueError, OSError) as e:
+            print(f"kvjax: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if program:
+                interrupt.exit_now(message)
+            print(message(), file=sys.stderr)
+            return interrupt.EXIT_STATUS
     return 0
 
 

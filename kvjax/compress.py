@@ -33,8 +33,21 @@ def resolve_keep(method: EvictionMethod, budget: Budget, lengths, n_layers: int)
     for n, row in zip(lengths, keep.T):
         if n > row.min() and row.min() < need:
             raise ValueError(f"{method.name} always keeps {need} tokens (window/sinks) but the budget keeps "
-                             f"only {row.min()} of {n} in some layer: raise the budget or lower the ratio")
+                             f"only {row.min()} of {n} in some layer: {_remedy(method, budget, n, n_layers)}")
     return keep
+
+
+def _remedy(method: EvictionMethod, budget: Budget, n: int, n_layers: int) -> str:
+    """What makes a budget below the protected tokens work: with a ratio, the shortest prompt whose
+    budget covers them (searched upwards, at most 64x the protected count) or a smaller ratio."""
+    need = method.protected()
+    if budget.ratio is None:
+        return f"give a budget of at least {need} tokens"
+    for m in range(n + 1, max(64 * need, n + 2)):
+        if all(min(m, method.layer_keep(budget, m, layer, n_layers)) >= need for layer in range(n_layers)):
+            return (f"the prompt must have at least {m} tokens for ratio {budget.ratio} (it has {n})"
+                    + (", or lower the ratio" if n > need else ""))
+    return "lower the ratio or give a budget"
 
 
 @functools.partial(jax.jit, static_argnames=("method", "cfg", "capacities", "rolling"))

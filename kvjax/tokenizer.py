@@ -15,6 +15,12 @@ either source a model can come in:
 
 `encode` never runs the post-processor (Llama 3's would add BOS); it adds BOS iff the model says
 `add_bos_token`. Chat templates are rendered with Jinja the way transformers renders them.
+
+Input rules (each break is a ValueError): `encode` takes a str that is valid Unicode (a str holding
+undecodable bytes, as Python makes of non-UTF-8 command-line arguments, is refused); whitespace is
+text and encodes like any other (the CLI refuses a prompt that is only whitespace); `decode` takes
+ids in [0, vocab_size); a chat message's role is one of `CHAT_ROLES` or a role the model's template
+names in quotes (e.g. Llama 3.1's 'ipython').
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
     "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT), "qwen2": _split_then_bytes(_QWEN2_SPLIT),
 }
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}  # llama.cpp: whole-word vocab hits skip BPE
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles of transformers' chat format
 _CONTROL, _USER_DEFINED = 3, 4
 
 
@@ -157,6 +164,7 @@ class Tokenizer:
         return ([self._bos_id] if self._add_bos else []) + self._encode(text)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; an id outside [0, vocab_size) is a ValueError."""
         try:
             ids = [operator.index(i) for i in ids]
         except TypeError as e:
@@ -169,6 +177,11 @@ class Tokenizer:
     def _encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes Python could not decode as UTF-8
+            raise ValueError(f"text is not valid UTF-8: undecodable bytes at character {e.start} "
+                             f"({text[max(e.start - 20, 0):e.start]!r} precedes them); give UTF-8 text") from None
         return self._tk.encode(text, add_special_tokens=False).ids
 
     # ------------------------------------------------------------------ chat
@@ -181,6 +194,12 @@ class Tokenizer:
                 isinstance(m, Mapping) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str) for m in messages):
             raise ValueError('messages must be a list of {"role": str, "content": str} dicts')
+        for m in messages:
+            role = m["role"]
+            if role not in CHAT_ROLES and f"'{role}'" not in self._chat_template \
+                    and f'"{role}"' not in self._chat_template:
+                raise ValueError(f"unknown chat role {role!r}: expected one of {', '.join(CHAT_ROLES)} "
+                                 "(or a role the model's chat template names)")
 
         def token(i: int | None) -> str:
             return self._tk.id_to_token(i) if i is not None else ""

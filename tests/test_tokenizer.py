@@ -128,6 +128,28 @@ def test_encode_rejects_non_str(tiny, bad):
         tiny.encode(bad)
 
 
+def test_encode_rejects_undecodable_text_and_keeps_whitespace(tiny):
+    # Python decodes a non-UTF-8 command-line argument (or a file read with errors="surrogateescape")
+    # to lone surrogates, which the BPE cannot take
+    undecodable = b"caf\xe9 au lait".decode("utf-8", errors="surrogateescape")
+    with pytest.raises(ValueError, match="not valid UTF-8: undecodable bytes at character 3 \\('caf'"):
+        tiny.encode(undecodable)
+    assert tiny.decode(tiny.encode(" \n\t ")) == " \n\t "  # whitespace is text
+
+
+def test_chat_roles(tiny):
+    for role in ("system", "user", "assistant", "tool"):
+        assert tiny.chat([{"role": role, "content": "hi"}])
+    with pytest.raises(ValueError, match="unknown chat role 'bot': expected one of system, user, assistant, tool"):
+        tiny.chat([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}])
+    # a role the template names (Llama 3.1's tool results) is known to that model
+    template = "{% for m in messages %}{% if m['role'] == 'ipython' %}[tool]{% endif %}{{ m['content'] }}{% endfor %}"
+    tok = Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.chat_template": template}))
+    assert tok.apply_chat_template([{"role": "ipython", "content": "42"}]) == "[tool]42"
+    with pytest.raises(ValueError, match="unknown chat role 'ipython'"):
+        tiny.chat([{"role": "ipython", "content": "42"}])
+
+
 @pytest.mark.parametrize("bad", [[-1], [10**6], [0, 1.5], ["a"]])
 def test_decode_rejects_bad_ids(tiny, bad):
     with pytest.raises(ValueError):
