@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.attention import blockwise_attention, online_attention
+from kvjax.attention import blockwise_attention, online_attention, score_block
 from kvjax.kernels.decode_attention import decode_attention
 from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.prefill_attention import prefill_attention
@@ -67,6 +67,7 @@ class DenseKV(LayerState):
                        length=self.length + n_valid.astype(jnp.int32))
 
     def attend_jnp(self, q: jax.Array, q_pos: jax.Array, block: int | None = None, return_lse: bool = False):
+        block = score_block(block, q, self.k.shape[1])  # decode steps: one pass over a few thousand keys
         return blockwise_attention(q, q_pos, self.k, self.v, self.pos, self.length, block, return_lse)
 
     def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):

@@ -295,10 +295,15 @@ class QuantStore:
         def read_store(i):
             first = i * blk
             start = jnp.minimum(first, s - blk)  # a multiple of R: groups are read whole
-            at = jnp.broadcast_to(start, n_q.shape) if base is None else base + start
-            pos = self.read_blocks(self.pos, at, blk)
-            k = self.quantizer.dequantize_keys(self.read_blocks(self.kq, at, blk), pos, dt)
-            v = self.quantizer.dequantize_values(self.read_blocks(self.vq, at, blk), dt)
+            if base is None:  # rows: one slice of every head's row
+                read = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+                    lambda x: jax.lax.dynamic_slice_in_dim(x, start // (s // x.shape[2]), blk // (s // x.shape[2]),
+                                                           axis=2), tree)
+            else:  # pool: each head's block of its region
+                read = lambda tree: self.read_blocks(tree, base + start, blk)  # noqa: E731
+            pos = read(self.pos)
+            k = self.quantizer.dequantize_keys(read(self.kq), pos, dt)
+            v = self.quantizer.dequantize_values(read(self.vq), dt)
             slot = (start + jnp.arange(blk))[None, None, :]
             return k, v, pos, (slot < first) | (slot >= n_q[..., None])
 
