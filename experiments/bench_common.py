@@ -1,0 +1,66 @@
+"""What the side-by-side benchmarks share: the machine's CPU line, and decode speed of several cache
+configurations measured interleaved (config A, B, ..., then again), so that the noise of a shared
+machine hits every configuration alike; each is reported as its best run and the spread of its runs.
+
+    runs = decode_runs(lm, ids, {"full": {}, "kivi-2": dict(quant="kivi-2")}, new_tokens=64, repeats=3)
+    runs["kivi-2"].best / runs["full"].best    # the ratio a table prints
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+from pathlib import Path
+
+import kvjax
+from tqdm import tqdm
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")
+
+
+def cpu_line() -> str:
+    """'CPU: <model>, <n> cores, flags: avx2 fma (no avx512f ...)' read from /proc/cpuinfo (Linux)."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    have = " ".join(f for f in FLAGS if f in flags)
+    lack = " ".join(f for f in FLAGS if f not in flags)
+    return f"CPU: {model}, {text.count('processor')} cores, flags: {have or '-'}" + (f" (no {lack})" if lack else "")
+
+
+@dataclasses.dataclass
+class Runs:
+    tok_s: list  # decode tok/s of each timed run
+    prefill_s: list  # prefill seconds (compile excluded) of each timed run
+    compile_s: float  # of the first (untimed) run
+    bytes: int  # cache_nbytes after the prefill
+    bits: float  # bits per K/V element (`memory_report`)
+
+    @property
+    def best(self) -> float:
+        return max(self.tok_s)
+
+    def spread(self) -> str:
+        return f"{min(self.tok_s):.1f}-{max(self.tok_s):.1f}"
+
+
+def decode_runs(lm, ids, configs: dict, new_tokens: int, repeats: int) -> dict:
+    """Decode tok/s of each configuration (keyword arguments of `lm.generate`), one compile run each,
+    then `repeats` timed rounds over all of them in turn. Compile time is excluded from decode time."""
+    out = {}
+    bar = tqdm(total=len(configs) * (repeats + 1), desc="decode runs", file=sys.stderr)
+    for name, kw in configs.items():
+        first = lm.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False, **kw)
+        cache = lm.prefill(ids, **kw)
+        out[name] = Runs([], [], first.compile_s, kvjax.cache_nbytes(cache), kvjax.memory_report(cache)["bits_per_element"])
+        bar.update()
+    for _ in range(repeats):
+        for name, kw in configs.items():
+            r = lm.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False, **kw)
+            out[name].tok_s.append((len(r.ids) - 1) / r.decode_s)
+            out[name].prefill_s.append(r.prefill_s)
+            bar.update()
+    bar.close()
+    return out
