@@ -43,10 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text, streaming it, then print speed and cache size")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"known name ({', '.join(KNOWN_MODELS)}), a .gguf file or an HF checkpoint directory")
-    prompt = g.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="the prompt text")
-    prompt.add_argument("--prompt-file", type=Path, metavar="FILE",
-                        help="read the prompt from a UTF-8 text file (- for stdin)")
+    _prompt_args(g.add_mutually_exclusive_group(required=True))
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -72,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("inspect", help="write the positions a method keeps, per layer (and head), to .npz")
     n.add_argument("--model", default=DEFAULT_MODEL)
-    n.add_argument("--input-ids", required=True, type=Path, help=".npy of int ids [T] (or [1, T])")
+    source = n.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-ids", type=Path, help=".npy of int ids [T] (or [1, T])")
+    _prompt_args(source)
     n.add_argument("--out", required=True, type=Path, help="output .npz: layer{i} = int32 [K, n] kept positions")
     n.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     _compression_args(n, required=True)
@@ -93,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                        help="only entries last used more than DAYS days ago")
     return p
+
+
+def _prompt_args(group) -> None:
+    """--prompt TEXT | --prompt-file FILE (- for stdin), in a mutually exclusive group."""
+    group.add_argument("--prompt", help="the prompt text")
+    group.add_argument("--prompt-file", type=Path, metavar="FILE", help="read the prompt from a UTF-8 text file "
+                                                                        "(- for stdin)")
 
 
 def add_import_arg(p: argparse.ArgumentParser) -> None:
@@ -224,20 +230,11 @@ def _fields(cls, skip: str = "") -> str:
 
 
 def _inspect(args) -> None:
-    if not args.input_ids.is_file():
-        raise ValueError(f"--input-ids: no such file {args.input_ids}")
-    with args.input_ids.open("rb") as f:
-        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
-            raise ValueError(f"--input-ids {args.input_ids} is not a .npy file (no NumPy header); "
-                             "write the ids with numpy.save(path, ids)")
-    ids = np.load(args.input_ids, allow_pickle=False)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"--input-ids must hold integer token ids, got {ids.dtype}")
-    if ids.ndim == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.ndim != 1:
-        raise ValueError(f"--input-ids must hold ids [T] or [1, T], got shape {ids.shape}")
+    ids = _read_ids(args.input_ids) if args.input_ids is not None else None
+    text = _read_prompt(args) if ids is None else None
     lm = kvjax.load(args.model, dtype=args.dtype)
+    if ids is None:
+        ids = np.asarray(lm.encode(text), np.int32)
     cache = lm.prefill(ids, method=args.method, ratio=args.ratio, budget=args.budget, checkpoint=args.checkpoint)
     out = {}
     for i, layer in enumerate(kvjax.kept_positions(cache)):
@@ -252,6 +249,24 @@ def _inspect(args) -> None:
           f"(cache {kvjax.cache_nbytes(cache):,} bytes for {len(ids)} tokens)")
 
 
+def _read_ids(path: Path) -> np.ndarray:
+    """Token ids [T] from a .npy file of ids [T] or [1, T]."""
+    if not path.is_file():
+        raise ValueError(f"--input-ids: no such file {path}")
+    with path.open("rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ValueError(f"--input-ids {path} is not a .npy file (no NumPy header); "
+                             "write the ids with numpy.save(path, ids)")
+    ids = np.load(path, allow_pickle=False)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"--input-ids must hold integer token ids, got {ids.dtype}")
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ValueError(f"--input-ids must hold ids [T] or [1, T], got shape {ids.shape}")
+    return ids
+
+
 def _info(args) -> None:
     lm = kvjax.load(args.model, dtype=args.dtype)
     print(lm)
@@ -263,6 +278,7 @@ def _info(args) -> None:
 
 
 def _cache(args) -> None:
+    """kvjax cache list | clean [KEY ...] [--older-than DAYS]."""
     root = hub.cache_dir()
     entries = hub.cache_entries()
     if args.cache_command == "list":
@@ -271,8 +287,8 @@ def _cache(args) -> None:
             return
         print(f"{root}:")
         for e in entries:
-            print(f"  {e.key:28s} {_size(e.nbytes):>9s}  last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.last_used))}"
-                  f"  {e.what}")
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            print(f"  {e.key:28s} {_size(e.nbytes):>9s}  last used {used}  {e.what}")
         print(f"  total {_size(sum(e.nbytes for e in entries))}")
         return
     if args.older_than is not None and args.older_than < 0:
@@ -289,12 +305,14 @@ def _cache(args) -> None:
           f"({_size(freed)})")
 
 
-def _size(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    """Bytes for people: '538.1 MB'."""
+    if n < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB", "GB"):
         n /= 1000
-    return f"{n} bytes"
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"
 
 
 def _interrupt_message(args) -> str:
@@ -322,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         compile_cache.disable()
     line = _interrupt_message(args)
 
-    def message() -> str:  # on a line of its own, also when a "compiling ..." line is open
-        return ("\n" if timing.status_line_open() else "") + line
+    def message() -> str:  # on a line of its own, also after a "compiling ..." line or a progress bar
+        return ("\n" if timing.mid_line() else "") + line
 
     with interrupt.running(message), timing.report_compiles(sys.stderr):
         try:

@@ -251,7 +251,7 @@ def _manifest(path: Path, digest: str, folder: Path) -> dict:
 
 
 def _convert(path: Path, digest: str, entry: Path) -> None:
-    """Convert the GGUF into `entry` (replacing what is there) through a temporary folder beside it."""
+    """Convert the GGUF into `entry` (absent) through a temporary folder beside it, renamed into place."""
     root = _make_dir(entry.parent)
     for stale in root.glob(f".{entry.name}-*"):  # left by a conversion killed an hour ago or more
         with contextlib.suppress(OSError):
@@ -315,14 +315,20 @@ def _load_gguf(path: Path, dtype: str):
                   "converting it again", file=sys.stderr, flush=True)
             _discard(entry)
         _convert(path, digest, entry)
+        return _read_entry(entry, dtype)
     try:
-        cfg, params = load_flat(str(entry / PARAMS), dtype)
-    except (SafetensorError, OSError, ValueError, KeyError) as e:  # sizes as written, contents damaged
+        return _read_entry(entry, dtype)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # sizes as written, contents damaged since
         print(f"kvjax: warning: cannot read the converted copy of {path.name} in {entry} "
               f"({type(e).__name__}: {e}); converting it again", file=sys.stderr, flush=True)
         _discard(entry)
         _convert(path, digest, entry)
-        cfg, params = load_flat(str(entry / PARAMS), dtype)
+        return _read_entry(entry, dtype)
+
+
+def _read_entry(entry: Path, dtype: str):
+    """(config, params, tokenizer) of a converted entry; records the use."""
+    cfg, params = load_flat(str(entry / PARAMS), dtype)
     tokenizer = Tokenizer.from_gguf_metadata(json.loads((entry / TOKENIZER_META).read_text()))
     _touch(entry)
     return cfg, params, tokenizer

@@ -7,8 +7,8 @@ only (`install`, called by `kvjax.cli.main` and, for the start-up imports, by `i
 the running program is the `kvjax` command):
 
 * before a command runs (imports, argument parsing) a SIGINT ends the process at once;
-* while one runs (`running(message)`) it raises KeyboardInterrupt, so `finally` blocks close files,
-  and the command's handler calls `exit_now(message)`;
+* while one runs (`running(message)`) the first raises KeyboardInterrupt, so `finally` blocks close
+  files, and the command's handler calls `exit_now(message)`; a second one ends the process at once;
 * a watchdog thread, woken by every signal through `signal.set_wakeup_fd`, ends the process if it is
   still alive `GRACE_SECONDS` after a SIGINT (the main thread is inside XLA) or at a second Ctrl-C;
 * `exit_now` writes the line, flushes stdout and stderr and calls `os._exit(130)`: no teardown.
@@ -33,6 +33,7 @@ PROGRAM = "kvjax"  # the console script's name
 _message: list[str | Callable[[], str] | None] = [None]  # the running command's line; None: no command yet
 _exit_lock = threading.Lock()
 _installed = [False]
+_count = [0]  # SIGINTs received
 
 
 def install() -> None:
@@ -79,8 +80,9 @@ def exit_now(message: str | Callable[[], str]) -> None:
 
 
 def _on_sigint(signum, frame) -> None:
-    if _message[0] is None:
-        exit_now(f"{PROGRAM}: interrupted")
+    _count[0] += 1
+    if _message[0] is None or _count[0] > 1:  # nothing to clean up, or a second Ctrl-C: now
+        exit_now(_message[0] or f"{PROGRAM}: interrupted")
     raise KeyboardInterrupt
 
 

@@ -160,10 +160,12 @@ jax.monitoring.register_event_duration_secs_listener(_on_end)
 jax.monitoring.register_event_listener(_on_event)
 
 
-def status_line_open() -> bool:
-    """True while a "kvjax: compiling ..." line waits for its seconds (a message must start a new line)."""
+def mid_line() -> bool:
+    """True while a "kvjax: compiling ..." line waits for its seconds or a tqdm progress bar is on screen:
+    a message written now must start with a new line."""
     status = _status[0]
-    return status is not None and status.shown and status.partial and status.name is not None
+    return bool(status is not None and status.shown and status.partial and status.name is not None
+                or getattr(tqdm, "_instances", None))
 
 
 def compile_seconds() -> float:

@@ -13,7 +13,8 @@ from kvjax.cli import main
 
 LONG_PROMPT = Path(__file__).resolve().parents[1] / "examples" / "long_prompt.txt"
 STATS = re.compile(r"\[compile ([\d.]+) s, not in the times below \| prompt (\d+) tokens: prefill ([\d.]+) s, "
-                   r"([\d.]+) tok/s \| new (\d+) tokens: decode ([\d.]+) s, ([\d.]+) tok/s \| KV cache ([\d,]+) bytes\]")
+                   r"([\d.]+) tok/s \| new (\d+) tokens: decode ([\d.]+) s, ([\d.]+) tok/s "
+                   r"\| KV cache ([\d,]+) bytes\]")
 
 
 def test_generate_chat_streams_answer_and_stats(smollm2, capsys):
@@ -117,7 +118,8 @@ def test_readme_snapkv_example_with_a_prompt_file_and_stdin(smollm2, capsys, mon
     stats = STATS.search(from_file)
     assert stats and int(stats.group(2)) == n_tokens
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(LONG_PROMPT.read_bytes())))
-    assert main(["generate", "--prompt-file", "-", "--method", "snapkv", "--ratio", "0.5", "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "--prompt-file", "-", "--method", "snapkv", "--ratio", "0.5",
+                 "--max-new-tokens", "8"]) == 0
     from_stdin = capsys.readouterr().out
     assert from_stdin.split("[compile")[0] == from_file.split("[compile")[0]  # the same text
 
@@ -133,3 +135,13 @@ def test_inspect_of_a_file_that_is_not_npy(tmp_path, capsys):
     assert main(["inspect", "--input-ids", str(tmp_path / "ids.npy"), "--method", "snapkv", "--ratio", "0.5",
                  "--out", str(tmp_path / "kept.npz")]) == 2
     assert "must hold integer token ids, got float64" in capsys.readouterr().err
+
+
+def test_inspect_from_a_prompt_file(smollm2, tmp_path, capsys):
+    assert main(["inspect", "--prompt-file", str(LONG_PROMPT), "--method", "snapkv", "--ratio", "0.5",
+                 "--out", str(tmp_path / "kept.npz")]) == 0
+    ids = smollm2.encode(LONG_PROMPT.read_text())
+    assert f"for {len(ids)} tokens" in capsys.readouterr().out
+    kept = np.load(tmp_path / "kept.npz")
+    for i, layer in enumerate(kvjax.kept_positions(smollm2.prefill(ids, method="snapkv", ratio=0.5))):
+        np.testing.assert_array_equal(kept[f"layer{i}"], layer[0])

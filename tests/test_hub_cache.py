@@ -72,7 +72,8 @@ def test_key_is_the_content_so_touch_and_copy_reuse_it(cache, gguf, expected, tm
     assert manifest["sha256"] == digest and manifest["params_bytes"] == (entry / kvjax.hub.PARAMS).stat().st_size
 
     hashed = []
-    monkeypatch.setattr(kvjax.hub, "file_sha256", lambda p: hashed.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
+    real_sha256 = kvjax.hub.file_sha256
+    monkeypatch.setattr(kvjax.hub, "file_sha256", lambda p: hashed.append(p) or real_sha256(p))
     with monkeypatch.context() as m:
         no_conversion(m)
         kvjax.load(str(gguf))  # same (path, size, mtime): the index answers
@@ -116,9 +117,15 @@ def _bad_header(entry: Path) -> None:  # same size, so only reading it finds the
     params.write_bytes(bytes(data))
 
 
+def _bad_tokenizer_json(entry: Path) -> None:
+    meta = entry / kvjax.hub.TOKENIZER_META
+    meta.write_bytes(b"x" * meta.stat().st_size)
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_truncate, "params.safetensors holds"),
     (_bad_header, "cannot read the converted copy"),
+    (_bad_tokenizer_json, "cannot read the converted copy"),
     (lambda e: (e / kvjax.hub.MANIFEST).unlink(), "no readable manifest.json"),
     (lambda e: (e / kvjax.hub.TOKENIZER_META).unlink(), "tokenizer_meta.json is missing"),
 ])
@@ -231,7 +238,8 @@ def test_compile_cache_folder_rules(tmp_path, monkeypatch, capsys):
     script = ("import sys, jax, jax.numpy as jnp; from kvjax import compile_cache, timing; "
               "compile_cache.enable(sys.argv[1]); hits = []; "
               "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
-              "jax.monitoring.register_event_listener(lambda e, **k: hits.append(e) if e.endswith('cache_hits') else 0); "
+              "jax.monitoring.register_event_listener("
+              "    lambda e, **k: hits.append(e) if e.endswith('cache_hits') else 0); "
               "f = jax.jit(lambda x: jnp.linalg.qr(x @ x.T + jnp.sin(x))[0].sum()); "
               "print(float(f(jnp.ones((256, 256)))), len(hits))")
     env = {k: v for k, v in os.environ.items() if k != "KVJAX_COMPILE_CACHE"}

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.testing import tiny_lm
-from kvjax.timing import compile_seconds, report_compiles, status_line_open
+from kvjax.timing import compile_seconds, report_compiles, mid_line
 
 
 def test_compile_seconds_lie_within_the_first_call():
@@ -37,7 +37,7 @@ def test_status_line_per_program_with_seconds():
     stream = io.StringIO()
     with report_compiles(stream, after=0.0):
         out = lm.generate("hello world", max_new_tokens=4)
-        assert not status_line_open()
+        assert not mid_line()
     lines = stream.getvalue().splitlines()  # after=0: every program, the small ones too
     line = r"kvjax: compiling (\w+) \.\.\. [\d.]+ s( \(from the compile cache\))?"
     assert all(re.fullmatch(line, ln) for ln in lines), lines
