@@ -3,7 +3,7 @@
     kvjax generate --model smollm2-135m --prompt "What is the capital of France?" --chat
     kvjax info --model smollm2-135m
     kvjax eval ppl --import my_press.py --method my_press --ratio 0.5     # your own method
-    kvjax train matryoshka --model smollm2-135m --data ../shared/data/tinyshakespeare.txt --steps 500 --out runs/m
+    kvjax train matryoshka --model smollm2-135m --steps 500 --out runs/m   # data: --data, $KVJAX_DATA, TFDS or generated
     kvjax cache list                      # what $KVJAX_CACHE holds; kvjax cache clean [KEY] [--older-than DAYS]
 
 Bad input, and a file or folder that cannot be read or written, print one line `kvjax: error: ...` and
