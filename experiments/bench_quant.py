@@ -51,6 +51,7 @@ def main(argv=None) -> int:
             lines.append(f"| {n} | {q} | {r.bits:.2f} | {r.bytes:,} | {r.bytes / full.bytes:.3f} | "
                          f"{r.best:.1f} ({r.spread()}) | {full.best:.1f} ({full.spread()}) | "
                          f"{r.best / full.best:.2f} | {r.compile_s:.1f} |")
+            print(lines[-1], flush=True)  # rows as they come: a long run shows what it has
     emit(lines, args.out)
     return 0
 

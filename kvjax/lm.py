@@ -64,9 +64,15 @@ class LM:
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        # -1 marks "no token"; a model's embedding table may be larger than its tokenizer (Qwen2)
+        """Text of token ids. -1 marks "no token" and ids the model has but its tokenizer lacks (an
+        embedding table padded past the tokenizer, Qwen2) have no text: both are skipped. Any other id
+        (below -1, or at or past the model's vocabulary) is a ValueError."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if i < -1 or i >= self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {self.cfg.vocab_size})")
         n = self.tokenizer.vocab_size
-        return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens)
+        return self.tokenizer.decode([i for i in ids if 0 <= i < n], skip_special_tokens)
 
     def chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return self.tokenizer.chat(list(messages), add_generation_prompt)

@@ -253,3 +253,13 @@ def test_smollm2_chat_matches_golden(smollm2_tok, golden):
     for case in golden["chat"]:
         ids = smollm2_tok.chat(case["messages"], case["add_generation_prompt"])
         assert ids == case["ids"], case["messages"]
+
+
+def test_lm_decode_skips_no_token_and_refuses_ids_outside_the_vocabulary():
+    from kvjax.testing import tiny_lm
+    lm = tiny_lm(seed=0)
+    ids = lm.encode("hello")
+    assert lm.decode([-1, *ids, -1]) == lm.decode(ids)  # -1: "no token" (stopped rows)
+    for bad in (-2, lm.cfg.vocab_size, 10**9):
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            lm.decode([*ids, bad])
