@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs without JAX's persistent compilation cache (tests of the cache turn it on in their own
+# folders): two test workers and the CLI subprocesses sharing one cache folder aborted a worker once
+# while it read an entry (2026-12-03), and a test must not depend on what another run left on disk.
+os.environ.setdefault("KVJAX_COMPILE_CACHE", "0")
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
