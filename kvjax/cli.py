@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import jax
@@ -26,11 +27,18 @@ import numpy as np
 import kvjax
 from kvjax import compile_cache, hub, interrupt, methods, timing
 from kvjax.eval import command as eval_command
-from kvjax.train import command as train_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.plugins import load_plugins
 
 NPY_MAGIC = b"\x93NUMPY"
+COMMANDS_GROUP = "kvjax.commands"
+
+
+def added_commands() -> dict:
+    """Subcommands that installed packages add through the entry-point group `kvjax.commands`: each a
+    module with `add_parser(subparsers)` and `run(args)`. `kvjax.train` adds `kvjax train` so (setup.cfg):
+    core never imports the training package."""
+    return {ep.name: ep.load() for ep in entry_points(group=COMMANDS_GROUP)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
     eval_command.add_parsers(sub)
-    train_command.add_parser(sub)
+    for command in added_commands().values():
+        command.add_parser(sub)
 
     c = sub.add_parser("cache", help="list or clean what the kvjax cache folder ($KVJAX_CACHE) holds")
     c_sub = c.add_subparsers(dest="cache_command", required=True)
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 load_plugins(args.imports)  # user methods, before any name is resolved
             {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect,
              "eval": eval_command.run_eval, "plot": eval_command.run_plot,
-             "train": train_command.run, "cache": _cache}[args.command](args)
+             "cache": _cache, **{name: c.run for name, c in added_commands().items()}}[args.command](args)
         except (ValueError, OSError) as e:
             print(f"kvjax: error: {e}", file=sys.stderr)
             return 2

@@ -4,8 +4,9 @@
     logits, cache = pipeline.prefill(params, cfg, p, tokens, lengths, cache, room)
     pipeline.abstract(cfg, p, length)                                             # exact bytes, nothing run
 
-`LM` (prefill / generate), the eval runner (one shared prefill, a branch per configuration) and the
-trained methods all go through here, so a new method kind or state is wired in one place.
+`LM` (prefill / generate), the eval runner (one shared prefill, a branch per configuration), the
+trained methods and the training tasks (`forward`) all go through here, so a new method kind or state
+is wired in one place.
 
 Method kinds (`kvjax.methods`): a *score method* scores the slots of a finished prefill
 (`EvictionMethod.score`, kvpress semantics: the prefill attends to the whole prompt, then every
@@ -27,6 +28,7 @@ import numpy as np
 
 from kvjax import generation, methods, quant as quant_ops, quantizers
 from kvjax.compress import compress, resolve_keep
+from kvjax.models.family import model_for
 from kvjax.shapes import bucket
 from kvjax.observe import init_layer_obs
 from kvjax.states.cache import KVCache, init_cache
@@ -197,6 +199,25 @@ def quantize_states(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room:
 
 def round_step(n: int) -> int:
     return -(-n // DECODE_STEP) * DECODE_STEP
+
+
+# ------------------------------------------------------------------------------------ training
+def forward(params, cfg, tokens, cache: KVCache | None = None, capture: bool = False):
+    """The differentiable forward a training step runs (teacher and student passes, features): tokens
+    int32 [B, T] fed from position 0 in one call onto `cache` (default: an empty dense cache of T slots;
+    a trained method passes the states it learns, e.g. `latent_cache`), no chunking, no padding.
+
+    Returns (logits float32 [B, T, V], cache), plus with `capture` the per-layer token features the model
+    sows (`{"layers_i": {"attn": {"qkv": ([B, T, E],)}}}`: what Locret's retaining heads read)."""
+    b, t = tokens.shape
+    if cache is None:
+        cache = init_cache(cfg.n_layers, b, cfg.n_kv_heads, t, cfg.head_dim, cfg.jnp_dtype)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    model = model_for(cfg)(cfg)
+    if not capture:
+        return model.apply({"params": params}, tokens, positions, cache)
+    (logits, cache), state = model.apply({"params": params}, tokens, positions, cache, mutable=["intermediates"])
+    return logits, cache, state["intermediates"]
 
 
 # ------------------------------------------------------------------------------------ branches

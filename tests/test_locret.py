@@ -14,7 +14,7 @@ from kvjax import methods
 from kvjax.cli import main
 from kvjax.states import DenseKV, KVCache, cache_nbytes, kept_positions
 from kvjax.states.locret import LocretKV, RetainingHead
-from kvjax.models.rope import rope_inv_freq
+from kvjax.models.config import LlamaConfig
 from kvjax.models import model_for
 from kvjax.testing import random_ids, tiny_lm
 from kvjax.train import MatryoshkaTask, TrainConfig, train
@@ -29,14 +29,23 @@ def rope_np(x, pos, inv_freq):  # x [T, D], pos [T]: rotate-half RoPE in numpy
     return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
 
 
-def test_causal_importance_is_the_max_logit_from_response_queries_over_the_group():
-    cfg = tiny_lm(0).cfg  # 4 query heads, 2 KV heads, head dim 8
+@dataclasses.dataclass(frozen=True)
+class TwoBaseConfig(LlamaConfig):
+    """Layer 1 rotates with base 500, the others with `rope_theta` (as Gemma 3's local/global layers)."""
+
+    def rope_for(self, layer: int):
+        return (500.0 if layer == 1 else self.rope_theta), self.rope_scaling
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_causal_importance_is_the_max_logit_from_response_queries_over_the_group(layer):
+    cfg = TwoBaseConfig(**dataclasses.asdict(tiny_lm(0).cfg))  # 4 query heads, 2 KV heads, head dim 8
     h, kv, d, t, p = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 6, 4
     qkv = np.random.default_rng(0).normal(size=(1, t, (h + 2 * kv) * d)).astype(np.float32)
-    got = np.asarray(causal_importance(jnp.asarray(qkv), cfg, p))
+    got = np.asarray(causal_importance(jnp.asarray(qkv), cfg, p, layer))
     q = qkv[0, :, : h * d].reshape(t, h, d)
     k = qkv[0, :, h * d: (h + kv) * d].reshape(t, kv, d)
-    inv, pos = rope_inv_freq(cfg), np.arange(t, dtype=np.float64)
+    inv, pos = 1.0 / ((500.0 if layer == 1 else cfg.rope_theta) ** (np.arange(0, d, 2) / d)), np.arange(t, dtype=np.float64)
     want = np.full((kv, p), -np.inf)
     for head in range(h):
         g = head // (h // kv)

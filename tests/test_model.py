@@ -161,8 +161,11 @@ def test_generate_continues_a_prefilled_cache(lm):
 
 def test_decode_skips_ids_the_tokenizer_lacks(lm):
     # a model's embedding table may be larger than its tokenizer (Qwen2); -1 marks "no token"
-    ids = lm.encode("hello")
-    assert lm.decode(ids + [lm.tokenizer.vocab_size + 3, -1]) == lm.decode(ids) == "hello"
+    wide = kvjax.LM(lm.cfg.replace(vocab_size=lm.tokenizer.vocab_size + 8), lm.params, lm.tokenizer)
+    ids = wide.encode("hello")
+    assert wide.decode(ids + [wide.tokenizer.vocab_size + 3, -1]) == wide.decode(ids) == "hello"
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        lm.decode(ids + [lm.tokenizer.vocab_size + 3])  # past the model's own vocabulary
 
 
 def test_stream_grows_to_generate(lm):

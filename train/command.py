@@ -11,7 +11,7 @@ Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) 
 each one) settings that differ from them, except `--steps`, `--save-every`, `--keep`, `--log-every`
 and the `--data` path (the data's tokens must be the same): see `kvjax.train.loop`.
 Heavy imports (optax, grain, the training modules) happen only when the command runs (the CLI
-imports this module at start-up).
+imports this module at start-up, through the entry point `kvjax.commands: train` in setup.cfg).
 """
 from __future__ import annotations
 

@@ -28,22 +28,22 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from kvjax import pipeline
 from kvjax.checkpoints import model_id
-from kvjax.states import init_cache
 from kvjax.states.locret import HIDDEN, RetainingHead
 from kvjax.models.config import LlamaConfig
-from kvjax.models.family import model_for
 from kvjax.models.rope import apply_rope, rope_inv_freq
 
 
-def causal_importance(qkv, cfg: LlamaConfig, n_prefix: int):
-    """Labels float32 [B, K, P] from one layer's pre-RoPE features qkv [B, T, E] of tokens at positions
-    0..T-1: for each prefix token (P = n_prefix) the max over the response queries (positions >= P) and
-    the query heads of its KV group of the scaled attention logit. Memory: [B, K, G, R, P] logits."""
+def causal_importance(qkv, cfg: LlamaConfig, n_prefix: int, layer: int):
+    """Labels float32 [B, K, P] from layer `layer`'s pre-RoPE features qkv [B, T, E] of tokens at positions
+    0..T-1 (rotated with that layer's RoPE, `cfg.rope_for(layer)`): for each prefix token (P = n_prefix)
+    the max over the response queries (positions >= P) and the query heads of its KV group of the scaled
+    attention logit. Memory: [B, K, G, R, P] logits."""
     b, t, _ = qkv.shape
     h, n_kv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q, k = qkv[..., : h * d].reshape(b, t, h, d), qkv[..., h * d: (h + n_kv) * d].reshape(b, t, n_kv, d)
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    inv_freq = jnp.asarray(rope_inv_freq(cfg, layer))
     pos = jnp.arange(t, dtype=jnp.int32)[None, :, None]
     q = apply_rope(q, pos, inv_freq).astype(jnp.float32)[:, n_prefix:].reshape(b, t - n_prefix, n_kv, h // n_kv, d)
     k = apply_rope(k, pos, inv_freq).astype(jnp.float32)[:, :n_prefix]
@@ -105,13 +105,8 @@ class LocretTask:
 
     def features(self, backbone, x):
         """Pre-RoPE [q, k, v] of every layer, float32 [L, B, T, E], for tokens x [B, T] from position 0."""
-        c = self.cfg
-        b, t = x.shape
-        cache = init_cache(c.n_layers, b, c.n_kv_heads, t, c.head_dim, c.jnp_dtype)
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), x.shape)
-        _, state = model_for(c)(c).apply({"params": backbone}, x, positions, cache, None, jnp.zeros((b,), jnp.int32),
-                                  mutable=["intermediates"])
-        feats = jnp.stack([state["intermediates"][f"layers_{i}"]["attn"]["qkv"][0] for i in range(c.n_layers)])
+        _, _, sown = pipeline.forward(backbone, self.cfg, x, capture=True)
+        feats = jnp.stack([sown[f"layers_{i}"]["attn"]["qkv"][0] for i in range(self.cfg.n_layers)])
         return jax.lax.stop_gradient(feats.astype(jnp.float32))
 
     def predict(self, params, feats):
@@ -123,7 +118,7 @@ class LocretTask:
         x = tokens[:, :-1]
         p = self.n_prefix(x.shape[1])
         feats = self.features(backbone, x)
-        labels = jnp.stack([causal_importance(f, self.cfg, p) for f in feats])  # [L, B, K, P]
+        labels = jnp.stack([causal_importance(f, self.cfg, p, i) for i, f in enumerate(feats)])  # [L, B, K, P]
         pred = self.predict(params, feats)[..., :p]
         fit = jnp.mean(smooth_l1(pred - labels))
         smooth = jnp.sum(jnp.mean(jnp.square(pred[..., 1:] - pred[..., :-1]), axis=(1, 2, 3)))

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import pipeline
 from kvjax.checkpoints import cayley, matryoshka_bases, model_id  # noqa: F401 (cayley: kvjax.train.cayley)
-from kvjax.states import KVCache, init_cache
+from kvjax.states import KVCache
 from kvjax.states.latent import latent_cache
 from kvjax.models.config import LlamaConfig
-from kvjax.models.family import model_for
 
 
 def pca_basis(x: np.ndarray) -> np.ndarray:
@@ -48,12 +48,6 @@ def pca_basis(x: np.ndarray) -> np.ndarray:
     moment = np.einsum("bktd,bkte->kde", x, x) / (x.shape[0] * x.shape[2])
     _, vecs = np.linalg.eigh(moment)  # ascending eigenvalues
     return vecs[:, :, ::-1].copy()
-
-
-def _forward(backbone, cfg: LlamaConfig, x, cache: KVCache):
-    """Logits float32 [B, T, V] of tokens x [B, T] fed from position 0 onto an empty `cache`."""
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
-    return model_for(cfg)(cfg).apply({"params": backbone}, x, positions, cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +85,7 @@ class MatryoshkaTask:
         post-RoPE K/V of calib_tokens [B, T + 1] (the first T are fed)."""
         cfg = self.cfg
         x = calib_tokens[:, :-1]
-        cache = init_cache(cfg.n_layers, x.shape[0], cfg.n_kv_heads, x.shape[1], cfg.head_dim, cfg.jnp_dtype)
-        _, cache = jax.jit(_forward, static_argnums=1)(backbone, cfg, x, cache)
+        _, cache = jax.jit(pipeline.forward, static_argnums=1)(backbone, cfg, x)
         u0_k = np.stack([pca_basis(layer.k) for layer in cache.layers])
         u0_v = np.stack([pca_basis(layer.v) for layer in cache.layers])
         dt = cfg.jnp_dtype
@@ -117,12 +110,10 @@ class MatryoshkaTask:
         uk = uk * (cols < jnp.asarray(ranks_k)[..., None])[..., None, :]
         uv = uv * (cols < jnp.asarray(ranks_v)[..., None])[..., None, :]
         cache = latent_cache(list(uk), list(uv), x.shape[0], x.shape[1], self.cfg.jnp_dtype)
-        return _forward(backbone, self.cfg, x, cache)[0]
+        return pipeline.forward(backbone, self.cfg, x, cache)[0]
 
     def teacher_logits(self, backbone, x):
-        cfg = self.cfg
-        cache = init_cache(cfg.n_layers, x.shape[0], cfg.n_kv_heads, x.shape[1], cfg.head_dim, cfg.jnp_dtype)
-        return jax.lax.stop_gradient(_forward(backbone, cfg, x, cache)[0])
+        return jax.lax.stop_gradient(pipeline.forward(backbone, self.cfg, x)[0])
 
     def loss(self, params, const, backbone, tokens, key):
         """0.25 KL(teacher || student) + 0.75 CE on tokens int32 [B, T + 1], ranks drawn with `key`."""
