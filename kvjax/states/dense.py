@@ -192,7 +192,8 @@ class QuantKV(QuantLayout):
         return jnp.all(self.n_q + self.n_r + n <= self.capacity)
 
     def with_room(self, n: int, round_up=lambda c: c) -> "QuantKV":
-        """Grow the store so `n` more tokens fit (host-side), in multiples of the residual."""
+        """Grow the store so `n` more tokens fit (host-side): the slots used plus `n`, rounded up by
+        `round_up`, then to a multiple of the residual."""
         need = round_to(round_up(int(np.max(np.asarray(self.n_q + self.n_r))) + n), self.residual)
         if need <= self.capacity:
             return self
