@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import jax.numpy as jnp
+import tokenizers
 from safetensors import SafetensorError, safe_open
 
 from kvjax import compile_cache
@@ -427,4 +429,27 @@ def _load_hf_dir(path: Path, dtype: str):
 
     flat = {k: jnp.asarray(a.astype(dtype)) for k, a in hf_to_flat(cfg, tensors())}
     check_keys(cfg, flat, str(path))
+    if not (path / "tokenizer.json").is_file():
+        warnings.warn(f"{path}: no tokenizer files (tokenizer.json); the model works on token ids only", stacklevel=3)
+        return cfg, unflatten(flat), IdsOnlyTokenizer(cfg.vocab_size, json.loads(cfg_file.read_text()))
     return cfg, unflatten(flat), Tokenizer.from_hf_dir(path)
+
+
+class IdsOnlyTokenizer(Tokenizer):
+    """The tokenizer of a checkpoint without tokenizer files: ids in, ids out. Token i decodes to "<i>"
+    (so printed output stays readable); text and chats are refused with a one-line error. BOS/EOS ids
+    come from config.json (`bos_token_id`, `eos_token_id`)."""
+
+    def __init__(self, vocab_size: int, hf: dict):
+        backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"<{i}>": i for i in range(vocab_size)},
+                                                                   unk_token="<0>"))
+        eos = hf.get("eos_token_id")
+        super().__init__(backend, bos_id=hf.get("bos_token_id"), eos_ids=eos if isinstance(eos, list) else
+                         [e for e in [eos] if e is not None], pad_id=hf.get("pad_token_id"), add_bos=False,
+                         chat_template=None)
+
+    def _encode(self, text: str) -> list[int]:
+        raise ValueError("this model has no tokenizer files: give token ids, not text")
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(super().decode(list(ids), skip_special_tokens).split())  # "<5> <7>" -> "<5><7>"

@@ -22,7 +22,8 @@ from kvjax.shapes import bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
 from kvjax.models.config import LlamaConfig
-from kvjax.states import KVCache, cache_nbytes, init_cache
+from kvjax.states import KVCache, cache_nbytes
+from kvjax.states.cache import model_cache
 from kvjax.timing import compile_seconds
 from kvjax.tokenizer import Tokenizer
 
@@ -256,9 +257,7 @@ class LM:
         return tokens, lengths
 
     def _empty_cache(self, batch: int, capacity: int, attention_impl: str = "xla") -> KVCache:
-        c = self.cfg
-        return init_cache(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, c.jnp_dtype,
-                          attention_impl=attention_impl)
+        return model_cache(self.cfg, batch, capacity, attention_impl)
 
     def _check_positions(self, cache: KVCache, lengths: np.ndarray) -> None:
         end = np.asarray(cache.next_pos) + lengths

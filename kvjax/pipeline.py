@@ -31,7 +31,7 @@ from kvjax.compress import compress, resolve_keep
 from kvjax.models.family import model_for
 from kvjax.shapes import bucket
 from kvjax.observe import init_layer_obs
-from kvjax.states.cache import KVCache, init_cache
+from kvjax.states.cache import KVCache, init_cache, model_cache
 
 DECODE_STEP = 64  # decode room is allocated in steps of this many slots
 
@@ -245,8 +245,7 @@ def abstract(cfg, p: Plan | None, length: int, batch: int = 1) -> KVCache:
     only (`jax.eval_shape`: nothing is computed or allocated); `cache_nbytes` of it is exact. The plan's
     `n_keep` must be for rows of `length` tokens."""
     capacity = bucket(length)
-    cache = jax.eval_shape(lambda: init_cache(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim,
-                                              cfg.jnp_dtype))
+    cache = jax.eval_shape(lambda: model_cache(cfg, batch, capacity))
     if p is None:
         return cache
     method = p.method

@@ -29,7 +29,7 @@ def hf_to_flat(cfg, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple
     names = family_of(cfg).weights
     redundant = names.redundant(cfg)
     prefix = names.hf_layer_prefix
-    for name, arr in tensors:
+    for name, arr in names.hf_regroup(cfg, tensors):
         if name in names.hf_top:
             key, transpose = names.hf_top[name]
         elif name.startswith(prefix):

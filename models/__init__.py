@@ -12,11 +12,15 @@ from kvjax.models import llama_weights
 from kvjax.models.config import GGUF_ARCHITECTURES, HF_ARCHITECTURES, LlamaConfig
 from kvjax.models.family import (Family, WeightNames, config_from_gguf, config_from_hf, families, family_named,
                                  family_of, model_for, register_family)
+from kvjax.models.deepseek import DeepSeekConfig, DeepSeek
+from kvjax.models import deepseek, deepseek_weights
 from kvjax.models.llama import Llama
 from kvjax.models.rope import apply_rope, rope_inv_freq
 
 register_family(LlamaConfig, Llama, name="llama", weights=llama_weights.WEIGHTS,
                 hf_architectures=HF_ARCHITECTURES, gguf_architectures=GGUF_ARCHITECTURES)
+register_family(DeepSeekConfig, DeepSeek, name="deepseek", weights=deepseek_weights.WEIGHTS,
+                hf_architectures=deepseek.HF_ARCHITECTURES)
 
 __all__ = ["LlamaConfig", "Llama", "Family", "WeightNames", "model_for", "register_family", "family_of",
            "family_named", "families", "config_from_hf", "config_from_gguf", "apply_rope", "rope_inv_freq"]

@@ -36,6 +36,10 @@ def _nothing_redundant(cfg) -> frozenset[str]:
     return frozenset()
 
 
+def _as_named(cfg, tensors):
+    return tensors
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightNames:
     """How a family's tensors are named in HF and GGUF checkpoints, and which kvjax keys it expects.
@@ -55,6 +59,8 @@ class WeightNames:
         permuted for its interleaved RoPE (un-permuted with `gguf_io.unpermute_qk`), or None.
       redundant: cfg -> kvjax keys a checkpoint may carry that the config does not use (a tied
         lm_head): dropped, not an error.
+      hf_regroup: (cfg, (HF name, array) pairs) -> pairs, applied before renaming: tensors a family
+        stores otherwise than one per HF tensor (DeepSeek's per-expert weights stacked [X, in, out]).
     """
 
     hf_top: Mapping[str, tuple[str, bool]]
@@ -67,6 +73,7 @@ class WeightNames:
     gguf_ignored: tuple[str, ...] = ()
     gguf_permuted: Callable[[str, str, Any], int | None] = _no_permutation
     redundant: Callable[[Any], frozenset[str]] = _nothing_redundant
+    hf_regroup: Callable[[Any, Any], Any] = _as_named
 
 
 @dataclasses.dataclass(frozen=True)

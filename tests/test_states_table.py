@@ -32,6 +32,24 @@ class Row:
     init_args: tuple  # cls.init(*init_args)
     one_at_a_time: bool = False  # decode-only states take one token per append
     atol: float = 2e-5  # attention vs the exact reference
+    # (k, v, q) -> what the state appends and is queried with, for states whose k/v/q are not plain K/V
+    adapt: object = None
+    # (q, q_pos, k, v, kv_pos, length) -> expected attention of the adapted tokens (default: plain K/V)
+    reference: object = None
+
+
+def _mla_adapt(k, v, q):
+    """MLA: the RoPE key k^R is the first P = D/2 dims of k, the latent c is v (rank D), and the absorbed
+    query q~ = [q; q[..., :P]] has width D + P."""
+    p = D // 2
+    return k[..., :p], v, jnp.concatenate([q, q[..., :p]], axis=-1)
+
+
+def _mla_reference(q, q_pos, k, v, kv_pos, length):
+    """Absorbed MLA attention = plain attention with key [c; k^R] and value c (padded to q's width)."""
+    key = np.concatenate([np.asarray(v), np.asarray(k)], axis=-1)
+    value = np.pad(np.asarray(v), [(0, 0)] * 3 + [(0, key.shape[-1] - v.shape[-1])])
+    return naive_attention(q, q_pos, key, value, kv_pos, length)[..., : v.shape[-1]]
 
 
 def _head():
@@ -52,6 +70,8 @@ ROWS = {
     "LocretKV": Row((B, K, S, D, F32, [S, S], [0, 0], [0, 0], _head())),
     "QuantKV": Row((B, K, S, D, F32, quantizers.get("int8")), atol=0.05),
     "QuantRaggedKV": Row((B, K, S, D, F32, quantizers.get("int8")), atol=0.05),
+    # K latent heads of rank D with RoPE keys of D/2 dims (DeepSeek has one latent head)
+    "MLAKV": Row((B, S, D, D // 2, F32, K), adapt=_mla_adapt, reference=_mla_reference),
 }
 
 
@@ -59,18 +79,24 @@ def test_every_state_has_a_row():
     assert set(ROWS) == {cls.__name__ for cls in STATES}
 
 
-def tokens(seed=0):
+def tokens(seed=0, row: Row | None = None):
     rng = np.random.default_rng(seed)
     k, v = (jnp.asarray(rng.normal(size=(B, K, T, D)), F32) for _ in range(2))
     pos = jnp.asarray(np.broadcast_to(np.arange(T), (B, T)), jnp.int32)
     features = jnp.asarray(rng.normal(size=(B, T, (H + 2 * K) * D)), F32)
     q = jnp.asarray(rng.normal(size=(B, 1, H, D)), F32)
+    if row is not None and row.adapt is not None:
+        k, v, q = row.adapt(k, v, q)
     return k, v, pos, features, q
+
+
+def expected(row: Row, q, q_pos, k, v, kv_pos, length):
+    return (row.reference or naive_attention)(q, q_pos, k, v, kv_pos, length)
 
 
 def filled(cls, row: Row, n_valid=N_VALID):
     state = cls.init(*row.init_args)
-    k, v, pos, features, _ = tokens()
+    k, v, pos, features, _ = tokens(row=row)
     n_valid = jnp.asarray(n_valid, jnp.int32)
     if not row.one_at_a_time:
         return state.append(k, v, pos, n_valid, features)
@@ -84,11 +110,11 @@ def filled(cls, row: Row, n_valid=N_VALID):
 def test_append_then_attend_equals_the_reference(cls):
     row = ROWS[cls.__name__]
     state = jax.jit(lambda: filled(cls, row))()
-    k, v, _, _, q = tokens()
+    k, v, _, _, q = tokens(row=row)
     q_pos = jnp.asarray([[T], [N_VALID[1]]], jnp.int32)  # each row's next position
     out = jax.jit(lambda s, q, p: s.attend(q, p))(state, q, q_pos)
     kv_pos = np.broadcast_to(np.arange(T), (B, K, T))
-    want = naive_attention(q, q_pos, k, v, kv_pos, N_VALID)
+    want = expected(row, q, q_pos, k, v, kv_pos, N_VALID)
     np.testing.assert_allclose(np.asarray(out), want, atol=row.atol, rtol=row.atol)
 
 
@@ -143,17 +169,18 @@ def test_decode_only_and_scoring_states_refuse_what_they_cannot_take():
 
 
 # state -> (tokens, room) of `quantize`: what a dense layout will hold, what a per-head pool may add
-QUANTIZABLE = {"DenseKV": (T, 0), "RaggedKV": (T, 2), "RollingKV": (S, 0), "LatentKV": (T, 0)}
+QUANTIZABLE = {"DenseKV": (T, 0), "RaggedKV": (T, 2), "RollingKV": (S, 0), "LatentKV": (T, 0), "MLAKV": (T, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZABLE))
 def test_quantized_storage_attends_like_the_reference(name):
     cls = next(c for c in STATES if c.__name__ == name)
-    state = filled(cls, ROWS[name])
+    row = ROWS[name]
+    state = filled(cls, row)
     quantized = state.quantize(quantizers.get("int8(residual=2)"), *QUANTIZABLE[name])
     assert quantized.nbytes() < state.nbytes()
-    k, v, _, _, q = tokens()
+    k, v, _, _, q = tokens(row=row)
     q_pos = jnp.asarray([[T], [N_VALID[1]]], jnp.int32)
     out = jax.jit(lambda s, q, p: s.attend(q, p))(quantized, q, q_pos)
-    want = naive_attention(q, q_pos, k, v, np.broadcast_to(np.arange(T), (B, K, T)), N_VALID)
+    want = expected(row, q, q_pos, k, v, np.broadcast_to(np.arange(T), (B, K, T)), N_VALID)
     np.testing.assert_allclose(np.asarray(out), want, atol=0.05, rtol=0.05)

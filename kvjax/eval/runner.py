@@ -32,7 +32,8 @@ from kvjax.eval.records import row_key
 from kvjax.eval.scoring import SCORERS
 from kvjax.shapes import bucket
 from kvjax.lm import LM
-from kvjax.states import init_cache, tree_nbytes
+from kvjax.states import tree_nbytes
+from kvjax.states.cache import model_cache
 from kvjax.models.config import LlamaConfig
 from kvjax.observe import ObsSpec
 from kvjax.timing import compile_seconds
@@ -134,7 +135,7 @@ def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spe
     tokens = np.asarray(contexts, np.int32)
     lengths = np.full((len(contexts),), tokens.shape[1], np.int32)
     cfg = lm.cfg
-    cache = init_cache(cfg.n_layers, len(contexts), cfg.n_kv_heads, capacity, cfg.head_dim, cfg.jnp_dtype)
+    cache = model_cache(cfg, len(contexts), capacity)
     c0, t0 = compile_seconds(), time.perf_counter()
     logits, cache, obs = generation.prefill(lm.params, lm.cfg, tokens, lengths, cache, observe=spec)
     logits.block_until_ready()

@@ -4,6 +4,7 @@
 * `RaggedKV` (`ragged`): per-head budgets in a flat pool (Ada-KV).
 * `RollingKV` (`rolling`): fixed capacity, evicting while decoding (StreamingLLM, H2O, TOVA).
 * `LatentKV` (`latent`): keys and values in learned subspaces (MatryoshkaKV).
+* `MLAKV` (`mla`): multi-head latent attention's latents and shared RoPE keys (DeepSeek-V2).
 * `LocretKV` (`locret`): a Locret prefill's cache, scoring tokens with retaining heads.
 * `QuantStore` (`quantized`): keys and values stored quantized (codes, scales, zeros, outliers, the
   full-precision residual window and sink), held by a layout in the place of its K/V: `QuantKV`
@@ -17,12 +18,13 @@ from kvjax.states.cache import KVCache, cache_nbytes, init_cache, kept_positions
 from kvjax.states.dense import DenseKV, QuantKV
 from kvjax.states.latent import LatentKV, latent_cache
 from kvjax.states.locret import LocretKV
+from kvjax.states.mla import MLAKV
 from kvjax.states.quantized import QuantStore
 from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
 from kvjax.states.rolling import RollingKV
 
-STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV)
+STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "MLAKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]

@@ -75,6 +75,30 @@ def init_cache(n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_d
     return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32), share=share, attention_impl=attention_impl)
 
 
+# kv layout name -> builder(cfg, batch, capacity, attention_impl) of the empty cache a model prefills onto
+_LAYOUTS: dict = {}
+
+
+def register_layout(name: str, build) -> None:
+    """Register the empty-cache builder of a model family's KV layout (`cfg.kv_layout`, default "dense")."""
+    if _LAYOUTS.get(name, build) is not build:
+        raise ValueError(f"kv layout {name!r} registered twice")
+    _LAYOUTS[name] = build
+
+
+def model_cache(cfg, batch: int, capacity: int, attention_impl: str = "xla") -> KVCache:
+    """The empty cache a model of `cfg` prefills onto: dense `DenseKV` layers of its KV heads, or the
+    layout its family declares (`cfg.kv_layout`: "mla" -> `MLAKV` latents, `kvjax.states.mla`)."""
+    layout = getattr(cfg, "kv_layout", "dense")
+    if layout == "dense":
+        windows = getattr(cfg, "windows", None)  # sliding-window layers (Gemma 3), if the family has them
+        return init_cache(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim, cfg.jnp_dtype,
+                          attention_impl=attention_impl, **({"windows": windows} if windows else {}))
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown kv layout {layout!r}; registered: dense, {', '.join(_LAYOUTS)}")
+    return _LAYOUTS[layout](cfg, batch, capacity, attention_impl)
+
+
 def _check_share(share, n_layers: int) -> int:
     """Validate a layer -> state map; the number of states it uses."""
     share = tuple(int(s) for s in share)

@@ -1,0 +1,210 @@
+"""The DeepSeek-V2 family (MLA + DeepSeekMoE) against transformers' `DeepseekV2ForCausalLM`, and the
+`MLAKV` latent state it decodes with (absorbed vs expanded, eviction, quantization, bytes).
+
+Golden directories come from `tests/golden/make_deepseek_golden.py` (tiny random configs saved with
+`save_pretrained`, float32 logits and greedy continuations from transformers 5.25); nothing here
+needs torch. Configs: `plain` (plain q projection, default RoPE, dense + greedy MoE layers) and
+`qlora_yarn` (q-LoRA, YaRN with mscale != mscale_all_dim, group-limited routing, 2 shared experts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import generation
+from kvjax.models import deepseek_weights
+from kvjax.models.deepseek import DeepSeekConfig, route, rope_params
+from kvjax.states import MLAKV, cache_nbytes
+from kvjax.states.cache import model_cache
+
+GOLDEN = Path(__file__).parent / "golden" / "deepseek-tiny"
+CONFIGS = ("plain", "qlora_yarn")
+ATOL = 1e-4  # float32 logits vs transformers (measured: <= 6e-6)
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def model(request):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer files: tested below
+        lm = kvjax.load(str(GOLDEN / request.param), dtype="float32")
+    return request.param, lm, np.load(GOLDEN / request.param / "golden.npz")
+
+
+@pytest.mark.parametrize("prompt", ["short", "long"])
+def test_logits_and_greedy_tokens_equal_transformers(model, prompt):
+    name, lm, golden = model
+    ids = golden[f"ids_{prompt}"]
+    logits = lm.logits(ids[None])[0]
+    np.testing.assert_allclose(logits, golden[f"logits_{prompt}"], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(logits.argmax(-1), golden[f"logits_{prompt}"].argmax(-1))
+    out = lm.generate(ids.tolist(), max_new_tokens=16, stop_at_eos=False)
+    assert out.ids == golden[f"greedy_{prompt}"].tolist()
+
+
+def test_config_reads_what_the_checkpoints_set(model):
+    name, lm, _ = model
+    cfg = lm.cfg
+    assert isinstance(cfg, DeepSeekConfig) and cfg.kv_lora_rank == 16 and cfg.qk_rope_head_dim == 8
+    if name == "plain":
+        assert cfg.q_lora_rank is None and cfg.rope_scaling is None and cfg.topk_method == "greedy"
+        assert [cfg.is_moe(i) for i in range(cfg.n_layers)] == [False, True, True]
+    else:
+        assert cfg.q_lora_rank == 12 and cfg.rope_scaling[0] == "yarn" and cfg.topk_method == "group_limited_greedy"
+        inv, factor, scale = rope_params(cfg)
+        # YaRN: attention factor mscale(4, 1) / mscale(4, 0.5), softmax scale times mscale(4, 0.5)^2
+        m = lambda s, x: 0.1 * x * np.log(s) + 1  # noqa: E731
+        assert factor == pytest.approx(m(4, 1.0) / m(4, 0.5))
+        assert scale == pytest.approx(16 ** -0.5 * m(4, 0.5) ** 2)
+
+
+def test_absorbed_and_expanded_decode_agree(model):
+    """Decode steps in the absorbed form (W^UK in the query, W^UV on the latent output) and in the
+    expanded form (per-head K/V up-projected from the cached latents) give the same logits."""
+    name, lm, golden = model
+    ids = golden["ids_long"].tolist()
+    outs, greedy = {}, {}
+    for mode in ("decode", "never", "always"):
+        cfg = dataclasses.replace(lm.cfg, mla_absorb=mode)
+        cache = model_cache(cfg, 1, 128)
+        logits, cache, _ = generation.prefill(lm.params, cfg, np.asarray([ids]), np.asarray([len(ids)]), cache)
+        steps = [np.asarray(logits)]
+        for tok in golden["greedy_long"][:4]:  # teacher-forced decode steps (T = 1) through the cache
+            logits, cache, _ = generation.prefill(lm.params, cfg, np.asarray([[tok]]), np.asarray([1]), cache)
+            steps.append(np.asarray(logits))
+        outs[mode] = np.stack(steps)
+        greedy[mode] = kvjax.LM(cfg, lm.params, lm.tokenizer).generate(ids, max_new_tokens=8, stop_at_eos=False).ids
+    np.testing.assert_allclose(outs["decode"], outs["never"], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(outs["decode"], outs["always"], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(outs["decode"][0, 0], golden["logits_long"][-1], atol=ATOL, rtol=0)
+    assert greedy["decode"] == greedy["never"] == greedy["always"] == golden["greedy_long"][:8].tolist()
+
+
+def test_the_cache_holds_latents_and_rope_keys_only(model):
+    """Bytes per token and layer: (d_c + P) numbers (+ the int32 position), whatever the head count."""
+    name, lm, golden = model
+    cfg = lm.cfg
+    ids = golden["ids_long"].tolist()
+    cache = lm.prefill(ids)
+    assert all(isinstance(layer, MLAKV) for layer in cache.layers)
+    s = cache.layers[0].capacity
+    per_layer = s * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 + s * 4 + 4
+    assert cache_nbytes(cache) == cfg.n_layers * per_layer + 4
+    dense_equivalent = cfg.n_layers * s * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
+    assert cache_nbytes(cache) < dense_equivalent / 3
+
+
+def test_latents_evicted_by_snapkv_and_quantized(model):
+    """compose(snapkv, int8): half the latents kept (one KV head: the same tokens for every query
+    head), stored int8; decoding on top still follows the full model's greedy start."""
+    name, lm, golden = model
+    ids = golden["ids_long"].tolist()
+    full = lm.prefill(ids)
+    evicted = lm.prefill(ids, method="snapkv(window=8)", ratio=0.5)
+    assert int(evicted.layers[0].length[0]) == 50 and cache_nbytes(evicted) < 0.6 * cache_nbytes(full)
+    quant = lm.prefill(ids, method="compose(snapkv(window=8), int8(residual=2))", ratio=0.5)
+    assert isinstance(quant.layers[0], MLAKV) and cache_nbytes(quant) < 0.5 * cache_nbytes(evicted)
+    assert type(quant.layers[0].store).__name__ == "QuantKV"
+    out = lm.generate(ids, max_new_tokens=4, stop_at_eos=False, method="compose(snapkv(window=8), int8)", ratio=0.1)
+    assert len(out.ids) == 4 and all(0 <= i < lm.cfg.vocab_size for i in out.ids)
+
+
+def test_snapkv_scores_are_mla_attention(model):
+    """The window attention SnapKV reads from an `MLAKV` (absorbed query against [c; k^R]) equals the
+    softmax of the expanded per-head logits q_i . [W^UK_i c; k^R] * scale (a float64 reference)."""
+    name, lm, golden = model
+    cfg = lm.cfg
+    ids = golden["ids_short"]
+    t = len(ids)
+    layer = lm.params["layers_0"]["attn"]
+    cache = lm.prefill(ids.tolist())
+    state = cache.layers[0]
+    c = np.asarray(state.latent[0, 0, :t], np.float64)  # [T, R]
+    kr = np.asarray(state.k_rope[0, 0, :t], np.float64)  # [T, P]
+    # the model's queries of layer 0 for the prompt, recomputed in numpy from its params
+    h_in = _normed_embeddings(lm, ids)
+    n, p, r, heads = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.n_heads
+    q = _queries(cfg, layer, h_in).reshape(t, heads, n + p)
+    inv, factor, scale = rope_params(cfg)
+    ang = np.arange(t)[:, None] * inv[None]
+    qr = q[..., n:].reshape(t, heads, p // 2, 2)
+    cos, sin = (np.cos(ang) * factor)[:, None], (np.sin(ang) * factor)[:, None]
+    q_rope = np.stack([qr[..., 0] * cos - qr[..., 1] * sin, qr[..., 0] * sin + qr[..., 1] * cos], -1).reshape(t, heads, p)
+    w = np.asarray(layer["kv_b_proj"], np.float64).reshape(r, heads, -1)[..., :n]
+    keys = np.concatenate([np.einsum("sr,rhn->hsn", c, w), np.broadcast_to(kr, (heads, t, p))], -1)
+    logits = np.einsum("thd,hsd->hts", np.concatenate([q[..., :n], q_rope], -1), keys) * scale
+    logits = np.where(np.tril(np.ones((t, t), bool))[None], logits, -np.inf)
+    want = np.exp(logits - logits.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)  # [H, T, S]
+    q_abs = np.concatenate([np.einsum("thn,rhn->thr", q[..., :n], w), q_rope], -1) * scale * np.sqrt(r + p)
+    key_abs = np.asarray(state.k[0, 0, :t], np.float64)  # [c; k^R]
+    got = np.einsum("thd,sd->hts", q_abs, key_abs) / np.sqrt(r + p)
+    got = np.where(np.tril(np.ones((t, t), bool))[None], got, -np.inf)
+    got = np.exp(got - got.max(-1, keepdims=True))
+    got /= got.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * np.asarray(w, np.float64)
+
+
+def _normed_embeddings(lm, ids):
+    e = np.asarray(lm.params["embed"]["embedding"], np.float64)[ids]
+    return _rms(e, lm.params["layers_0"]["attn_norm"]["scale"], lm.cfg.rms_eps)
+
+
+def _queries(cfg, layer, x):
+    if cfg.q_lora_rank is None:
+        return x @ np.asarray(layer["q_proj"]["kernel"], np.float64)
+    cq = _rms(x @ np.asarray(layer["q_a_proj"]["kernel"], np.float64), layer["q_a_layernorm"]["scale"], cfg.rms_eps)
+    return cq @ np.asarray(layer["q_b_proj"]["kernel"], np.float64)
+
+
+def test_directory_without_tokenizer_loads_with_a_warning_and_works_on_ids():
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        lm = kvjax.load(str(GOLDEN / "plain"), dtype="float32")
+    with pytest.raises(ValueError, match="give token ids"):
+        lm.encode("hello")
+    assert lm.decode([3, 5]) == "<3><5>"
+
+
+def test_fused_and_per_expert_layouts_stack_alike():
+    """transformers 5 holds experts fused ([X, 2I, E] gate_up, [X, E, I] down); DeepSeek's files hold one
+    tensor per expert: both regroup to the same stacked [X, in, out]."""
+    cfg = DeepSeekConfig(vocab_size=8, d_model=4, n_layers=1, n_heads=1, d_ff=4, kv_lora_rank=2, qk_nope_head_dim=2,
+                         qk_rope_head_dim=2, v_head_dim=2, n_routed_experts=3, moe_d_ff=5, n_experts_per_tok=1)
+    rng = np.random.default_rng(0)
+    gate, up, down = rng.normal(size=(3, 5, 4)), rng.normal(size=(3, 5, 4)), rng.normal(size=(3, 4, 5))
+    per = [(f"model.layers.0.mlp.experts.{e}.{n}.weight", w[e]) for e in (2, 0, 1)
+           for n, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down))]
+    fused = [("model.layers.0.mlp.experts.gate_up_proj", np.concatenate([gate, up], 1)),
+             ("model.layers.0.mlp.experts.down_proj", down)]
+    a, b = dict(deepseek_weights.regroup(cfg, per)), dict(deepseek_weights.regroup(cfg, fused))
+    assert a.keys() == b.keys() == {f"model.layers.0.mlp.experts.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_array_equal(a["model.layers.0.mlp.experts.gate_proj"], gate.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match="2 of 3 experts"):
+        list(deepseek_weights.regroup(cfg, per[:6]))
+
+
+def test_routing_matches_a_hand_computed_case():
+    """Group-limited greedy: 4 experts in 2 groups, top-1 group by its best expert, then top-2 inside."""
+    cfg = DeepSeekConfig(vocab_size=8, d_model=4, n_layers=1, n_heads=1, d_ff=4, kv_lora_rank=2, qk_nope_head_dim=2,
+                         qk_rope_head_dim=2, v_head_dim=2, n_routed_experts=4, moe_d_ff=2, n_experts_per_tok=2,
+                         topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=2.0)
+    logits = jnp.log(jnp.asarray([[0.1, 0.2, 0.4, 0.3]]))  # softmax = these; group 1 (experts 2, 3) best: 0.4
+    w, e = route(cfg, logits)
+    assert sorted(np.asarray(e[0]).tolist()) == [2, 3]
+    np.testing.assert_allclose(sorted(np.asarray(w[0]).tolist()), [0.6, 0.8], rtol=1e-6)  # x routed scaling 2
+    greedy = dataclasses.replace(cfg, topk_method="greedy")
+    assert sorted(np.asarray(route(greedy, logits)[1][0]).tolist()) == [2, 3]
+    normed = dataclasses.replace(cfg, norm_topk_prob=True)
+    np.testing.assert_allclose(sorted(np.asarray(route(normed, logits)[0][0]).tolist()), [2 * 3 / 7, 2 * 4 / 7],
+                               rtol=1e-6)
