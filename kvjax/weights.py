@@ -48,12 +48,13 @@ def hf_to_flat(cfg, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple
 
 
 def gguf_to_hf(arch: str, cfg, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-    """Rename GGUF tensors to HF names, un-permuting the q/k rows llama.cpp permuted (the family says which)."""
+    """Rename GGUF tensors to HF names, un-permuting the q/k rows llama.cpp permuted and undoing what
+    else llama.cpp stores differently (the family says which: `WeightNames.gguf_permuted`, `gguf_value`)."""
     names = family_of(cfg).weights
     prefix = names.hf_layer_prefix
     for name, arr in tensors:
         if name in names.gguf_top:
-            yield names.gguf_top[name], arr
+            yield names.gguf_top[name], names.gguf_value(names.gguf_top[name], arr)
             continue
         if not name.startswith("blk."):
             if name in names.gguf_ignored:  # configuration, read by the config builder
@@ -65,7 +66,8 @@ def gguf_to_hf(arch: str, cfg, tensors: Iterable[tuple[str, np.ndarray]]) -> Ite
         n_heads = names.gguf_permuted(arch, suffix, cfg)
         if n_heads is not None:
             arr = unpermute_qk(arr.reshape(arr.shape[0], -1), n_heads).reshape(arr.shape)
-        yield f"{prefix}{idx}.{names.gguf_layer[suffix]}", arr
+        hf_name = f"{prefix}{idx}.{names.gguf_layer[suffix]}"
+        yield hf_name, names.gguf_value(hf_name, arr)
 
 
 def expected_keys(cfg) -> set[str]:

@@ -40,6 +40,10 @@ def _as_named(cfg, tensors):
     return tensors
 
 
+def _as_stored(hf_name: str, arr: np.ndarray) -> np.ndarray:
+    return arr
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightNames:
     """How a family's tensors are named in HF and GGUF checkpoints, and which kvjax keys it expects.
@@ -61,6 +65,8 @@ class WeightNames:
         lm_head): dropped, not an error.
       hf_regroup: (cfg, (HF name, array) pairs) -> pairs, applied before renaming: tensors a family
         stores otherwise than one per HF tensor (DeepSeek's per-expert weights stacked [X, in, out]).
+      gguf_value: (HF name, array) -> the array as HF stores it, for tensors llama.cpp stores
+        otherwise (Gemma's norm weights, stored as 1 + w).
     """
 
     hf_top: Mapping[str, tuple[str, bool]]
@@ -74,6 +80,7 @@ class WeightNames:
     gguf_permuted: Callable[[str, str, Any], int | None] = _no_permutation
     redundant: Callable[[Any], frozenset[str]] = _nothing_redundant
     hf_regroup: Callable[[Any, Any], Any] = _as_named
+    gguf_value: Callable[[str, np.ndarray], np.ndarray] = _as_stored
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,8 @@ ROWS = {
     "QuantRaggedKV": Row((B, K, S, D, F32, quantizers.get("int8")), atol=0.05),
     # K latent heads of rank D with RoPE keys of D/2 dims (DeepSeek has one latent head)
     "MLAKV": Row((B, S, D, D // 2, F32, K), adapt=_mla_adapt, reference=_mla_reference),
+    # a window of S slots: every appended token is within it (the ring past W: tests/test_gemma3.py)
+    "WindowKV": Row((B, K, S, D, F32)),
 }
 
 

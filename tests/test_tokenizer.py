@@ -178,7 +178,9 @@ def test_no_template():
 
 
 def test_unsupported_metadata():
-    with pytest.raises(ValueError, match="not supported yet"):
+    with pytest.raises(ValueError, match="'ugm' is not supported; supported: 'gpt2'.*'llama'"):
+        Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.model": "ugm"}))
+    with pytest.raises(ValueError, match="lacks tokenizer.ggml.scores"):  # SentencePiece needs the scores
         Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.model": "llama"}))
     with pytest.raises(ValueError, match="smollm"):
         Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.pre": "made-up"}))

@@ -6,6 +6,7 @@
 * `LatentKV` (`latent`): keys and values in learned subspaces (MatryoshkaKV).
 * `MLAKV` (`mla`): multi-head latent attention's latents and shared RoPE keys (DeepSeek-V2).
 * `LocretKV` (`locret`): a Locret prefill's cache, scoring tokens with retaining heads.
+* `WindowKV` (`window`): a ring of the last W tokens of a sliding-window layer (Gemma 3's local layers).
 * `QuantStore` (`quantized`): keys and values stored quantized (codes, scales, zeros, outliers, the
   full-precision residual window and sink), held by a layout in the place of its K/V: `QuantKV`
   (`dense`, rows) and `QuantRaggedKV` (`ragged`, a per-head pool); `RollingKV` and `LatentKV` hold a
@@ -22,9 +23,10 @@ from kvjax.states.mla import MLAKV
 from kvjax.states.quantized import QuantStore
 from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
 from kvjax.states.rolling import RollingKV
+from kvjax.states.window import WindowKV
 
-STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV)
+STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, WindowKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "MLAKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "MLAKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]

@@ -56,6 +56,8 @@ def write_slots(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
 class LayerState(abc.ABC):
     """Base of every layer state (subclasses are frozen, pytree-registered dataclasses)."""
 
+    sliding = False  # a sliding-window layer's state (`WindowKV`): bounded already, compression leaves it
+
     # ----------------------------------------------------------------------------- construction
     @classmethod
     @abc.abstractmethod

@@ -13,6 +13,7 @@ import numpy as np
 
 from kvjax.states.base import tree_nbytes
 from kvjax.states.dense import DenseKV
+from kvjax.states.window import WindowKV
 
 
 @jax.tree_util.register_dataclass
@@ -41,7 +42,9 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return min(layer.capacity for layer in self.layers)
+        """Slots of the smallest state that holds the sequence (sliding-window states hold their window)."""
+        return min([layer.capacity for layer in self.layers if not layer.sliding]
+                   or [layer.capacity for layer in self.layers])
 
     @property
     def n_model_layers(self) -> int:
@@ -68,10 +71,15 @@ class KVCache:
 
 
 def init_cache(n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype,
-               share: tuple[int, ...] | None = None, attention_impl: str = "xla") -> KVCache:
-    """An empty dense cache; with `share` (layer -> state index), one `DenseKV` per distinct state."""
+               share: tuple[int, ...] | None = None, attention_impl: str = "xla",
+               windows: tuple[int | None, ...] | None = None) -> KVCache:
+    """An empty dense cache; with `share` (layer -> state index), one `DenseKV` per distinct state;
+    with `windows` (per layer: a sliding window, or None), a `WindowKV` ring for each local layer."""
     n_states = n_layers if share is None else _check_share(share, n_layers)
-    layers = tuple(DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype) for _ in range(n_states))
+    if windows is not None and (share is not None or len(windows) != n_layers):
+        raise ValueError(f"windows= needs one entry per layer ({n_layers}) and no share=")
+    layers = tuple(WindowKV.init(batch, n_kv_heads, windows[i], head_dim, dtype) if windows and windows[i]
+                   else DenseKV.init(batch, n_kv_heads, capacity, head_dim, dtype) for i in range(n_states))
     return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32), share=share, attention_impl=attention_impl)
 
 
@@ -142,6 +150,8 @@ def memory_report(cache: KVCache) -> dict:
     residual and sink (full-precision K/V of quantized layers), kv (K/V of unquantized layers),
     metadata (positions, lengths, bases, scores). `bits_per_element` counts all K/V data (metadata
     excluded) per K/V element held; `full_precision_bytes` is what the same slots take unquantized.
+    `local_bytes` / `global_bytes` split `total` between sliding-window states (`LayerState.sliding`:
+    Gemma 3's local layers, a fixed window) and the others (with the cache's next positions).
     """
     out = dict(codes=0, scales=0, zeros=0, outliers=0, residual=0, sink=0, kv=0, metadata=0)
     elements, itemsize = 0, 4
@@ -153,6 +163,8 @@ def memory_report(cache: KVCache) -> dict:
             out[k] += v
     out["metadata"] += tree_nbytes(cache.next_pos)
     out["total"] = sum(out.values())
+    out["local_bytes"] = sum(layer.nbytes() for layer in cache.layers if layer.sliding)
+    out["global_bytes"] = out["total"] - out["local_bytes"]
     data = out["total"] - out["metadata"]
     out["bits_per_element"] = 8 * data / max(elements, 1)
     out["full_precision_bytes"] = elements * itemsize
