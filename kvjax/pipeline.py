@@ -31,7 +31,7 @@ from kvjax.compress import compress, resolve_keep
 from kvjax.models.family import model_for
 from kvjax.shapes import bucket
 from kvjax.observe import init_layer_obs
-from kvjax.states.cache import KVCache, init_cache, model_cache
+from kvjax.states.cache import KVCache, model_cache
 
 DECODE_STEP = 64  # decode room is allocated in steps of this many slots
 
@@ -102,6 +102,9 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     n_keep = resolve_keep(token, methods.Budget(ratio=ratio, tokens=budget), lengths, cfg.n_layers)
     p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name)
     if token.prefills_itself:
+        if any(getattr(cfg, "windows", None) or ()):
+            raise ValueError(f"method {token.name!r} builds its own state for every layer, and this model has "
+                             "sliding-window layers (which keep their ring): use a score method or a quantizer")
         token.prepare(cfg, p)  # load (and check) trained weights before compiling
     return p
 
@@ -206,14 +209,15 @@ def round_step(n: int) -> int:
 # ------------------------------------------------------------------------------------ training
 def forward(params, cfg, tokens, cache: KVCache | None = None, capture: bool = False):
     """The differentiable forward a training step runs (teacher and student passes, features): tokens
-    int32 [B, T] fed from position 0 in one call onto `cache` (default: an empty dense cache of T slots;
-    a trained method passes the states it learns, e.g. `latent_cache`), no chunking, no padding.
+    int32 [B, T] fed from position 0 in one call onto `cache` (default: the model's empty cache of T slots,
+    `model_cache`; a trained method passes the states it learns, e.g. `latent_cache`), no chunking, no
+    padding.
 
     Returns (logits float32 [B, T, V], cache), plus with `capture` the per-layer token features the model
     sows (`{"layers_i": {"attn": {"qkv": ([B, T, E],)}}}`: what Locret's retaining heads read)."""
     b, t = tokens.shape
     if cache is None:
-        cache = init_cache(cfg.n_layers, b, cfg.n_kv_heads, t, cfg.head_dim, cfg.jnp_dtype)
+        cache = model_cache(cfg, b, t)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     model = model_for(cfg)(cfg)
     if not capture:

@@ -305,3 +305,15 @@ def test_cli_generates_with_snapkv_end_to_end(gemma3):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "KV cache" in run.stdout and run.stdout.strip()
+
+
+def test_decode_time_eviction_and_per_head_budgets_keep_the_rings():
+    lm = tiny_gemma_lm(seed=4)
+    ids = random_ids(40, seed=5)
+    for kw, kind in [(dict(method="h2o", capacity=24), "RollingKV"),
+                     (dict(method="adakv:snapkv(window=4)", ratio=0.5), "RaggedKV"),
+                     (dict(method="tova", capacity=20, quant="kivi-2(residual=8, group=8)"), "RollingKV")]:
+        out = lm.generate(ids, max_new_tokens=4, stop_at_eos=False, **kw)
+        assert [type(s).__name__ for s in out.cache.layers] == ["WindowKV", kind, "WindowKV", kind], kw
+    with pytest.raises(ValueError, match="'locret' builds its own state for every layer.*sliding-window"):
+        pipeline.plan(lm.cfg, [40], method="locret", ratio=0.5, checkpoint="/nonexistent")
