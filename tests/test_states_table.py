@@ -52,6 +52,17 @@ def _mla_reference(q, q_pos, k, v, kv_pos, length):
     return naive_attention(q, q_pos, key, value, kv_pos, length)[..., : v.shape[-1]]
 
 
+# ThinK: each row and head keeps 5 of its D key channels (a different set each)
+CHANNELS = np.sort(np.random.default_rng(3).permuted(np.broadcast_to(np.arange(D), (B, K, D)), axis=-1)[..., :5], -1)
+
+
+def _pruned_reference(q, q_pos, k, v, kv_pos, length):
+    """Attention over keys whose unkept channels are zero, scale 1/sqrt(D) (ThinK's masked keys)."""
+    keep = np.zeros((B, K, 1, D), bool)
+    np.put_along_axis(keep, CHANNELS[:, :, None, :], True, axis=-1)
+    return naive_attention(q, q_pos, np.where(keep, np.asarray(k), 0.0), v, kv_pos, length)
+
+
 def _head():
     rng = np.random.default_rng(7)
     return dict(fc1=dict(kernel=jnp.asarray(rng.normal(size=((H + 2 * K) * D, 4)), F32)),
@@ -72,6 +83,7 @@ ROWS = {
     "QuantRaggedKV": Row((B, K, S, D, F32, quantizers.get("int8")), atol=0.05),
     # K latent heads of rank D with RoPE keys of D/2 dims (DeepSeek has one latent head)
     "MLAKV": Row((B, S, D, D // 2, F32, K), adapt=_mla_adapt, reference=_mla_reference),
+    "ChannelKV": Row((B, K, S, D, F32, CHANNELS), reference=_pruned_reference),
     # a window of S slots: every appended token is within it (the ring past W: tests/test_gemma3.py)
     "WindowKV": Row((B, K, S, D, F32)),
 }
@@ -171,7 +183,8 @@ def test_decode_only_and_scoring_states_refuse_what_they_cannot_take():
 
 
 # state -> (tokens, room) of `quantize`: what a dense layout will hold, what a per-head pool may add
-QUANTIZABLE = {"DenseKV": (T, 0), "RaggedKV": (T, 2), "RollingKV": (S, 0), "LatentKV": (T, 0), "MLAKV": (T, 0)}
+QUANTIZABLE = {"DenseKV": (T, 0), "RaggedKV": (T, 2), "RollingKV": (S, 0), "LatentKV": (T, 0), "MLAKV": (T, 0),
+               "ChannelKV": (T, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZABLE))

@@ -243,6 +243,9 @@ class Compose:
         Compose(parts=(SnapKV(), KIVI(bits=4)))       # or parts=("snapkv", "kivi-4")
         kvjax.methods.get("compose(snapkv(window=16), kivi-2)")
 
+    A wrapper that acts on what a token method kept (`follows`: ThinK's key channels) may follow the
+    token method as its own part: compose(snapkv, think, kivi-4) holds think:snapkv, then kivi-4.
+
     `parts` may hold objects or spec strings (resolved here); every structural error (empty, two
     token methods, two quantizers, a quantizer first, a nested compose, an unknown name) is a one-line
     ValueError raised at construction. Hashable: a static argument of jitted functions.
@@ -261,9 +264,16 @@ class Compose:
         resolved = []
         for p in parts:
             try:
-                obj = get(p)
+                obj = _part(p)
             except ValueError as e:
                 raise ValueError(f"{shown}: {e}") from None
+            if getattr(type(obj), "follows", False) and getattr(obj, "press", None) is None:
+                # a method that acts on what the previous token method kept (ThinK's channels after
+                # SnapKV's tokens): folded around it, so the compose still holds one token method
+                if not resolved or kind_of(resolved[-1]) not in TOKEN_KINDS:
+                    name = next(w for w, c in WRAPPERS.items() if type(obj) is c)
+                    raise ValueError(f"{shown}: {name} follows a token method, e.g. compose(snapkv, {name})")
+                obj = dataclasses.replace(obj, press=resolved.pop())
             resolved.append(obj)
         kinds = [kind_of(o) for o in resolved]
         if "compose" in kinds:
@@ -296,6 +306,16 @@ class Compose:
     def quant(self):
         """The quantizer, or None."""
         return next((p for p in self.parts if kind_of(p) == "quantizer"), None)
+
+
+def _part(p):
+    """A compose part: a spec or object (`get`), or a bare follow-up wrapper ("think(key_ratio=0.5)"),
+    built without its inner method (the compose supplies the part before it)."""
+    if isinstance(p, str) and _wrapper_split(p.strip()) is None:
+        name, _ = _call_body(p)
+        if getattr(WRAPPERS.get(name), "follows", False):
+            return instantiate(WRAPPERS[name], name, parse_call(p)[1])
+    return get(p)
 
 
 def _shown(obj) -> str:

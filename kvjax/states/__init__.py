@@ -5,6 +5,7 @@
 * `RollingKV` (`rolling`): fixed capacity, evicting while decoding (StreamingLLM, H2O, TOVA).
 * `LatentKV` (`latent`): keys and values in learned subspaces (MatryoshkaKV).
 * `MLAKV` (`mla`): multi-head latent attention's latents and shared RoPE keys (DeepSeek-V2).
+* `ChannelKV` (`channels`): keys pruned to fewer channels per KV head (ThinK).
 * `LocretKV` (`locret`): a Locret prefill's cache, scoring tokens with retaining heads.
 * `WindowKV` (`window`): a ring of the last W tokens of a sliding-window layer (Gemma 3's local layers).
 * `QuantStore` (`quantized`): keys and values stored quantized (codes, scales, zeros, outliers, the
@@ -18,6 +19,7 @@ from kvjax.states.base import EMPTY_POS, LayerState, StoreBacked, tree_nbytes, w
 from kvjax.states.cache import KVCache, cache_nbytes, init_cache, kept_positions, memory_report
 from kvjax.states.dense import DenseKV, QuantKV
 from kvjax.states.latent import LatentKV, latent_cache
+from kvjax.states.channels import ChannelKV
 from kvjax.states.locret import LocretKV
 from kvjax.states.mla import MLAKV
 from kvjax.states.quantized import QuantStore
@@ -25,8 +27,8 @@ from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
 from kvjax.states.rolling import RollingKV
 from kvjax.states.window import WindowKV
 
-STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, WindowKV)
+STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "MLAKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]
