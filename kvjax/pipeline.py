@@ -93,6 +93,7 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
         return None if quantizer is None else Plan(quantizer=quantizer, model_name=model_name)
     if not fresh:
         raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
+    _check_latent(cfg, token, capacity)
     if capacity is not None:
         n_keep = _rolling_keep(token, capacity, ratio, budget, lengths, cfg.n_layers)
         return Plan(token, quantizer, n_keep, rolling=int(capacity), model_name=model_name)
@@ -107,6 +108,19 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
                              "sliding-window layers (which keep their ring): use a score method or a quantizer")
         token.prepare(cfg, p)  # load (and check) trained weights before compiling
     return p
+
+
+def _check_latent(cfg, token, capacity) -> None:
+    """An MLA cache (`cfg.kv_layout == "mla"`: one latent per token, `MLAKV`) keeps tokens by a score
+    method's top-k; methods that build their own layout (prefill methods, Ada-KV pools, ThinK's narrow
+    keys, rolling eviction) do not apply to it."""
+    if getattr(cfg, "kv_layout", "dense") != "mla":
+        return
+    own = token.prefills_itself or type(token).select is not methods.EvictionMethod.select
+    if own or capacity is not None:
+        what = "capacity= (decode-time eviction)" if capacity is not None else token.name
+        raise ValueError(f"{what} does not apply to an MLA latent cache: it keeps tokens by a score method's "
+                         "top-k (one latent head), e.g. method='snapkv'")
 
 
 def _with_checkpoint(token, checkpoint):
