@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import kvjax
-from kvjax import data
+from kvjax import data, distributed
 from kvjax.eval import prompts, records, ruler, runner, summary
 from kvjax.eval.bench import run_bench
 from kvjax.eval.perplexity import run_ppl, text_chunks
@@ -70,6 +70,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--eval-len", type=int, default=256, help="ppl: tokens teacher-forced on top")
     e.add_argument("--new-tokens", type=int, default=64, help="bench: tokens decoded")
     e.add_argument("--no-plots", action="store_true")
+    distributed.add_args(e)
     e.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
                    help="import your own methods or quantizers first: a .py file or a module name that "
                         "registers them (@kvjax.register_method); repeatable")
@@ -120,6 +121,7 @@ def run_eval(args) -> None:
         corpus = data.resolve("haystack", args.haystack, args.seed)
     elif args.task == "ppl":  # generated text: ~8 characters per token needed is ample for any tokenizer
         corpus = data.resolve("text", args.text, args.seed, min_chars=8 * args.n * (args.context_len + args.eval_len))
+    procs = distributed.from_args(args)  # before JAX computes anything
     lm = kvjax.load(args.model, dtype=args.dtype)
     lengths = [args.context_len] if args.task == "ppl" else args.lengths
     for n in lengths:
@@ -130,6 +132,7 @@ def run_eval(args) -> None:
 
     options = dict(task=args.task, lengths=lengths)
     tok = lm.tokenizer
+    samples = chunks = bench_prompts = None  # the task's work items: samples, text chunks or bench prompts
     if args.task in ("passkey", "niah", "ruler"):
         new = args.max_new_tokens
         if args.task == "passkey":
@@ -173,17 +176,12 @@ def run_eval(args) -> None:
         options.update(haystack=corpus.label, new_tokens=args.new_tokens)
         total = len(lengths) * len(configs)
 
-    results = records.ResultsFile(out, records.run_metadata(lm, args.seed, options), args.resume, args.overwrite)
-    progress = tqdm(total=total, desc=f"eval {args.task}", unit="row", file=sys.stderr, dynamic_ncols=True)
-    progress.update(sum(1 for k in results.done if k[0] == args.task))
-    kw = dict(todo=results.todo, emit=results.append, progress=progress)
-    if args.task in ("passkey", "niah", "ruler"):
-        runner.run_retrieval(lm, samples, configs, max_batch=args.batch, **kw)
-    elif args.task == "ppl":
-        run_ppl(lm, chunks, args.context_len, configs, max_batch=args.batch, **kw)
-    else:
-        run_bench(lm, bench_prompts, configs, new_tokens=args.new_tokens, **kw)
-    progress.close()
+    try:
+        _run_shared(args, procs, lm, out, options, total, configs, samples, chunks, bench_prompts)
+    finally:
+        distributed.shutdown(procs)
+    if not procs.leader:
+        return
     rows = [r for r in records.read_rows(out) if r["task"] == args.task]
     table = summary.markdown_summary(rows)
     print(table)
@@ -191,6 +189,46 @@ def run_eval(args) -> None:
     if not args.no_plots:
         for path in plot_all(out):
             print(f"wrote {path}", file=sys.stderr)
+
+
+def _run_shared(args, procs, lm, out, options, total, configs, samples, chunks, bench_prompts) -> None:
+    """Compute this process's share of the rows (`distributed.Processes.share`: samples, text chunks or
+    bench lengths, every configuration of each, so a prefill is still shared by all of them). Process 0
+    alone opens the results file (lock, resume checks) and tells the others which rows are done; their
+    rows reach it through `distributed.Exchange` and it writes them, so the CSV holds each row once."""
+    exchange = distributed.Exchange(procs, f"eval-{args.task}")
+    results = None
+    if procs.leader:
+        try:
+            results = records.ResultsFile(out, records.run_metadata(lm, args.seed, options), args.resume,
+                                          args.overwrite)
+        except ValueError as e:
+            exchange.broadcast("done", {"error": str(e)})  # the others stop with the same message
+            raise
+    done = exchange.broadcast("done", sorted(results.done) if results else None)
+    if isinstance(done, dict):
+        raise ValueError(f"process 0: {done['error']}")
+    done = {tuple(k) for k in done}
+    progress = tqdm(total=total, desc=f"eval {args.task}", unit="row", file=sys.stderr, dynamic_ncols=True,
+                    disable=not procs.leader)
+    progress.update(sum(1 for k in done if k[0] == args.task))
+    emit = results.append if procs.leader else exchange.send
+    kw = dict(todo=lambda key: key not in done, emit=emit, progress=progress)
+    if args.task in ("passkey", "niah", "ruler"):
+        runner.run_retrieval(lm, procs.share(samples), configs, max_batch=args.batch, **kw)
+    elif args.task == "ppl":
+        run_ppl(lm, chunks, args.context_len, configs, max_batch=args.batch,
+                indices=procs.share(list(range(len(chunks)))), **kw)
+    else:
+        run_bench(lm, dict(procs.share(list(bench_prompts.items()))), configs, new_tokens=args.new_tokens, **kw)
+    if procs.leader:
+        for rows in exchange.gather():
+            results.append(rows)
+            progress.update(len(rows))
+        results.close()
+    else:
+        exchange.finish()
+    progress.close()
 
 
 def run_plot(args) -> None:

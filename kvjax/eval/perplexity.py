@@ -67,11 +67,12 @@ def teacher_force(params, cache, logits, targets, *, cfg: LlamaConfig):
 
 
 def run_ppl(lm: LM, chunks: np.ndarray, context_len: int, configs: Sequence[Config], *, max_batch: int,
-            todo: Callable, emit: Callable, progress=None) -> None:
-    """One row per chunk x configuration with `nll` and `ppl` (chunks int [N, C + M])."""
+            todo: Callable, emit: Callable, progress=None, indices: Sequence[int] | None = None) -> None:
+    """One row per chunk x configuration with `nll` and `ppl` (chunks int [N, C + M]); `indices`: only
+    those chunks (this process's share), by their index in `chunks` (the row's `sample`)."""
     spec = union_spec(configs)
     eval_len = chunks.shape[1] - context_len
-    for batch, n_real in batches(list(range(len(chunks))), max_batch):
+    for batch, n_real in batches(list(range(len(chunks))) if indices is None else list(indices), max_batch):
         keys = {c: [row_key(_key(i, context_len, c)) for i in batch[:n_real]] for c in configs}
         wanted = [c for c in configs if any(todo(k) for k in keys[c])]
         if not wanted:
