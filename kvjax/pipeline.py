@@ -113,11 +113,13 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
 def _check_latent(cfg, token, capacity) -> None:
     """An MLA cache (`cfg.kv_layout == "mla"`: one latent per token, `MLAKV`) keeps tokens by a score
     method's top-k; methods that build their own layout (prefill methods, Ada-KV pools, ThinK's narrow
-    keys, rolling eviction) do not apply to it."""
+    keys, rolling eviction) or rotate pre-RoPE query statistics by the Llama RoPE (ExpectedAttention)
+    do not apply to it."""
     if getattr(cfg, "kv_layout", "dense") != "mla":
         return
     own = token.prefills_itself or type(token).select is not methods.EvictionMethod.select
-    if own or capacity is not None:
+    rotates = not token.prefills_itself and token.observations().qstats_from is not None  # Llama-RoPE query stats
+    if own or rotates or capacity is not None:
         what = "capacity= (decode-time eviction)" if capacity is not None else token.name
         raise ValueError(f"{what} does not apply to an MLA latent cache: it keeps tokens by a score method's "
                          "top-k (one latent head), e.g. method='snapkv'")

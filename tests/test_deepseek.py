@@ -115,6 +115,8 @@ def test_latents_evicted_by_snapkv_and_quantized(one):
     ids = golden["ids_long"].tolist()
     evicted = lm.prefill(ids, method="snapkv(window=8)", ratio=0.5)
     assert int(evicted.layers[0].length[0]) == 50 and evicted.layers[0].capacity == 50
+    h2o = lm.prefill(ids, method="h2o", ratio=0.5)  # column sums of the absorbed attention, with its lse
+    assert int(h2o.layers[0].length[0]) == 50 and h2o.layers[0].capacity == 50
     quant = lm.prefill(ids, method="compose(snapkv(window=8), int8(residual=2))", ratio=0.5)
     assert isinstance(quant.layers[0], MLAKV) and cache_nbytes(quant) < 0.5 * cache_nbytes(evicted)
     assert type(quant.layers[0].store).__name__ == "QuantKV"
@@ -219,7 +221,7 @@ def test_routing_matches_a_hand_computed_case():
 
 
 @pytest.mark.parametrize("spec, kw", [("adakv:snapkv", dict(ratio=0.5)), ("think:snapkv", dict(ratio=0.5)),
-                                      ("h2o", dict(capacity=64))])
+                                      ("expected_attention", dict(ratio=0.5)), ("h2o", dict(capacity=64))])
 def test_layouts_an_mla_cache_cannot_take_are_refused_before_compiling(one, spec, kw):
     name, lm, golden = one
     with pytest.raises(ValueError, match="does not apply to an MLA latent cache"):
