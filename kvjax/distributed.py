@@ -187,7 +187,8 @@ class Exchange:
 
     def send(self, records: list) -> None:
         """Send records to process 0 (not called on process 0)."""
-        self._client.key_value_set(f"kvjax/{self.tag}/{self.procs.index}/{self._sent:09d}", json.dumps(records, default=_plain))
+        key = f"kvjax/{self.tag}/{self.procs.index}/{self._sent:09d}"
+        self._client.key_value_set(key, json.dumps(records, default=_plain))
         self._sent += 1
 
     def finish(self) -> None:

@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from kvjax import distributed
 from kvjax.hub import DEFAULT_MODEL
 
 METHODS = ("locret", "matryoshka")
@@ -51,6 +52,7 @@ def add_parser(sub) -> None:
     t.add_argument("--hidden", type=int, default=1024, help="locret: the retaining heads' hidden size")
     t.add_argument("--response", type=float, default=0.25,
                    help="locret: fraction of each window whose tokens are the queries that label the rest")
+    distributed.add_args(t)
     t.add_argument("--n-levels", type=int, default=8, help="matryoshka: nested ranks are multiples of D / n-levels")
     t.add_argument("--cache-fraction", type=float, default=None,
                    help="matryoshka: after training, search per-layer ranks storing this fraction of the K/V bytes")
@@ -69,32 +71,40 @@ def run(args: argparse.Namespace) -> None:
                       keep=args.keep, log_every=args.log_every, seed=args.seed)
     if args.data is not None and not args.data.startswith(TFDS_PREFIX) and not Path(args.data).expanduser().exists():
         raise ValueError(f"--data: no such file or directory {args.data}")
+    procs = distributed.from_args(args)  # before JAX computes anything: the mesh spans every process's devices
     mesh = make_mesh(args.devices)
     check_mesh(mesh, cfg.batch_size)
     if args.cache_fraction is not None and args.method != "matryoshka":
         raise ValueError("--cache-fraction searches MatryoshkaKV ranks: it applies to `kvjax train matryoshka` only")
     if args.cache_fraction is not None and not 1 / args.n_levels <= args.cache_fraction <= 1:
         raise ValueError(f"--cache-fraction must be in [1/{args.n_levels}, 1], got {args.cache_fraction}")
-    lm = kvjax.load(args.model, dtype=args.dtype)
-    if args.method == "locret":
-        task = LocretTask(lm.cfg, model_name=args.model, hidden=args.hidden, response=args.response, seed=args.seed)
-        task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
-    else:
-        task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
-    tokens = load_tokens(args.data, lm.tokenizer, args.seed)
-    batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
-    print(f"kvjax train {args.method}: {lm!r}, {len(tokens):,} tokens, {cfg.steps} steps of "
-          f"{cfg.batch_size} x {cfg.seq_len} on {mesh.shape['data']} device(s) -> {args.out}")
-    settings = dict(data=data_digest(tokens), data_source=args.data, dtype=lm.cfg.dtype)
-    result = train(task, lm.params, batches, cfg, args.out, resume=args.resume, mesh=mesh, settings=settings)
-    if args.cache_fraction is not None:
-        state = result.state
-        ranks_k, ranks_v, kl = task.search_ranks(state.params, state.const, lm.params, batches[cfg.steps],
-                                                 args.cache_fraction)
-        full = lm.cfg.kv_bytes_per_token()
-        stored = full * (sum(ranks_k) + sum(ranks_v)) // (2 * lm.cfg.n_layers * lm.cfg.head_dim)
-        report = {"cache_fraction": args.cache_fraction, "ranks_k": ranks_k, "ranks_v": ranks_v, "kl": kl,
-                  "kv_bytes_per_token": stored, "full_kv_bytes_per_token": full, "step": int(state.step)}
-        (args.out / "ranks.json").write_text(json.dumps(report, indent=1) + "\n")
-        print(f"ranks at {args.cache_fraction:.0%} of the K/V bytes ({stored:,} of {full:,} bytes per token): "
-              f"keys {ranks_k}, values {ranks_v}, KL {kl:.4f} -> {args.out / 'ranks.json'}")
+    try:
+        lm = kvjax.load(args.model, dtype=args.dtype)
+        if args.method == "locret":
+            task = LocretTask(lm.cfg, model_name=args.model, hidden=args.hidden, response=args.response,
+                              seed=args.seed)
+            task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
+        else:
+            task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
+        tokens = load_tokens(args.data, lm.tokenizer, args.seed)
+        batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+        if procs.leader:
+            print(f"kvjax train {args.method}: {lm!r}, {len(tokens):,} tokens, {cfg.steps} steps of "
+                  f"{cfg.batch_size} x {cfg.seq_len} on {mesh.shape['data']} device(s) in {procs.count} "
+                  f"process(es) -> {args.out}")
+        settings = dict(data=data_digest(tokens), data_source=args.data, dtype=lm.cfg.dtype)
+        result = train(task, lm.params, batches, cfg, args.out, resume=args.resume, mesh=mesh, settings=settings)
+        if args.cache_fraction is not None:
+            state = result.state
+            ranks_k, ranks_v, kl = task.search_ranks(state.params, state.const, lm.params, batches[cfg.steps],
+                                                     args.cache_fraction)
+            full = lm.cfg.kv_bytes_per_token()
+            stored = full * (sum(ranks_k) + sum(ranks_v)) // (2 * lm.cfg.n_layers * lm.cfg.head_dim)
+            report = {"cache_fraction": args.cache_fraction, "ranks_k": ranks_k, "ranks_v": ranks_v, "kl": kl,
+                      "kv_bytes_per_token": stored, "full_kv_bytes_per_token": full, "step": int(state.step)}
+            if procs.leader:
+                (args.out / "ranks.json").write_text(json.dumps(report, indent=1) + "\n")
+                print(f"ranks at {args.cache_fraction:.0%} of the K/V bytes ({stored:,} of {full:,} bytes per "
+                      f"token): keys {ranks_k}, values {ranks_v}, KL {kl:.4f} -> {args.out / 'ranks.json'}")
+    finally:
+        distributed.shutdown(procs)

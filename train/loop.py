@@ -15,6 +15,10 @@
   (Loshchilov & Hutter 2019; the flax lm1b example's schedule shape).
 * **Data parallel**: a 1-D `jax.sharding.Mesh` with axis "data"; batches are split along it, state and
   backbone replicated; gradients are averaged by XLA (the loss is a mean over the global batch).
+  Across processes (`kvjax.distributed`: `kvjax train ... --coordinator ...`) the mesh spans every
+  process's devices; each process builds the same batches and places its own shards of them; every
+  process takes part in orbax's checkpoint writes and reads (a file system they share), and process 0
+  alone writes `settings.json`, `metrics.jsonl` and the progress bar.
 * **Checkpoints**: an orbax `CheckpointManager` under `out_dir/checkpoints`, every `save_every` steps
   and at the end, keeping the last `keep`; each holds the state and a JSON `meta`. Resuming restores
   the newest readable checkpoint: an unreadable one (corrupted files) is skipped with a one-line
@@ -42,6 +46,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -205,11 +210,13 @@ def train(task, backbone, batches, cfg: TrainConfig, out_dir, *, resume: bool = 
     start = int(state.step)
     if start > cfg.steps:
         raise ValueError(f"the checkpoint is at step {start}, past the requested {cfg.steps} steps")
-    _write_json(out_dir / SETTINGS_FILE, settings)
-    log = _open_log(out_dir / "metrics.jsonl", start)
+    leader = jax.process_index() == 0
+    if leader:
+        _write_json(out_dir / SETTINGS_FILE, settings)
+    log = _open_log(out_dir / "metrics.jsonl", start) if leader else open(os.devnull, "w")
     step_fn = jit_train_step(task, cfg)
     records = []
-    bar = tqdm(total=cfg.steps, initial=start, file=sys.stdout, disable=not progress, desc=task.name)
+    bar = tqdm(total=cfg.steps, initial=start, file=sys.stdout, disable=not (progress and leader), desc=task.name)
     t_last, steps_since = time.perf_counter(), 0
     try:
         for step in range(start, cfg.steps):
