@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--capacity", type=int, default=None,
                    help="bound the cache to this many tokens per layer/head while decoding "
                         "(decode-time eviction: streaming_llm, h2o, tova)")
+    g.add_argument("--compress-local", action="store_true",
+                   help="evict in sliding-window layers too (Gemma 3's local layers; by default compression "
+                        "applies to global layers only)")
     add_import_arg(g)
 
     m = sub.add_parser("methods", help="list the compression methods, quantizers and their parameters")
@@ -169,15 +172,19 @@ def _generate(args) -> None:
     result = None
     for result in lm.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            attention_impl=args.attention_impl, **_compression(args)):
+                            attention_impl=args.attention_impl, compress_local=args.compress_local,
+                            **_compression(args)):
         text = result.text.rstrip("\ufffd")  # hold back a partly decoded UTF-8 character
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
         shown = text
     sys.stdout.write(result.text[len(shown):] + "\n")
     print(_stats_line(len(ids), result))
+    rep = kvjax.memory_report(result.cache)
+    if rep["local_bytes"]:
+        print(f"[KV cache by layer kind: sliding-window layers {rep['local_bytes']:,} bytes, global layers "
+              f"{rep['global_bytes']:,} bytes]")
     if args.quant:
-        rep = kvjax.memory_report(result.cache)
         parts = ", ".join(f"{k} {rep[k]:,}" for k in ("codes", "scales", "zeros", "outliers", "residual", "sink", "kv",
                                                       "metadata") if rep[k])
         print(f"[quantized cache: {parts} bytes | {rep['bits_per_element']:.2f} bits per element | "

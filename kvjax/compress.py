@@ -18,7 +18,9 @@ import numpy as np
 from kvjax.methods.base import Budget, EvictionMethod, ScoreContext
 from kvjax.models.config import LlamaConfig
 from kvjax.states.cache import KVCache
+from kvjax.states.dense import DenseKV
 from kvjax.states.rolling import RollingKV
+from kvjax.states.window import WindowKV
 
 
 def resolve_keep(method: EvictionMethod, budget: Budget, lengths, n_layers: int) -> np.ndarray:
@@ -50,21 +52,23 @@ def _remedy(method: EvictionMethod, budget: Budget, n: int, n_layers: int) -> st
     return "lower the ratio or give a budget"
 
 
-@functools.partial(jax.jit, static_argnames=("method", "cfg", "capacities", "rolling"))
+@functools.partial(jax.jit, static_argnames=("method", "cfg", "capacities", "rolling", "local"))
 def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaConfig,
-             capacities: tuple[int, ...], rolling: bool = False) -> KVCache:
+             capacities: tuple[int, ...], rolling: bool = False, local: bool = False) -> KVCache:
     """Evict every layer of a freshly prefilled cache down to `n_keep` int32 [L, B] tokens per head.
 
     `capacities[l]` (static) is layer l's slot count after eviction (>= max over rows of n_keep[l]).
     With `rolling`, layers become `RollingKV` of that capacity, which keep evicting while decoding
     under the method's `decode_rule`. The cache's `attention_impl` reaches scorers that attend
     (`ScoreContext`). A state shared by several layers is compressed once, by its producer's scores.
-    Sliding-window states (`LayerState.sliding`: Gemma 3's local layers) are kept as they are.
+    Sliding-window states (`LayerState.sliding`: Gemma 3's local layers) are kept as they are, or with
+    `local`, cut to the method's top `n_keep` of their window per KV head in a ring of
+    `capacities[l]` slots (per-head top-k; new tokens then replace the oldest kept ones).
     """
     layers = []
     for i, state in enumerate(cache.layers):
         producer = cache.producer(i)
-        if state.sliding:
+        if state.sliding and not local:
             layers.append(state)
             continue
         ctx = ScoreContext(k=state.k, v=state.v, pos=state.pos, length=state.length, n_tokens=cache.next_pos,
@@ -72,7 +76,12 @@ def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaC
                            attention_impl=cache.attention_impl)
         with jax.named_scope(f"evict_{i}"):
             scores = method.score(ctx).astype(jnp.float32)
-            if rolling:
+            if state.sliding:
+                kept = DenseKV(k=state.k, v=state.v, pos=state.pos, length=state.length).keep_top(
+                    scores, n_keep[producer], capacities[producer])
+                layers.append(WindowKV(k=kept.k, v=kept.v, pos=kept.pos, length=kept.length,
+                                       window_size=state.window))
+            elif rolling:
                 rule, n_sink, recent = method.decode_rule(capacities[producer])
                 kept, init = state.keep_top(scores, n_keep[producer], capacities[producer],
                                             method.decode_init_score(ctx))

@@ -91,7 +91,8 @@ class LM:
 
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
                 budget: int | None = None, quant=None, check_finite: bool = False,
-                attention_impl: str | None = None, checkpoint=None, return_logits: bool = False):
+                attention_impl: str | None = None, checkpoint=None, return_logits: bool = False,
+                compress_local: bool = False):
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
@@ -104,20 +105,23 @@ class LM:
         with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
         xla on CPU). `checkpoint`: the run directory of a trained method (`kvjax train locret`).
         With `return_logits`, returns (logits float32 [B, V] at each row's last token, cache).
+        `compress_local`: a model's sliding-window layers are evicted too (by default they keep their
+        window and compression applies to global layers only).
         """
         impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
-        plan = self._plan(rows, method, ratio, budget, quant=quant, checkpoint=checkpoint)
+        plan = self._plan(rows, method, ratio, budget, quant=quant, checkpoint=checkpoint,
+                          compress_local=compress_local)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
         logits, cache = self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)
         return (logits, cache) if return_logits else cache
 
     def _plan(self, rows, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
-              cache=None) -> pipeline.Plan | None:
+              cache=None, compress_local: bool = False) -> pipeline.Plan | None:
         """Validate a compression request before anything compiles (`kvjax.pipeline.plan`)."""
         return pipeline.plan(self.cfg, [len(r) for r in rows], method, ratio, budget, capacity, quant, checkpoint,
-                             model_name=self.name, fresh=cache is None)
+                             model_name=self.name, fresh=cache is None, compress_local=compress_local)
 
     def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
                  attention_impl: str = "xla"):
@@ -143,7 +147,7 @@ class LM:
                  top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
                  stop_at_eos: bool = True, method=None, ratio: float | None = None,
                  budget: int | None = None, capacity: int | None = None, quant=None,
-                 attention_impl: str | None = None, checkpoint=None) -> Generation:
+                 attention_impl: str | None = None, checkpoint=None, compress_local: bool = False) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
@@ -156,19 +160,21 @@ class LM:
         `attention_impl`: "xla" (plain jnp), "pallas" (`kvjax.kernels`; interpreted on CPU; a state
         with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
         xla on CPU). `checkpoint`: the run directory of a trained method, e.g. `method="locret"`
-        with the --out directory of `kvjax train locret`.
+        with the --out directory of `kvjax train locret`. `compress_local`: evict in a model's
+        sliding-window layers too (see `prefill`).
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
                                   stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
                                   capacity=capacity, quant=quant, attention_impl=attention_impl,
-                                  checkpoint=checkpoint))
+                                  checkpoint=checkpoint, compress_local=compress_local))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None, stop_at_eos: bool = True,
                every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
                budget: int | None = None, capacity: int | None = None, quant=None,
-               attention_impl: str | None = None, checkpoint=None) -> Iterator[Generation]:
+               attention_impl: str | None = None, checkpoint=None,
+               compress_local: bool = False) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -179,7 +185,7 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
-        plan = self._plan(rows, method, ratio, budget, capacity, quant, checkpoint, cache)
+        plan = self._plan(rows, method, ratio, budget, capacity, quant, checkpoint, cache, compress_local)
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, impl)
         if plan is not None:  # every head's room for the new tokens (per-head pools are packed tight)

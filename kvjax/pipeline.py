@@ -47,6 +47,8 @@ class Plan:
       rolling: capacity C of a decode-time-evicting cache (`capacity=`), or None.
       ratio, budget: the request (prefill methods read the ratio: MatryoshkaKV's removed dimensions).
       model_name: the model's name (trained methods check their checkpoint against it).
+      local: with `compress_local`, each layer's sliding window or None (a global layer); None when
+        sliding-window layers keep their whole window.
       check_finite: debug mode: check K/V for NaN/Inf before quantizing.
     """
 
@@ -58,6 +60,7 @@ class Plan:
     budget: int | None = None
     model_name: str = ""
     check_finite: bool = False
+    local: tuple[int | None, ...] | None = None  # compress_local: each layer's sliding window (None: global)
 
     def kept(self, n_layers: int, length: int) -> tuple[int, ...]:
         """Tokens each layer holds after compression (the longest row)."""
@@ -67,13 +70,14 @@ class Plan:
 
 
 def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
-         model_name: str = "", fresh: bool = True) -> Plan | None:
+         model_name: str = "", fresh: bool = True, compress_local: bool = False) -> Plan | None:
     """Validate a compression request for prompts of `lengths` tokens: a `Plan`, or None for none.
 
     `method`: None / "full", a name, a spec with parameters ("snapkv(window=16)"), "wrapper:name",
     "compose(snapkv, kivi-4)", or a method / quantizer / `Compose` object. `quant`: a quantizer spec
     or object (the same as composing it). `fresh`: False when the prompt is fed on top of a given cache,
-    which cannot be compressed again. Every error is a ValueError raised here, before any compile.
+    which cannot be compressed again. `compress_local`: evict in sliding-window layers too (by default
+    compression applies to global layers only), each keeping its budget of what its window holds. Every error is a ValueError raised here, before any compile.
     """
     token, quantizer = (None, None) if method is None or method == "full" else methods.split(method)
     if quant is not None:
@@ -95,13 +99,17 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
         raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
     _check_latent(cfg, token, capacity)
     if capacity is not None:
+        if compress_local:
+            raise ValueError("compress_local: sliding-window layers are evicted at the prefill by ratio= or "
+                             "budget=; capacity= (decode-time eviction) applies to global layers only")
         n_keep = _rolling_keep(token, capacity, ratio, budget, lengths, cfg.n_layers)
         return Plan(token, quantizer, n_keep, rolling=int(capacity), model_name=model_name)
     if ratio is None and budget is None:
         raise ValueError(f"method {token.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
                          "or capacity= (cache bound while decoding)")
     n_keep = resolve_keep(token, methods.Budget(ratio=ratio, tokens=budget), lengths, cfg.n_layers)
-    p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name)
+    local = _local_plan(cfg, token, quantizer, ratio, budget, lengths, n_keep) if compress_local else None
+    p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name, local=local)
     if token.prefills_itself:
         if any(getattr(cfg, "windows", None) or ()):
             raise ValueError(f"method {token.name!r} builds its own state for every layer, and this model has "
@@ -149,6 +157,26 @@ def _rolling_keep(method, capacity, ratio, budget, lengths, n_layers: int) -> np
     return np.array([[min(n, int(capacity)) for n in lengths]] * n_layers, np.int32)
 
 
+def _local_plan(cfg, token, quantizer, ratio, budget, lengths, n_keep) -> tuple[int | None, ...]:
+    """`compress_local`: check what sliding-window layers can take, and set their rows of `n_keep` (in
+    place) to the budget of what each window holds (min(length, W) tokens). Returns the windows."""
+    windows = tuple(getattr(cfg, "windows", None) or ())
+    if not any(windows):
+        raise ValueError("compress_local: this model has no sliding-window layers")
+    if quantizer is not None:
+        raise ValueError("compress_local: sliding-window layers are evicted, not quantized; drop the quantizer "
+                         "or compress_local")
+    if token.observations().col_sums or token.prefills_itself:
+        raise ValueError(f"compress_local: {token.name} needs what sliding-window layers do not gather "
+                         "(attention column sums, or its own states); use a window or key scorer (snapkv, "
+                         "tova, knorm, expected_attention, ...)")
+    for layer, w in enumerate(windows):
+        if w:
+            n_keep[layer] = resolve_keep(token, methods.Budget(ratio=ratio, tokens=budget),
+                                         [min(n, w) for n in lengths], len(windows))[layer]
+    return windows
+
+
 def _has_decode_rule(cls) -> bool:
     try:
         return cls().decode_rule(64) is not None
@@ -179,7 +207,7 @@ def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray
         logits, cache, obs = generation.prefill(params, cfg, tokens, lengths, cache, observe=observe)
         if method is not None:
             cache = compress(cache, obs, jnp.asarray(p.n_keep), method=method, cfg=cfg, capacities=capacities(p, room),
-                             rolling=p.rolling is not None)
+                             rolling=p.rolling is not None, local=p.local is not None)
     return logits, quantize(cache, p, room, tuple(n + room for n in p.kept(cfg.n_layers, int(lengths.max()))))
 
 
@@ -190,7 +218,8 @@ def capacities(p: Plan, room: int) -> tuple[int, ...]:
     if p.rolling is not None:
         return (p.rolling,) * len(p.n_keep)
     grow = room and p.quantizer is None
-    return tuple(round_step(int(row.max()) + room) if grow else int(row.max()) for row in p.n_keep)
+    return tuple(round_step(int(row.max()) + room) if grow and not (p.local and p.local[layer]) else int(row.max())
+                 for layer, row in enumerate(p.n_keep))
 
 
 def quantize(cache: KVCache, p: Plan | None, room: int, tokens: tuple[int, ...]) -> KVCache:
@@ -255,7 +284,9 @@ def branch(cache: KVCache, obs, cfg, p: Plan | None, room: int) -> KVCache:
     if p is None or p.quantizer is None and p.method is None:
         return jax.tree_util.tree_map(jnp.copy, cache)  # a copy: the callers' steps donate their cache
     if p.method is not None:
-        cache = compress(cache, obs, jnp.asarray(p.n_keep), method=p.method, cfg=cfg, capacities=(capacity,) * n_layers)
+        caps = tuple(int(p.n_keep[i].max()) if p.local and p.local[i] else capacity for i in range(n_layers))
+        cache = compress(cache, obs, jnp.asarray(p.n_keep), method=p.method, cfg=cfg, capacities=caps,
+                         local=p.local is not None)
         need = bucket(int(p.n_keep.max()) + room)
         cache = dataclasses.replace(cache, layers=tuple(layer.shrunk(need, room, bucket) for layer in cache.layers))
     return quantize(cache, p, room, (capacity,) * n_layers)
@@ -281,7 +312,8 @@ def abstract(cfg, p: Plan | None, length: int, batch: int = 1) -> KVCache:
         obs = jax.eval_shape(lambda: tuple(init_layer_obs(spec, lengths, cfg.n_heads, cfg.head_dim, capacity,
                                                           cfg.jnp_dtype) for _ in range(cfg.n_layers)))
         cache = jax.eval_shape(functools.partial(compress, method=method, cfg=cfg, capacities=capacities(p, 0),
-                                                 rolling=p.rolling is not None), cache, obs, jnp.asarray(p.n_keep))
+                                                 rolling=p.rolling is not None, local=p.local is not None),
+                               cache, obs, jnp.asarray(p.n_keep))
     if p.quantizer is not None:
         cache = jax.eval_shape(functools.partial(quantize_states, quantizer=p.quantizer, room=0,
                                                  tokens=p.kept(cfg.n_layers, length)), cache)

@@ -11,7 +11,8 @@ global ones, `sliding_pattern - 1` local layers then one global, each kind with 
 
 A local layer's state is a `WindowKV` ring of W slots (`kvjax.states.window`): it attends to the ring
 and the new tokens before storing them (`attend_new`). A global layer appends and attends like any
-Llama layer, so every state type and compression method applies to global layers unchanged.
+Llama layer, so every state type and compression method applies to global layers unchanged (and
+eviction to local layers too with `compress_local`; column sums are gathered on global layers only).
 
 Legend: B batch, T tokens, E d_model, F d_ff, H query heads, K KV heads, D head dim, V vocab.
 """
@@ -247,6 +248,10 @@ class Attention(nn.Module):
                 out = state.attend_new(q, positions, k_rot, v, positions, n_valid, self.attn_block)
             with jax.named_scope("cache_update"):
                 state = state.append(k_rot, v, positions, n_valid)
+            if self.observe is not None:  # window queries and query statistics (`compress_local`), no column sums
+                with jax.named_scope("observe"):
+                    obs = observe_chunk(dataclasses.replace(self.observe, col_sums=False), obs, q_pre, q, positions,
+                                        n_valid, state, None, self.attn_block, impl)
         else:
             if self.writes:
                 with jax.named_scope("cache_update"):
@@ -255,7 +260,7 @@ class Attention(nn.Module):
                 out = state.attend(q, positions, self.attn_block, return_lse=need_lse, impl=impl)
                 out, lse = out if need_lse else (out, None)
                 state = state.observe_query(q, positions)
-            if self.observe is not None:  # local layers are not compressed: nothing to observe
+            if self.observe is not None:
                 with jax.named_scope("observe"):
                     obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse,
                                         self.attn_block, impl)

@@ -304,7 +304,8 @@ def test_cli_generates_with_snapkv_end_to_end(gemma3):
            "--ratio", "0.5", "--max-new-tokens", "8", "--prompt-file", str(prompt)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "KV cache" in run.stdout and run.stdout.strip()
+    # 15 rings of 512 slots: K and V (256 x 4 B each) and a position per slot, and a length
+    assert "KV cache" in run.stdout and "sliding-window layers 15,759,420 bytes" in run.stdout
 
 
 def test_decode_time_eviction_and_per_head_budgets_keep_the_rings():
@@ -317,3 +318,28 @@ def test_decode_time_eviction_and_per_head_budgets_keep_the_rings():
         assert [type(s).__name__ for s in out.cache.layers] == ["WindowKV", kind, "WindowKV", kind], kw
     with pytest.raises(ValueError, match="'locret' builds its own state for every layer.*sliding-window"):
         pipeline.plan(lm.cfg, [40], method="locret", ratio=0.5, checkpoint="/nonexistent")
+
+
+def test_compress_local_evicts_in_the_sliding_window_layers_too():
+    """compress_local: each local layer keeps its budget of what its window holds (half of 8 = 4 per head)
+    in a ring of 4 slots, with the method's top tokens; decoding then replaces the oldest kept ones."""
+    lm = tiny_gemma_lm(seed=4)
+    ids = random_ids(40, seed=5)
+    default = lm.prefill(ids, method="knorm", ratio=0.5)
+    cache = lm.prefill(ids, method="knorm", ratio=0.5, compress_local=True)
+    for i in (0, 2):
+        ring, full = cache.layers[i], default.layers[i]
+        assert isinstance(ring, WindowKV) and ring.k.shape[2] == 4 and ring.window == 8
+        assert ring.nbytes() < full.nbytes()
+        norms = -np.linalg.norm(np.asarray(full.k), axis=-1)  # knorm keeps the smallest key norms
+        want = np.sort(np.take_along_axis(np.asarray(full.pos), np.argsort(-norms, axis=-1)[..., :4], -1), -1)
+        np.testing.assert_array_equal(np.sort(np.asarray(ring.pos), -1), want)
+    assert [s.nbytes() for s in cache.layers[1::2]] == [s.nbytes() for s in default.layers[1::2]]
+    out = lm.generate(ids, max_new_tokens=6, method="snapkv(window=4)", ratio=0.5, compress_local=True,
+                      stop_at_eos=False)
+    assert len(out.ids) == 6 and out.cache.layers[0].k.shape[2] == 4
+    assert sorted(np.asarray(out.cache.layers[0].pos)[0, 0].tolist()) == list(range(42, 46))  # the 6 fed tokens: 40..45
+    for bad in (dict(method="h2o", ratio=0.5), dict(method="knorm", ratio=0.5, quant="int8"),
+                dict(method="tova", capacity=16)):
+        with pytest.raises(ValueError, match="compress_local"):
+            pipeline.plan(lm.cfg, [40], compress_local=True, **bad)

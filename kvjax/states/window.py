@@ -2,17 +2,21 @@
 tokens, W slots of real bytes whatever the sequence length (Gemma 3's local layers: W = 512; Beltagy
 et al. 2020, Longformer, for sliding-window attention; Gemma Team 2025, Gemma 3 report, sec. 2).
 
-Token at position p lives in slot p mod W. A query at position t sees the stored tokens with
-t - W < pos <= t (HF transformers' `sliding_window_overlay`: the query and the W - 1 tokens before
-it). A ring of W slots cannot hold a prefill chunk of T tokens and the W - 1 tokens before it, so a
-local layer attends *before* storing (`attend_new`: the ring, then the new tokens, folded into one
-online softmax by `kvjax.attention.online_attention`, never a T x T matrix beyond the chunk's
-[G*T, T] score tile), then `append` writes each row's last min(T, W) real tokens into their slots.
-Decode steps do the same with T = 1 inside the jitted loop; the scatter keeps the update in place.
+A query at position t sees the stored tokens with t - W < pos <= t (HF transformers'
+`sliding_window_overlay`: the query and the W - 1 tokens before it). A new token takes the slot of the
+oldest token held (an empty slot first): with C = W slots that is slot p mod W, a plain ring. A ring of
+W slots cannot hold a prefill chunk of T tokens and the W - 1 tokens before it, so a local layer
+attends *before* storing (`attend_new`: the ring, then the new tokens, folded into one online softmax
+by `kvjax.attention.online_attention`, never a T x T matrix beyond the chunk's [G*T, T] score tile),
+then `append` writes each row's last min(T, C) real tokens into the oldest slots. Decode steps do the
+same with T = 1 inside the jitted loop.
 
-Compression methods leave local layers alone (`sliding = True`): their memory is already bounded by W.
+Compression leaves local layers alone by default (`sliding = True`): their memory is already bounded
+by W. With `compress_local` (`kvjax.pipeline.plan`), an eviction method keeps its top C < W tokens of
+the window per KV head; the ring then has C slots and new tokens replace the oldest kept ones.
 
-Legend: B batch, T new tokens, W window (= slots), H query heads, K KV heads, G = H/K, D head dim.
+Legend: B batch, T new tokens, C slots (W unless compressed), W window, H query heads, K KV heads,
+G = H/K, D head dim.
 """
 from __future__ import annotations
 
@@ -29,22 +33,23 @@ from kvjax.states.base import EMPTY_POS, LayerState
 @dataclasses.dataclass(frozen=True)
 class WindowKV(LayerState):
     """Attributes:
-      k: [B, K, W, D] post-RoPE keys; v: [B, K, W, D] values; slot s holds the token at a position
-        p with p mod W = s.
-      pos: int32 [B, K, W] position of the token in each slot (`EMPTY_POS` if none yet).
-      length: int32 [B] tokens held per row (min(tokens seen, W)).
+      k: [B, K, C, D] post-RoPE keys; v: [B, K, C, D] values.
+      pos: int32 [B, K, C] position of the token in each slot (`EMPTY_POS` if none yet).
+      length: int32 [B] tokens held per row (min(tokens seen, C)).
+      window: static W; None means W = C (an uncompressed ring).
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
     length: jax.Array
+    window_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     sliding = True  # a sliding-window layer: compression leaves it as it is
 
     @property
     def window(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[2] if self.window_size is None else self.window_size
 
     @property
     def capacity(self) -> int:
@@ -57,21 +62,31 @@ class WindowKV(LayerState):
                    pos=jnp.full(shape, EMPTY_POS, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
 
     def append(self, k, v, pos, n_valid, features=None) -> "WindowKV":
-        """Write each row's last min(n_valid, W) real tokens (k, v [B, K, T, D], pos int32 [B, T]) into
-        slots pos mod W; padding and older tokens of a long chunk are dropped (out-of-bounds index)."""
+        """Write each row's last min(n_valid, C) real tokens (k, v [B, K, T, D], pos int32 [B, T]) into
+        the slots of the oldest tokens held, empty slots first (per KV head: a compressed ring's heads
+        hold different tokens); padding and older tokens of a long chunk are dropped (an out-of-bounds
+        index)."""
         b, n_kv, t = k.shape[:3]
-        w = self.window
+        c = self.capacity
         ti = jnp.arange(t)[None, :]
-        write = (ti < n_valid[:, None]) & (ti >= n_valid[:, None] - w)  # [B, T]
-        slot = jnp.where(write, pos % w, w)  # w: out of bounds, dropped
-        idx = (jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None], slot[:, None, :])
+        first = n_valid[:, None] - jnp.minimum(n_valid, c)[:, None]  # [B, 1] first token written
+        write = (ti >= first) & (ti < n_valid[:, None])  # [B, T]
+        age = jnp.where(self.pos == EMPTY_POS, -1, self.pos)  # [B, K, C]
+        if t == 1:
+            oldest = jnp.argmin(age, axis=2)[:, :, None]  # [B, K, 1]
+        else:
+            oldest = jnp.argsort(age, axis=2)[:, :, :min(t, c)]
+        rank = jnp.clip(ti - first, 0, oldest.shape[2] - 1)  # [B, T] order among the written tokens
+        slot = jnp.take_along_axis(oldest, jnp.broadcast_to(rank[:, None, :], (b, n_kv, t)), axis=2)
+        slot = jnp.where(write[:, None, :], slot, c)  # c: out of bounds, dropped
+        idx = (jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None], slot)
         put = lambda buf, new: buf.at[idx].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
         pos_bkt = jnp.broadcast_to(pos[:, None, :], (b, n_kv, t)).astype(jnp.int32)
-        return WindowKV(k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos_bkt),
-                        length=jnp.minimum(self.length + n_valid.astype(jnp.int32), w))
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v), pos=put(self.pos, pos_bkt),
+                                   length=jnp.minimum(self.length + n_valid.astype(jnp.int32), c))
 
     def _ring(self, block):
-        return slot_blocks((self.k, self.v, self.pos), jnp.full_like(self.length, self.window), block)
+        return slot_blocks((self.k, self.v, self.pos), jnp.full_like(self.length, self.capacity), block)
 
     def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
         """Windowed attention over the stored tokens (after `append`: right for a query at most one
@@ -94,7 +109,7 @@ class WindowKV(LayerState):
         return self
 
     def shrunk(self, capacity: int, room: int = 0, round_up=lambda c: c) -> "WindowKV":
-        return self  # already W slots
+        return self  # already its C slots
 
     def positions(self) -> jax.Array:
         return self.pos
