@@ -22,7 +22,8 @@ Files written to --out:
                           forward over the whole prompt, no cache); argmax int32 [T] (at every position);
                           greedy16 int32 [16] (model.generate, greedy, never stopping at EOS);
                           gap float32 [T] (top-1 minus top-2 logit at every position: how near a tie)
-  tokenizer_cases.json    [{"text", "ids"}]: `sentencepiece` ids (no BOS) of varied texts
+  tokenizer_cases.json    [{"text", "ids"}]: `sentencepiece` ids (no BOS) of varied texts, the last one
+                          the essay's first 8000 characters
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ def sentencepiece_model(gguf: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
+def write_tokenizer_cases(sp: spm.SentencePieceProcessor, texts: list[str], out: Path) -> None:
+    cases = [{"text": t, "ids": sp.encode(t)} for t in texts]
+    (out / "tokenizer_cases.json").write_text(json.dumps(cases, ensure_ascii=False, indent=0))
+
+
 def check_model(model) -> None:
     c = model.config
     facts = dict(layers=c.num_hidden_layers, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
@@ -125,14 +131,13 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     sp = sentencepiece_model(gguf)
-    cases = [{"text": t, "ids": sp.encode(t)} for t in TEXT_CASES]
-    (args.out / "tokenizer_cases.json").write_text(json.dumps(cases, ensure_ascii=False, indent=0))
+    essay = ESSAY.read_text(encoding="utf-8")
+    write_tokenizer_cases(sp, TEXT_CASES + [essay[:8000]], args.out)
 
     model = Gemma3ForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                               attn_implementation="eager").eval()
     check_model(model)
     bos = model.config.bos_token_id
-    essay = ESSAY.read_text(encoding="utf-8")
     prompts = {"short": [bos] + sp.encode("The capital of France is"),
                "long700": ([bos] + sp.encode(essay))[:700]}
     for name, ids in prompts.items():
