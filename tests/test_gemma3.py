@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from kvjax import hub, pipeline
 from kvjax.lm import LM
-from kvjax.models import Gemma3, Gemma3Config, config_from_gguf
+from kvjax.models import Gemma3, Gemma3Config, config_from_gguf, config_from_hf
 from kvjax.states import DenseKV, QuantKV, WindowKV, init_cache, memory_report
 from kvjax.states.cache import model_cache
 from kvjax.testing import TINY_VOCAB, random_ids, tiny_params, tiny_tokenizer
@@ -216,6 +216,24 @@ def test_config_from_gguf_metadata():
     assert newer.sliding_pattern == 3 and newer.rope_for(0) == (5e3, None) and newer.final_logit_softcap == 30.0
     with pytest.raises(ValueError, match="gemma3.block_count"):
         config_from_gguf({k: v for k, v in GGUF_META.items() if k != "gemma3.block_count"}, set())
+
+
+# transformers 5.25's Gemma3TextConfig of Gemma 3 270M (`to_dict()`, the keys kvjax reads)
+HF_CONFIG = {
+    "architectures": ["Gemma3ForCausalLM"], "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+    "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+    "sliding_window": 512, "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3, "query_pre_attn_scalar": 256,
+    "final_logit_softcapping": None, "attn_logit_softcapping": None, "tie_word_embeddings": True,
+}
+
+
+def test_config_from_hf_equals_the_gguf_one():
+    assert config_from_hf(HF_CONFIG) == config_from_gguf(GGUF_META, {"token_embd.weight"})
+    with pytest.raises(ValueError, match="not a repeating sliding/full pattern"):
+        config_from_hf({**HF_CONFIG, "layer_types": ["full_attention"] + HF_CONFIG["layer_types"][1:]})
 
 
 # ------------------------------------------------------------------------------------ chunked fetch
