@@ -361,3 +361,13 @@ def test_compress_local_evicts_in_the_sliding_window_layers_too():
                 dict(method="tova", capacity=16)):
         with pytest.raises(ValueError, match="compress_local"):
             pipeline.plan(lm.cfg, [40], compress_local=True, **bad)
+
+
+def test_rows_of_different_lengths_decode_as_they_do_alone():
+    """Right-padded rows (19 and 30 tokens, both past the window): padding never enters a ring."""
+    lm = tiny_gemma_lm(seed=2)
+    rows = [random_ids(19, seed=3).tolist(), random_ids(30, seed=6).tolist()]
+    both = lm.generate(rows, max_new_tokens=8, stop_at_eos=False)
+    for row, ids in zip(rows, both.ids):
+        full = numpy_gemma3(lm.params, lm.cfg, np.concatenate([row, ids[:-1]]))
+        assert ids == full[len(row) - 1:].argmax(-1).tolist()
