@@ -289,6 +289,9 @@ def _info(args) -> None:
     for field in dataclasses.fields(lm.cfg):
         print(f"  {field.name}: {getattr(lm.cfg, field.name)}")
     print(f"  KV bytes per token (full cache, all layers): {lm.cfg.kv_bytes_per_token():,}")
+    if any(getattr(lm.cfg, "windows", None) or ()):  # sliding-window layers hold a fixed ring instead
+        print(f"  (global layers only: {sum(map(bool, lm.cfg.windows))} sliding-window layers hold a ring of "
+              f"{max(w or 0 for w in lm.cfg.windows)} tokens each, whatever the context)")
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(lm.params))
     print(f"  parameters: {n_params:,}")
 
