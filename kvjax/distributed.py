@@ -4,9 +4,10 @@ SLURM job, or several processes on one machine (gloo collectives on CPU).
     kvjax eval passkey ... --coordinator 10.0.0.1:1234 --num-processes 4 --process-id I   # on each host
     KVJAX_COORDINATOR=10.0.0.1:1234 KVJAX_NUM_PROCESSES=4 KVJAX_PROCESS_ID=I kvjax eval passkey ...
 
-Without flags or `KVJAX_*` variables, a cluster JAX recognizes on its own (Cloud TPU pod slices, SLURM
-with more than one task, `JAX_COORDINATOR_ADDRESS`) is joined with `jax.distributed.initialize()`'s
-auto-detection; otherwise the run is one process and nothing is initialized.
+Without those settings, `--cluster` (or `KVJAX_CLUSTER=1`) joins a cluster that JAX finds on its own
+(`jax.distributed.initialize()` without arguments: Cloud TPU pod slices, SLURM, ...); a SLURM job of
+several tasks, `TPU_WORKER_HOSTNAMES` naming several hosts or `JAX_COORDINATOR_ADDRESS` do the same
+without it. Otherwise the run is one process and nothing is initialized.
 
 `init` validates before anything connects (one-line ValueErrors): all three settings or none, the
 process id below the number of processes, a HOST:PORT coordinator, and, for processes other than 0,
@@ -59,24 +60,29 @@ def add_args(parser) -> None:
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (it listens there)")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
     g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    g.add_argument("--cluster", action="store_true",
+                   help="join the cluster JAX detects by itself (Cloud TPU pod slice, SLURM): no other flag needed")
     g.add_argument("--coordinator-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait for the coordinator and the other processes (default {DEFAULT_TIMEOUT})")
 
 
 def from_args(args) -> Processes:
     """`init` with a parsed command line's settings (or the environment's)."""
-    return init(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
+    return init(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout, args.cluster)
 
 
 def init(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-         timeout: float = DEFAULT_TIMEOUT) -> Processes:
+         timeout: float = DEFAULT_TIMEOUT, cluster: bool = False) -> Processes:
     """Join the run (module docstring); returns this process's `Processes`. Call it before any JAX
     computation. A run of one process initializes nothing."""
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    if cluster and any(v is not None for v in given.values()):
+        raise ValueError("--cluster lets JAX find the hosts: do not also pass --coordinator, --num-processes "
+                         "or --process-id")
     if all(v is None for v in given.values()):
         given = {k: os.environ.get(env) for k, env in ENV.items()}
         if all(v is None for v in given.values()):
-            return _auto(timeout)
+            return _auto(timeout, cluster or os.environ.get("KVJAX_CLUSTER", "") in ("1", "true", "yes"))
         given = {k: (v if k == "coordinator" or v is None else _int(ENV[k], v)) for k, v in given.items()}
     missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
     if missing:
@@ -101,11 +107,12 @@ def init(coordinator: str | None = None, num_processes: int | None = None, proce
     return Processes(i, n)
 
 
-def _auto(timeout: float) -> Processes:
-    """A cluster JAX detects by itself (Cloud TPU pod slice, SLURM job of several tasks, JAX's variables)."""
+def _auto(timeout: float, cluster: bool) -> Processes:
+    """A cluster JAX detects by itself: asked for (`--cluster`), or a SLURM job of several tasks, a TPU
+    pod slice's worker list, JAX's own variables."""
     slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if not (slurm or tpu_pod or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    if not (cluster or slurm or tpu_pod or os.environ.get("JAX_COORDINATOR_ADDRESS")):
         return Processes()
     jax.distributed.initialize(initialization_timeout=max(1, int(timeout)))
     return Processes(jax.process_index(), jax.process_count())

@@ -98,6 +98,7 @@ def test_bad_settings_are_one_line_errors(setup, tmp_path, capsys):
               "--process-id must be in [0, 1] for 2 processes, got 2"),
              (["--num-processes", "2", "--coordinator", "127.0.0.1:1234"], "missing --process-id"),
              (["--num-processes", "2", "--process-id", "1", "--coordinator", "nohost"], "must be HOST:PORT"),
+             (["--cluster", "--process-id", "1"], "--cluster lets JAX find the hosts"),
              (["--num-processes", "2", "--process-id", "1", "--coordinator", f"127.0.0.1:{free_port()}",
                "--coordinator-timeout", "1"], "cannot reach the coordinator 127.0.0.1:")]
     for extra, message in cases:
