@@ -73,7 +73,7 @@ def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaC
             continue
         ctx = ScoreContext(k=state.k, v=state.v, pos=state.pos, length=state.length, n_tokens=cache.next_pos,
                            obs=obs[producer], layer=producer, n_layers=cfg.n_layers, cfg=cfg,
-                           attention_impl=cache.attention_impl)
+                           attention_impl=cache.attention_impl, n_keep=n_keep[producer])
         with jax.named_scope(f"evict_{i}"):
             scores = method.score(ctx).astype(jnp.float32)
             if state.sliding:

@@ -7,7 +7,13 @@
 * column sums (H2O / ObservedAttention): sum over all prompt queries of the attention each key slot
   receives, from a second blockwise pass with the exact log-sum-exp (`attention_column_sums`);
 * query statistics (ExpectedAttention): sum and sum of outer products of pre-RoPE queries at
-  positions >= `qstats_from`, per query head.
+  positions >= `qstats_from`, per query head;
+* non-causal chunked column sums (NonCausalAttention): the prompt cut into aligned blocks of
+  `nc_chunk` tokens, every query attends to all keys of its block (unscaled logits, kvpress's padding
+  of the last block), summed over the block's queries per key. A block lies inside one prefill chunk
+  (`nc_chunk` divides it), so each is computed where its queries and keys are;
+* output-projected value norms (CriticalKV): ||v_j W_o[h]||_1 per query head h (`wov`), from the
+  layer's values and its o_proj weights.
 
 Legend: B batch, T chunk tokens, W window, S cache slots, H query heads, D head dim.
 """
@@ -26,6 +32,8 @@ class ObsSpec:
     window: int = 0  # window queries to keep (0: none)
     col_sums: bool = False
     qstats_from: int | None = None  # first position counted in query statistics (None: no stats)
+    nc_chunk: int = 0  # block size of non-causal chunked column sums (0: none)
+    wov: bool = False  # L1 norms of the output-projected values (CriticalKV)
 
 
 @jax.tree_util.register_dataclass
@@ -36,6 +44,9 @@ class LayerObs:
       win_pos: int32 [B, W] positions of the window queries (negative: before the prompt, unused).
       col_sum: float32 [B, H, S] attention received by each slot, summed over prompt queries.
       q_sum: float32 [B, H, D]; q_sq: float32 [B, H, D, D]; q_cnt: float32 [B]: pre-RoPE query stats.
+      nc_sum: float32 [B, H, S] non-causal chunked attention received by each slot (summed over the
+        queries of its block).  prompt_len: int32 [B] each row's prompt length.
+      wov: float32 [B, H, S] ||v_j W_o[h]||_1 for query head h (v_j of its KV head).
     """
 
     q_win: jax.Array
@@ -44,6 +55,9 @@ class LayerObs:
     q_sum: jax.Array
     q_sq: jax.Array
     q_cnt: jax.Array
+    nc_sum: jax.Array = None  # defaults: observations built by hand without them stay valid
+    prompt_len: jax.Array = None
+    wov: jax.Array = None
 
 
 def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity: int, dtype) -> LayerObs:
@@ -59,11 +73,14 @@ def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity
         q_sum=jnp.zeros((b, n_heads, dq), jnp.float32),
         q_sq=jnp.zeros((b, n_heads, dq, dq), jnp.float32),
         q_cnt=jnp.zeros((b,), jnp.float32),
+        nc_sum=jnp.zeros((b, n_heads, capacity if spec.nc_chunk else 0), jnp.float32),
+        prompt_len=jnp.asarray(lengths, jnp.int32),
+        wov=jnp.zeros((b, n_heads, capacity if spec.wov else 0), jnp.float32),
     )
 
 
 def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, state, lse, block,
-                  attention_impl: str = "xla") -> LayerObs:
+                  attention_impl: str = "xla", values=None, wo=None) -> LayerObs:
     """Fold one prefill chunk into a layer's observations.
 
     Args:
@@ -71,6 +88,7 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
       n_valid: int32 [B] real tokens of each row in this chunk.  state: the layer state after the
         chunk was appended.  lse: [B, K, G*T] log-sum-exp of the chunk's attention (col sums only).
       attention_impl: "pallas"/"auto" sum columns with the key-major kernel (`kvjax.kernels`), "xla" in jnp.
+      values: [B, T, K, D] the chunk's values, wo: [H * D, E] the layer's o_proj kernel (`wov` only).
     """
     valid = jnp.arange(q.shape[1])[None, :] < n_valid[:, None]  # [B, T]
     updates = {}
@@ -91,5 +109,63 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
         updates["q_sum"] = obs.q_sum + jnp.einsum("bt,bthd->bhd", m, q32)
         updates["q_sq"] = obs.q_sq + jnp.einsum("bt,bthd,bthe->bhde", m, q32, q32)
         updates["q_cnt"] = obs.q_cnt + m.sum(1)
+    if spec.nc_chunk:
+        if type(state).__name__ != "DenseKV":
+            raise ValueError(f"non-causal attention scores read keys at slot = position (a dense prefill); this "
+                             f"layer's {type(state).__name__} stores them otherwise")
+        updates["nc_sum"] = obs.nc_sum + noncausal_chunk_sums(q, positions, obs.prompt_len, state, spec.nc_chunk,
+                                                               obs.nc_sum.shape[2])
+    if spec.wov:
+        if values is None or wo is None:
+            raise ValueError("this model's attention does not pass its values and o_proj weights to the "
+                             "observations: CriticalKV cannot score it")
+        updates["wov"] = obs.wov + projected_value_norms(values, wo, positions, valid, obs.wov.shape[2])
     return dataclasses.replace(obs, **updates)
 
+
+
+def noncausal_chunk_sums(q, positions, lengths, state, chunk: int, n_slots: int) -> jax.Array:
+    """float32 [B, H, n_slots] column sums of non-causal attention inside aligned blocks of `chunk`
+    positions (kvpress 0.5.5 `NonCausalAttnPress.non_causal_chunked_attn`): logits q.k without the
+    1/sqrt(D) scale; in the block holding the prompt's end, keys past it get logit -1e-9 and queries
+    past it logits 0 (kvpress's zero padding), and both still take part in the softmax and the sums.
+
+    q: [B, T, H, D] post-RoPE queries at `positions` [B, T] (one prefill chunk, starting at a multiple of
+    `chunk`; padded here to whole blocks); keys are read from the dense prefill state (slot = position).
+    Memory: T x chunk logits per head, never T x T.
+    """
+    b, t, h, d = q.shape
+    n_kv = state.k.shape[1]
+    g = h // n_kv
+    pad = (-t) % chunk
+    idx = jnp.clip(positions, 0, state.k.shape[2] - 1)
+    k = jnp.take_along_axis(state.k, idx[:, None, :, None], axis=2).astype(jnp.float32)  # [B, K, T, D]
+    qq = q.astype(jnp.float32).reshape(b, t, n_kv, g, d)
+    pos = positions
+    if pad:  # the chunk ends inside a block (past the prompt's end): pad to whole blocks
+        qq = jnp.pad(qq, [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
+        k = jnp.pad(k, [(0, 0), (0, 0), (0, pad), (0, 0)])
+        pos = jnp.concatenate([pos, pos[:, -1:] + 1 + jnp.arange(pad, dtype=pos.dtype)[None]], axis=1)
+    n = (t + pad) // chunk
+    qb = qq.reshape(b, n, chunk, n_kv, g, d)
+    kb = k.reshape(b, n_kv, n, chunk, d)
+    valid = (pos < lengths[:, None]).reshape(b, n, chunk)  # [B, N, C]
+    dots = jnp.einsum("bnikgd,bknjd->bkgnij", qb, kb)  # [B, K, G, N, Cq, Ck]
+    vq, vk = valid[:, None, None, :, :, None], valid[:, None, None, :, None, :]
+    dots = jnp.where(vk, jnp.where(vq, dots, 0.0), -1e-9)
+    col = jax.nn.softmax(dots, axis=-1).sum(-2)  # [B, K, G, N, Ck]
+    col = jnp.where(valid[:, None, None], col, 0.0).reshape(b, h, -1)[..., :t]  # keys past the prompt: 0
+    out = jnp.zeros((b, h, n_slots), jnp.float32)
+    return out.at[jnp.arange(b)[:, None], :, positions].add(col.transpose(0, 2, 1), mode="drop")
+
+
+def projected_value_norms(values, wo, positions, valid, n_slots: int) -> jax.Array:
+    """float32 [B, H, n_slots]: ||v_j W_o[h]||_1, the L1 norm over the model dim of value j (of head h's KV
+    head) through head h's rows of o_proj (kvpress 0.5.5 `CriticalKVPress.vwl1norm`, before its group mean)."""
+    b, t, n_kv, d = values.shape
+    h = wo.shape[0] // d
+    w = wo.astype(jnp.float32).reshape(n_kv, h // n_kv, d, -1)  # [K, G, D, E]
+    norms = jnp.abs(jnp.einsum("btkd,kgde->btkge", values.astype(jnp.float32), w)).sum(-1).reshape(b, t, h)
+    norms = jnp.where(valid[..., None], norms, 0.0)
+    out = jnp.zeros((b, h, n_slots), jnp.float32)
+    return out.at[jnp.arange(b)[:, None], :, positions].add(norms, mode="drop")

@@ -82,10 +82,13 @@ class Attention(nn.Module):
             out = state.attend(q, positions, self.attn_block, return_lse=need_lse, impl=impl)
             out, lse = out if need_lse else (out, None)
             state = state.observe_query(q, positions)
+        o_proj = dense(cfg.d_model, "o_proj", False)
+        out = o_proj(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
         if self.observe is not None:
             with jax.named_scope("observe"):
-                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block, impl)
-        out = dense(cfg.d_model, "o_proj", False)(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
+                wo = o_proj.variables["params"]["kernel"] if self.observe.wov else None
+                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block, impl,
+                                    values=v if self.writes else None, wo=wo)
         return out, state, obs
 
 

@@ -16,10 +16,15 @@ import pytest
 import kvjax
 
 REF = Path(__file__).parent / "golden" / "smollm2-135m" / "kvpress"
-PRESSES = {  # reference file -> kvjax method
+PRESSES = {  # reference file -> kvjax method (or a function of the reference file and the ratio)
     "streaming_llm": "streaming_llm", "snapkv": "snapkv", "pyramidkv": "pyramidkv", "tova": "tova",
     "knorm": "knorm", "observed_attention": "observed_attention", "expected_attention": "expected_attention",
     "adakv_snapkv": "adakv:snapkv", "adakv_expected_attention": "adakv:expected_attention",
+    "keydiff": "keydiff", "lagkv": "lagkv", "cur": "cur", "non_causal_attention": "non_causal_attention",
+    "chunkkv_snapkv": "chunkkv:snapkv", "chunkkv_keydiff": "chunkkv:keydiff", "block_keydiff": "block:keydiff",
+    "per_layer_snapkv": lambda ref, ratio: kvjax.methods.get(
+        f"per_layer(ratios={tuple(float(r) for r in ref[f'ratios_r{ratio}'])}):snapkv"),
+    "critical_snapkv": "critical:snapkv",
 }
 TIE = 1e-4  # score gap at the cut below which kvpress's choice is a tie-break
 
@@ -35,7 +40,11 @@ def prompt_ids(smollm2):
 @pytest.mark.parametrize("ref_name", sorted(PRESSES))
 def test_same_kept_positions_as_kvpress(smollm2, prompt_ids, ref_name, ratio):
     ref = np.load(REF / f"{ref_name}.npz")
-    cache = smollm2.prefill(prompt_ids, method=PRESSES[ref_name], ratio=ratio / 100)
+    method = PRESSES[ref_name]
+    if callable(method):
+        method = method(ref, ratio)
+    r = method.mean_ratio if hasattr(method, "mean_ratio") else ratio / 100  # per_layer: its ratios' mean
+    cache = smollm2.prefill(prompt_ids, method=method, ratio=r)
     kept = kvjax.kept_positions(cache)
     gaps = ref[f"gap_r{ratio}"]  # [L, K] (AdaKV: [L] per layer, one global cut)
     for layer, ours_layer in enumerate(kept):
@@ -48,3 +57,4 @@ def test_same_kept_positions_as_kvpress(smollm2, prompt_ids, ref_name, ratio):
             gap = np.ravel(gaps[layer])[head if np.ndim(gaps[layer]) else 0]
             allowed = 4 if gap < TIE else 0
             assert diff <= allowed, f"layer {layer} head {head}: {diff} positions differ (gap at cut {gap:.2e})"
+

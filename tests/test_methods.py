@@ -542,7 +542,7 @@ def numpy_attention_layers(params, cfg, ids) -> list[dict]:
         h = rms_norm(x, lp["mlp_norm"]["scale"], cfg.rms_eps)
         mlp = lp["mlp"]
         x = x + (silu(h @ mlp["gate_proj"]["kernel"]) * (h @ mlp["up_proj"]["kernel"])) @ mlp["down_proj"]["kernel"]
-        out.append(dict(q_pre=q_pre, q=q, k=k, probs=probs))
+        out.append(dict(q_pre=q_pre, q=q, k=k, v=v, probs=probs))
     return out
 
 
@@ -601,6 +601,12 @@ METHOD_TABLE = {
                                                             use_vnorm=False)],
     "streaming_llm": [dict(n_sink=2), dict(n_sink=1, rerotate=True)],
     "random": [dict(seed=0), dict(seed=3)],
+    "keydiff": [{}, {}],
+    "lagkv": [dict(n_sink=2, lag_size=4), dict(n_sink=1, lag_size=3, cross_scoring=True)],
+    "cur": [dict(num_sinks=2, local_window_size=4), dict(num_sinks=0, leverage_type="kv_avg",
+                                                         use_local_approximation=False)],
+    "non_causal_attention": [dict(chunk_size=8), dict(chunk_size=4)],
+    "leverage": [dict(sketch_dimension=4), dict(sketch_dimension=2, seed=3)],
 }
 ROWS = [(13, 1), (21, 2)]  # (length, seed) of the two prompts
 N_NEW = 8

@@ -103,8 +103,12 @@ def union_spec(configs: Sequence[Config]) -> ObsSpec | None:
     if len(starts) > 1:
         raise ValueError(f"the methods need query statistics from different positions {sorted(starts)}: "
                          "evaluate them in separate runs")
+    chunks = {s.nc_chunk for s in specs} - {0}
+    if len(chunks) > 1:
+        raise ValueError(f"the methods need non-causal attention blocks of different sizes {sorted(chunks)}: "
+                         "evaluate them in separate runs")
     return ObsSpec(window=max(s.window for s in specs), col_sums=any(s.col_sums for s in specs),
-                   qstats_from=starts.pop() if starts else None)
+                   qstats_from=starts.pop() if starts else None, nc_chunk=chunks.pop() if chunks else 0)
 
 
 # ------------------------------------------------------------------------------------ memory

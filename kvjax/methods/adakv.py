@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods.base import Budget, EvictionMethod, ScoreContext
+from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, check_wrapped
 from kvjax.observe import ObsSpec
 from kvjax.states.ragged import ragged_from_selection
 
@@ -24,11 +24,7 @@ class AdaKV(EvictionMethod):
     alpha_safeguard: float = 0.2
 
     def __post_init__(self):
-        if not isinstance(self.press, EvictionMethod) or isinstance(self.press, AdaKV):
-            raise ValueError(f"AdaKV wraps a scoring method (not AdaKV), got {self.press!r}")
-        if self.press.prefills_itself:
-            raise ValueError(f"AdaKV ranks the scores of a finished prefill; {self.press.name} works while "
-                             "prefilling")
+        check_wrapped("adakv", self.press)  # kvpress: AdaKVPress asserts a ScorerPress
         if not 0 <= self.alpha_safeguard <= 1:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
 

@@ -138,6 +138,8 @@ class ScoreContext:
       obs: the layer's `LayerObs`.  layer, n_layers: which layer of how many.
       cfg: model config (RoPE, heads).  attention_impl: "xla" | "pallas" | "auto", for scorers that
         attend (window attention).
+      n_keep: int32 [B] tokens the layer keeps per KV head (None outside `kvjax.compress`), for scorers
+        whose scores depend on the budget (CriticalKV's first stage).
     """
 
     k: jax.Array
@@ -150,6 +152,7 @@ class ScoreContext:
     n_layers: int
     cfg: LlamaConfig
     attention_impl: str = "xla"
+    n_keep: jax.Array | None = None
 
     @property
     def used(self) -> jax.Array:  # bool [B, 1, S] slots holding a token
@@ -223,6 +226,11 @@ class EvictionMethod(abc.ABC):
         """Position of the next token after compression (kvpress: the original length, unchanged)."""
         return next_pos
 
+    def plain_scorer(self) -> bool:
+        """True if the method is a plain scorer (kvpress `ScorerPress`): its kept set is the per-head top
+        `n_keep` of `score` (no own `select`), so wrappers (chunkkv:, block:, critical:, ...) may rescore it."""
+        return not self.prefills_itself and type(self).select is EvictionMethod.select
+
 
 ScoreMethod = EvictionMethod  # the public name of the score-method base
 
@@ -269,6 +277,21 @@ def protect(scores: jax.Array, mask: jax.Array) -> jax.Array:
     top = jnp.max(jnp.where(mask, -jnp.inf, scores), axis=(1, 2), keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     return jnp.where(mask, top + 1.0, scores)
+
+
+def check_wrapped(wrapper: str, press, scorer: bool = True) -> None:
+    """One-line ValueError unless `press` is a method a `wrapper:` can wrap: an eviction method that scores
+    a finished prefill and, with `scorer`, a plain scorer (kvpress: the wrapper asserts a `ScorerPress`)."""
+    if not isinstance(press, EvictionMethod):
+        what = getattr(type(press), "kind", None)
+        shown = getattr(press, "name", None) or type(press).__name__
+        raise ValueError(f"{wrapper}: wraps a scoring method, got {shown!r}"
+                         + (f" (a {what}: use it in compose(METHOD, {shown}) or quant=)" if what == "quantizer" else ""))
+    if press.prefills_itself:
+        raise ValueError(f"{wrapper}: wraps the scores of a finished prefill; {press.name} works while prefilling")
+    if scorer and not press.plain_scorer():
+        raise ValueError(f"{wrapper}: wraps a plain scorer (kvpress ScorerPress), not {press.name} (it selects "
+                         "its own tokens)")
 
 
 def check_positive(**kw) -> None:

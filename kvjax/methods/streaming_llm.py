@@ -11,8 +11,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.methods.base import EvictionMethod, ScoreContext, register
+from kvjax.methods.rerotate import rerotate_to_slots
 from kvjax.models.rope import rope_inv_freq
-from kvjax.models.rope import apply_rope
 
 
 @register("streaming_llm", "streamingllm")
@@ -38,12 +38,10 @@ class StreamingLLM(EvictionMethod):
         if not self.rerotate:
             return state
         # R(slot) k = R(slot - pos) R(pos) k: move each kept key to its cache-slot position
-        b, n_kv, c, _ = state.k.shape
-        slot = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, n_kv, c))
-        kept = slot < n_keep[:, None, None]
-        delta = jnp.where(kept, slot - state.pos, 0)
-        k = apply_rope(state.k, delta, jnp.asarray(rope_inv_freq(ctx.cfg, ctx.layer)))
-        return dataclasses.replace(state, k=k, pos=jnp.where(kept, slot, state.pos))
+        return rerotate_to_slots(state, n_keep, jnp.asarray(rope_inv_freq(ctx.cfg, ctx.layer)))
+
+    def plain_scorer(self) -> bool:
+        return not self.rerotate
 
     def decode_rule(self, capacity: int):
         if self.rerotate:

@@ -32,6 +32,19 @@ Presses (kvpress defaults unless noted), each at compression ratios 0.25, 0.5, 0
   expected_attention   ExpectedAttentionPress(n_future_positions=512, n_sink=4, cov, vnorm)
   adakv_snapkv         AdaKVPress(SnapKVPress(64, 5), alpha_safeguard=0.2)
   adakv_expected_attention  AdaKVPress(ExpectedAttentionPress(), alpha_safeguard=0.2)
+  keydiff              KeyDiffPress()
+  lagkv                LagKVPress(n_sink=4, lag_size=128)
+  cur                  CURPress() (num_sinks 4, kv_product, local windows of 16, no random projection)
+  non_causal_attention NonCausalAttnPress(chunk_size=256)
+  chunkkv_snapkv       ChunkKVPress(SnapKVPress(64, 5), chunk_length=20)
+  chunkkv_keydiff      ChunkKVPress(KeyDiffPress(), chunk_length=20)
+  block_keydiff        BlockPress(KeyDiffPress(), block_size=128)     (the KeyDiff paper's method)
+  per_layer_snapkv     PerLayerCompressionPress(SnapKVPress(64, 5), ratios r + 0.2 (l / (L - 1) - 0.5))
+  critical_snapkv      CriticalKVPress(SnapKVPress(64, 5))             (epsilon 1e-4, first_stage_ratio 0.5)
+  criticaladakv_snapkv CriticalAdaKVPress(SnapKVPress(64, 5))          (alpha 0.2, epsilon 1e-4, stage 0.5)
+  adakv_critical_snapkv AdaKVPress(CriticalKVPress(SnapKVPress(64, 5)))
+  merging_snapkv       MergingPress(SnapKVPress(64, 5))                (similarity_threshold 0, merge_fraction 1)
+  leverage             LeverageScorePress(sketch_dimension=48): random; only r=0.5, torch seeds 0..4
 All but observed_attention run with attn_implementation="sdpa" (AdaKV refuses eager; SnapKV/TOVA then
 compute their window attention themselves, as kvpress does with sdpa/flash attention).
 
@@ -43,6 +56,10 @@ ratio and layer, the gathered keys AND values in the cache equal, bit for bit, t
 press-free run at those indices (in topk order). For AdaKV (which only masks; the cache keeps all T
 entries) the kept set of head h is all positions minus `module.masked_key_indices` of head h, checked
 against an independent re-implementation of AdaKV's rule on the recorded scores.
+The wrappers that gather (chunkkv, block, per_layer, critical) are read off the compressed cache itself:
+each cached key/value row is matched, bit for bit, to the one position of the press-free run holding
+it; for chunkkv, per_layer and critical this is also checked against the rule re-applied to the recorded
+scores. CriticalAdaKV masks like AdaKV and is checked against a float64 re-implementation of its rule.
 
 Files written to --out (default tests/golden/smollm2-135m/kvpress/):
   prompt.json     {"essay", "text", "ids", "T", "kvpress_version", "transformers_version",
@@ -59,6 +76,15 @@ Files written to --out (default tests/golden/smollm2-135m/kvpress/):
                   for snapkv, tova, knorm, observed_attention, expected_attention (pyramidkv and
                   adakv_snapkv use the snapkv scores, adakv_expected_attention the expected_attention
                   ones); includes kvpress's `max + 1` padding of protected positions.
+                  Gaps of the wrappers: chunkkv = chunk-score gap at the chunk cut (the same for every
+                  head); block = gap of the last block step's scores; criticaladakv = the smaller of the
+                  global budget cut and each head's stage-2 cut.
+                  ratios_r{25,50,75} float64 [L] (per_layer_snapkv): the per-layer ratios used.
+                  merging_snapkv: merged_layers int [3], merged_proj float32 [3, 3 ratios, K, max_kept, 8]:
+                  the merged values of those layers, rows in kept-position order, times merge_proj
+                  float32 [D, 8] (a fixed Gaussian projection: small, and any wrong merge shows).
+                  leverage: kept_s{seed}_layer{i} int16 [K, n_kept] at ratio 0.5 for torch seeds 0..4 (its
+                  Gaussian sketch comes from torch's generator: compared in distribution).
 """
 from __future__ import annotations
 
@@ -78,14 +104,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_golden import ESSAYS, GGUF_NAME, REPO, check_model, prefix_with_tokens  # noqa: E402
 
 import kvpress  # noqa: E402  (importing kvpress patches transformers' attention functions, as in use)
-from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, ObservedAttentionPress,  # noqa: E402
-                     PyramidKVPress, ScorerPress, SnapKVPress, StreamingLLMPress, TOVAPress)
+from kvpress import (AdaKVPress, BlockPress, ChunkKVPress, CriticalAdaKVPress, CriticalKVPress,  # noqa: E402
+                     CURPress, ExpectedAttentionPress, KeyDiffPress, KnormPress, LagKVPress, MergingPress,
+                     LeverageScorePress, NonCausalAttnPress,
+                     ObservedAttentionPress, PerLayerCompressionPress, PyramidKVPress, ScorerPress, SnapKVPress,
+                     StreamingLLMPress, TOVAPress)
 from kvpress.utils import compute_n_kept  # noqa: E402
 
 ESSAY = "addiction.txt"  # not worked.txt / avg.txt (used by make_golden.py)
 N_TOKENS = 1000
 RATIOS = (0.25, 0.5, 0.75)
 SCORED = ("snapkv", "tova", "knorm", "observed_attention", "expected_attention")
+N_LAYERS = 30  # SmolLM2-135M (checked in main): per_layer_snapkv's ratios have one entry per layer
+GATHERED = ("chunkkv_snapkv", "chunkkv_keydiff", "block_keydiff", "per_layer_snapkv", "critical_snapkv",
+            "merging_snapkv")
+MERGED_LAYERS = (0, 15, 29)
+MERGED: dict[float, dict[int, np.ndarray]] = {}  # ratio -> layer -> merged values [K, n_kept, D] in position order
+MASKED = ("adakv_snapkv", "adakv_expected_attention", "adakv_critical_snapkv", "criticaladakv_snapkv")
+
+
+def per_layer_ratios(ratio: float, n_layers: int = N_LAYERS) -> list[float]:
+    """Ratios rising linearly by 0.2 over the layers around `ratio` (their mean)."""
+    return [round(ratio + 0.2 * (i / (n_layers - 1) - 0.5), 6) for i in range(n_layers)]
 
 
 def make_press(name: str, ratio: float):
@@ -103,6 +143,23 @@ def make_press(name: str, ratio: float):
                                             alpha_safeguard=0.2), "sdpa"),
         "adakv_expected_attention": lambda: (AdaKVPress(ExpectedAttentionPress(ratio), alpha_safeguard=0.2),
                                              "sdpa"),
+        "keydiff": lambda: (KeyDiffPress(ratio), "sdpa"),
+        "lagkv": lambda: (LagKVPress(ratio, n_sink=4, lag_size=128), "sdpa"),
+        "cur": lambda: (CURPress(ratio), "sdpa"),
+        "non_causal_attention": lambda: (NonCausalAttnPress(ratio, chunk_size=256), "sdpa"),
+        "chunkkv_snapkv": lambda: (ChunkKVPress(SnapKVPress(ratio, window_size=64, kernel_size=5), chunk_length=20),
+                                   "sdpa"),
+        "chunkkv_keydiff": lambda: (ChunkKVPress(KeyDiffPress(ratio), chunk_length=20), "sdpa"),
+        "block_keydiff": lambda: (BlockPress(KeyDiffPress(ratio), block_size=128), "sdpa"),
+        "per_layer_snapkv": lambda: (PerLayerCompressionPress(SnapKVPress(ratio, window_size=64, kernel_size=5),
+                                                              compression_ratios=per_layer_ratios(ratio)), "sdpa"),
+        "critical_snapkv": lambda: (CriticalKVPress(SnapKVPress(ratio, window_size=64, kernel_size=5)), "sdpa"),
+        "criticaladakv_snapkv": lambda: (CriticalAdaKVPress(SnapKVPress(ratio, window_size=64, kernel_size=5)),
+                                         "sdpa"),
+        "adakv_critical_snapkv": lambda: (AdaKVPress(CriticalKVPress(SnapKVPress(ratio, window_size=64,
+                                                                                 kernel_size=5))), "sdpa"),
+        "leverage": lambda: (LeverageScorePress(ratio, sketch_dimension=48), "sdpa"),
+        "merging_snapkv": lambda: (MergingPress(SnapKVPress(ratio, window_size=64, kernel_size=5)), "sdpa"),
     }[name]()
 
 
@@ -241,6 +298,149 @@ def capture_adakv(name, ratio, model, ids, ref_cache, L, K, T):
     return kept, n_kept, gaps, scores, dt, cuts
 
 
+def positions_in(ck: torch.Tensor, rk: torch.Tensor) -> torch.Tensor:
+    """[K, n] the position of each cached key row ck [K, n, D] among the press-free keys rk [K, T, D]:
+    an exact match, asserted unique."""
+    out = torch.empty(ck.shape[:2], dtype=torch.long)
+    for h in range(ck.shape[0]):
+        eq = (ck[h][:, None, :] == rk[h][None, :, :]).all(-1)  # [n, T]
+        assert bool((eq.sum(-1) == 1).all()), "a cached key matches no position or several"
+        out[h] = eq.float().argmax(-1)
+    return out
+
+
+def chunk_rule(scores: torch.Tensor, ratio: float, chunk: int) -> tuple[torch.Tensor, float, float]:
+    """ChunkKVPress's selection re-applied to the scorer's scores [K, T]: kept positions, chunk-score gap
+    at the cut and the last kept chunk score."""
+    T = scores.shape[-1]
+    n_full, rem = T // chunk, T % chunk
+    total = scores.sum(0)
+    cs = [total[i * chunk:(i + 1) * chunk].mean() for i in range(n_full)] + ([total[-rem:].mean()] if rem else [])
+    cs = torch.stack(cs)
+    n = max(1, int(len(cs) * (1 - ratio)))
+    order = cs.argsort(descending=True)
+    kept = torch.cat([torch.arange(c * chunk, min((c + 1) * chunk, T)) for c in order[:n].tolist()]).sort().values
+    top = cs[order]
+    gap = float(top[n - 1] - top[n]) if n < len(cs) else float("inf")
+    return kept, gap, float(top[n - 1])
+
+
+def capture_gathered(name, ratio, model, ids, ref_cache, L, K, T):
+    """Wrappers that gather a uniform-per-head set: positions read off the compressed cache."""
+    press, _ = make_press(name, ratio)
+    target = press if isinstance(press, CriticalKVPress) else press.press
+    scores: dict[int, torch.Tensor] = {}
+    record_scores(target, scores)  # BlockPress scores every block: the last call (the final cut) stays
+    t0 = time.time()
+    cache = prefill(model, ids, press)
+    dt = time.time() - t0
+    kept, n_kept = {}, np.zeros(L, np.int32)
+    gaps, cuts = np.zeros((L, K), np.float32), np.zeros((L, K), np.float32)
+    for layer in range(L):
+        ck, cv = cache.layers[layer].keys[0], cache.layers[layer].values[0]
+        rk, rv = ref_cache.layers[layer].keys[0], ref_cache.layers[layer].values[0]
+        idx = positions_in(ck, rk)
+        if isinstance(press, MergingPress):  # values are merged: keep them, in kept-position order
+            order = idx.argsort(dim=-1)
+            if layer in MERGED_LAYERS:
+                MERGED.setdefault(ratio, {})[layer] = cv.gather(1, order.unsqueeze(-1).expand(
+                    -1, -1, cv.shape[-1])).numpy()
+        else:
+            assert torch.equal(cv, rv.gather(1, idx.unsqueeze(-1).expand(-1, -1, rv.shape[-1]))), (name, layer)
+        got = idx.sort(dim=-1).values
+        s = scores[layer]
+        if name.startswith("chunkkv"):
+            want, gap, cut = chunk_rule(s, ratio, press.chunk_length)
+            assert all(torch.equal(got[h], want) for h in range(K)), f"{name} r={ratio} layer {layer}: chunk rule"
+            gaps[layer], cuts[layer] = gap, cut
+        else:
+            n = compute_n_kept(T, press.compression_ratios[layer] if isinstance(press, PerLayerCompressionPress)
+                               else ratio)
+            assert got.shape[1] == n, (name, layer, got.shape, n)
+            if not isinstance(press, BlockPress):
+                want = s.topk(n, dim=-1).indices.sort(dim=-1).values
+                assert torch.equal(got, want), f"{name} r={ratio} layer {layer}: top-k of the recorded scores"
+            g, c = cut_gap(s, n)
+            gaps[layer], cuts[layer] = g.numpy(), c.numpy()
+        kept[layer] = got.numpy().astype(np.int32)
+        n_kept[layer] = got.shape[1]
+    return kept, n_kept, gaps, scores, dt, cuts
+
+
+def critical_adakv_rule(s, wov, n_kept, alpha, eps, fsr):
+    """CriticalAdaKVPress's selection in float64 on the scorer's scores s [K, T] and the projected value
+    norms wov [K, T]: kept positions per head, the smallest cut gap (global budget, then each head's
+    stage 2) and the score at that cut."""
+    K, T = s.shape
+    fmax = float(torch.finfo(torch.float32).max)
+    s1 = s.double().clone()
+    n_safe = max(1, int(n_kept * alpha)) if alpha > 0 else int(n_kept * alpha)
+    s1.scatter_(-1, s1.topk(n_safe, dim=-1).indices, fmax)
+    flat = s1.flatten()
+    order = flat.argsort(descending=True, stable=True)
+    inb = torch.zeros(K * T, dtype=torch.bool)
+    inb[order[:K * n_kept]] = True
+    budgets = inb.view(K, T).sum(-1)
+    gv = flat[order]
+    gap, cut = (float(gv[K * n_kept - 1] - gv[K * n_kept]) if gv[K * n_kept - 1] < fmax else float("inf"),
+                float(gv[K * n_kept - 1]))
+    s2 = s1.clone()
+    kept = []
+    for h in range(K):
+        n1 = int(budgets[h] * fsr)
+        s2[h].scatter_(-1, s2[h].topk(n1).indices, fmax)
+    s2 = (s2 + eps) * wov.double()
+    for h in range(K):
+        b = int(budgets[h])
+        v, i = s2[h].sort(descending=True)
+        kept.append(i[:b].sort().values)
+        if b < T and v[b - 1] < fmax:
+            g = float(v[b - 1] - v[b])
+            if g < gap:
+                gap, cut = g, float(v[b - 1])
+    return kept, gap, cut
+
+
+def capture_critical_adakv(name, ratio, model, ids, ref_cache, L, K, T):
+    press, _ = make_press(name, ratio)
+    scores: dict[int, torch.Tensor] = {}
+    record_scores(press.press, scores)
+    t0 = time.time()
+    cache = prefill(model, ids, press)
+    dt = time.time() - t0
+    n = compute_n_kept(T, ratio)
+    width = 0
+    per_layer, n_kept, gaps, cuts = {}, np.zeros((L, K), np.int32), np.zeros(L, np.float32), np.zeros(L, np.float32)
+    for layer in range(L):
+        attn = model.model.layers[layer].self_attn
+        b, h, s = attn.masked_key_indices
+        attn.masked_key_indices = None
+        assert torch.equal(cache.layers[layer].keys, ref_cache.layers[layer].keys)  # masks only
+        masked = torch.zeros(K, T, dtype=torch.bool)
+        masked[h, s] = True
+        assert int(masked.sum()) == K * (T - n), "duplicate masked indices"
+        heads = [torch.nonzero(~masked[k]).flatten() for k in range(K)]
+        with torch.no_grad():
+            wov = CriticalKVPress.vwl1norm(ref_cache.layers[layer].values, attn)[0]
+        mine, gaps[layer], cuts[layer] = critical_adakv_rule(scores[layer], wov, n, press.alpha_safeguard,
+                                                             press.epsilon, press.first_stage_ratio)
+        for k in range(K):
+            if not torch.equal(heads[k], mine[k]):
+                print(f"  WARNING {name} r={ratio} layer {layer} head {k}: kvpress masks differ from the "
+                      f"re-implemented rule in {len(set(heads[k].tolist()) ^ set(mine[k].tolist()))} positions "
+                      f"(gap {gaps[layer]:.3g})")
+        per_layer[layer] = heads
+        n_kept[layer] = [len(x) for x in heads]
+        width = max(width, max(n_kept[layer]))
+    kept = {}
+    for layer, heads in per_layer.items():
+        arr = np.full((K, width), -1, np.int32)
+        for k, x in enumerate(heads):
+            arr[k, :len(x)] = x.numpy()
+        kept[layer] = arr
+    return kept, n_kept, gaps, scores, dt, cuts
+
+
 def sanity(name: str, res: dict, ref_cache, T: int, L: int) -> list[str]:
     """Facts about the kept sets; asserts the ones that kvpress's semantics guarantee."""
     facts = []
@@ -267,7 +467,7 @@ def sanity(name: str, res: dict, ref_cache, T: int, L: int) -> list[str]:
     if name == "expected_attention":
         assert all(np.isin(np.arange(4), res[r][0][i][k]).all() for r in RATIOS for i in range(L) for k in range(3))
         facts.append("sinks 0..3 kept everywhere")
-    if name.startswith("adakv"):
+    if name.startswith("adakv") or name.startswith("criticaladakv"):
         for r in RATIOS:
             n = compute_n_kept(T, r)
             nk = res[r][1]
@@ -289,13 +489,27 @@ def near_ties(gaps: np.ndarray, cuts: np.ndarray) -> tuple[int, int, int, int]:
     return int(ok.sum()), int((g == 0).sum()), int((g < 1e-6 * c).sum()), int((g < 1e-4 * c).sum())
 
 
+def capture_seeds(name, model, ids, ref_cache, L, K, T, seeds=range(5)) -> dict[str, np.ndarray]:
+    """A random press at ratio 0.5 under several torch seeds: kept sets per seed (checked in distribution)."""
+    arrs = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        kept, n_kept, *_ = capture_uniform(name, 0.5, model, ids, ref_cache, L, K, T)
+        for i in range(L):
+            arrs[f"kept_s{seed}_layer{i}"] = kept[i].astype(np.int16)
+    arrs["n_kept_r50"] = n_kept
+    return arrs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF file")
     ap.add_argument("--out", type=Path, default=REPO / "tests/golden/smollm2-135m/kvpress")
     ap.add_argument("--essays", type=Path, default=ESSAYS, help="Paul Graham essays folder")
     ap.add_argument("--presses", default="streaming_llm,snapkv,pyramidkv,tova,knorm,observed_attention,"
-                    "expected_attention,adakv_snapkv,adakv_expected_attention")
+                    "expected_attention,adakv_snapkv,adakv_expected_attention,keydiff,lagkv,cur,non_causal_attention,"
+                    "chunkkv_snapkv,chunkkv_keydiff,block_keydiff,per_layer_snapkv,critical_snapkv,"
+                    "criticaladakv_snapkv,adakv_critical_snapkv,merging_snapkv")
     args = ap.parse_args()
     gguf = args.gguf or default_gguf()
     t_start = time.time()
@@ -319,22 +533,32 @@ def main() -> None:
         models[impl], refs[impl] = m, prefill(m, ids)
     cfg = models["sdpa"].config
     L, K = cfg.num_hidden_layers, cfg.num_key_value_heads
+    assert L == N_LAYERS, L
 
     import transformers
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.presses.split(",")
+    old = json.loads((args.out / "prompt.json").read_text()) if (args.out / "prompt.json").is_file() else {}
+    if old and old.get("ids") != ids_list:
+        old = {}  # another prompt: the other presses' files are stale anyway
     meta = dict(essay=ESSAY, text=text, ids=ids_list, T=T, kvpress_version=kvpress.__version__
                 if hasattr(kvpress, "__version__") else _dist_version("kvpress"),
                 transformers_version=transformers.__version__, torch_version=torch.__version__,
-                presses={n: repr(make_press(n, 0.5)[0]) for n in names},
-                attn_implementation={n: make_press(n, 0.5)[1] for n in names},
+                presses={**old.get("presses", {}), **{n: repr(make_press(n, 0.5)[0]) for n in names}},
+                attn_implementation={**old.get("attn_implementation", {}),
+                                     **{n: make_press(n, 0.5)[1] for n in names}},
                 cache_position_shim=True)
     (args.out / "prompt.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
     summary = []
     for name in names:
         impl = make_press(name, 0.5)[1]
-        fn = capture_adakv if name.startswith("adakv") else capture_uniform
+        if name == "leverage":
+            np.savez_compressed(args.out / f"{name}.npz", **capture_seeds(name, models[impl], ids, refs[impl], L, K, T))
+            print(f"{name:26s} [{impl}] kept sets at r=0.5 for torch seeds 0..4")
+            continue
+        fn = (capture_critical_adakv if name == "criticaladakv_snapkv" else capture_adakv if name in MASKED
+              else capture_gathered if name in GATHERED else capture_uniform)
         res, times, arrs = {}, [], {}
         for r in RATIOS:
             res[r] = fn(name, r, models[impl], ids, refs[impl], L, K, T)
@@ -344,13 +568,24 @@ def main() -> None:
                 arrs[f"kept_{tag}_layer{i}"] = res[r][0][i]
             arrs[f"n_kept_{tag}"] = res[r][1]
             arrs[f"gap_{tag}"] = res[r][2]
-        sc = torch.stack([res[0.5][3][i] for i in range(L)]).numpy().astype(np.float32)
-        for r in RATIOS:  # scores must not depend on the ratio (StreamingLLM's do, by construction)
-            other = torch.stack([res[r][3][i] for i in range(L)]).numpy()
-            if name != "streaming_llm":
+            if name == "per_layer_snapkv":
+                arrs[f"ratios_{tag}"] = np.array(per_layer_ratios(r), np.float64)
+        if name == "merging_snapkv":
+            proj = np.random.default_rng(0).normal(size=(MERGED[0.5][0].shape[-1], 8)).astype(np.float32)
+            width = max(MERGED[r][i].shape[1] for r in RATIOS for i in MERGED_LAYERS)
+            out = np.zeros((len(MERGED_LAYERS), len(RATIOS), K, width, 8), np.float32)
+            for a, i in enumerate(MERGED_LAYERS):
+                for b, r in enumerate(RATIOS):
+                    out[a, b, :, :MERGED[r][i].shape[1]] = MERGED[r][i] @ proj
+            arrs.update(merged_layers=np.array(MERGED_LAYERS), merged_proj=out, merge_proj=proj)
+        ratio_free = name not in ("streaming_llm", "block_keydiff", "critical_snapkv", "adakv_critical_snapkv")
+        for r in RATIOS:  # scores must not depend on the ratio (StreamingLLM's, block's, critical's do)
+            if ratio_free:
+                sc = torch.stack([res[0.5][3][i] for i in range(L)]).numpy().astype(np.float32)
+                other = torch.stack([res[r][3][i] for i in range(L)]).numpy()
                 assert np.array_equal(other, sc), f"{name}: scores depend on the ratio"
         if name in SCORED:
-            arrs["scores"] = sc
+            arrs["scores"] = torch.stack([res[0.5][3][i] for i in range(L)]).numpy().astype(np.float32)
         np.savez_compressed(args.out / f"{name}.npz", **arrs)
         ties = {f"r{round(r * 100)}": near_ties(res[r][2], res[r][5]) for r in RATIOS}
         facts = sanity(name, res, refs[impl], T, L)
