@@ -45,6 +45,8 @@ def test_specs_compose_after_a_token_method():
         methods.get("compose(think, snapkv)")
     with pytest.raises(ValueError, match="key_ratio must be in"):
         methods.get("think(key_ratio=1.5):snapkv")
+    with pytest.raises(ValueError, match="think: wraps a plain scorer"):  # Ada-KV's pools are not dense rows
+        methods.get("compose(adakv:snapkv, think)")
 
 
 @pytest.fixture(scope="module")

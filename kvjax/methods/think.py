@@ -31,7 +31,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, check_positive
+from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, check_positive, check_wrapped
 from kvjax.observe import ObsSpec
 from kvjax.states.channels import ChannelKV
 from kvjax.states.dense import DenseKV
@@ -74,12 +74,8 @@ class ThinK(EvictionMethod):
     follows: ClassVar[bool] = True  # a compose folds it around the token method before it
 
     def __post_init__(self):
-        if self.press is not None:
-            if not isinstance(self.press, EvictionMethod) or isinstance(self.press, ThinK):
-                raise ValueError(f"think follows a token method (not think), got {self.press!r}")
-            if self.press.prefills_itself:
-                raise ValueError(f"think prunes the keys of a finished prefill; {self.press.name} works while "
-                                 "prefilling")
+        if self.press is not None:  # a plain scorer: its kept set is a dense top-k think can cut
+            check_wrapped("think", self.press)
         check_positive(window=self.window)
         if not (isinstance(self.key_ratio, (int, float)) and 0 <= self.key_ratio < 1):
             raise ValueError(f"key_ratio must be in [0, 1), got {self.key_ratio!r}")
