@@ -262,3 +262,18 @@ def test_deepseek_v2_lite_config_builds_the_checkpoints_parameters():
     assert flat["layers_1/moe/experts_gate_proj"].shape == (64, 2048, 1408)
     assert flat["layers_0/attn/kv_b_proj"].shape == (512, 16 * (128 + 128))
     assert cfg.kv_bytes_per_token() == 27 * 576 * 2
+
+
+def test_int4_latent_is_a_quantized_store(one):
+    """An int4 latent: `quant=` stores c (and k^R) as 4-bit codes in the `QuantStore` of a `QuantKV`,
+    no new class; the bytes drop below the float32 latents' and the next token is unchanged here."""
+    name, lm, golden = one
+    ids = golden["ids_long"].tolist()
+    logits, full = lm.prefill(ids, return_logits=True)
+    q_logits, quant = lm.prefill(ids, quant="per_token(bits=4, group=8, residual=8)", return_logits=True)
+    store = quant.layers[0].store.store
+    assert type(store).__name__ == "QuantStore" and store.vq.codes.shape[-1] == lm.cfg.kv_lora_rank // 2
+    assert cache_nbytes(quant) < 0.5 * cache_nbytes(full)
+    np.testing.assert_array_equal(np.asarray(q_logits), np.asarray(logits))  # prefill ran at full precision
+    step = lm.generate(ids, max_new_tokens=2, stop_at_eos=False, quant="per_token(bits=4, group=8, residual=8)")
+    assert step.ids[0] == golden["greedy_long"][0]
