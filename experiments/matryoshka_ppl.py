@@ -46,8 +46,8 @@ def main(argv=None) -> None:
     params, const, meta = load_trained(args.run, "matryoshka", model_id(args.model, lm.cfg))
     task = MatryoshkaTask(lm.cfg, args.model, n_levels=meta["n_levels"])
     pca = jax.tree_util.tree_map(jnp.zeros_like, params)
-    windows = text_chunks(lm.encode, DATA / "wikitext-2" / "test.txt", args.seq_len, 1, args.windows)
-    calib = text_chunks(lm.encode, DATA / "wikitext-2" / "valid.txt", 256, 1, 2)
+    windows = text_chunks(lm.tokenizer, DATA / "wikitext-2" / "test.txt", args.seq_len, 1, args.windows)
+    calib = text_chunks(lm.tokenizer, DATA / "wikitext-2" / "valid.txt", 256, 1, 2)
     d, n_layers = lm.cfg.head_dim, lm.cfg.n_layers
     nll = jax.jit(lambda prm, x, y, rk, rv: cross_entropy(task.student_logits(prm, const, lm.params, x, rk, rv), y))
 

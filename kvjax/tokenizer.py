@@ -173,14 +173,20 @@ class Tokenizer:
         return self._eos_ids
 
     @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template is not None
+
+    @property
     def pad_id(self) -> int | None:
         """The model's pad token, else its first EOS (the usual stand-in), else None."""
         return self._pad_id
 
     # ------------------------------------------------------------------ text <-> ids
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in it (e.g. "<|im_end|>") become their ids."""
-        return ([self._bos_id] if self._add_bos else []) + self._encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in it (e.g. "<|im_end|>") become their ids. The
+        model's BOS starts them where its tokenizer adds one, unless `add_special_tokens` is False (a
+        piece of a longer prompt)."""
+        return ([self._bos_id] if self._add_bos and add_special_tokens else []) + self._encode(text)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; an id outside [0, vocab_size) is a ValueError."""

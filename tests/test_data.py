@@ -192,7 +192,7 @@ def test_binary_files_are_refused_on_every_path(tmp_path, kind):
     with pytest.raises(ValueError, match=message):  # --haystack
         prompts.read_haystack_dir(tmp_path / "hay")
     with pytest.raises(ValueError, match=message):  # --text
-        text_chunks(lm.encode, bad, 8, 8, 1)
+        text_chunks(lm.tokenizer, bad, 8, 8, 1)
     with pytest.raises(ValueError, match=message):  # --data, a file or a folder of them
         load_tokens(bad, lm.tokenizer)
     with pytest.raises(ValueError, match=message):

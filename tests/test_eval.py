@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,8 +17,9 @@ import kvjax
 
 from kvjax.cli import main
 from kvjax.eval import prompts, records, ruler, runner, scoring
-from kvjax.eval.perplexity import teacher_force
-from kvjax.testing import tiny_lm
+from kvjax.eval.perplexity import teacher_force, text_chunks
+from kvjax.testing import tiny_lm, tiny_tokenizer_metadata
+from kvjax.tokenizer import Tokenizer
 
 ESSAY = ("Alpha beta gamma delta. Epsilon zeta eta theta iota! Kappa lambda mu? Nu xi omicron pi rho sigma. "
          "Tau upsilon phi chi psi omega. ") * 3
@@ -74,6 +76,27 @@ def test_passkey_prompt_layout_and_seed(lm):
     assert lm.decode(qa.suffix) == "<|im_end|>\n<|im_start|>assistant\nThe pass key is"
     with pytest.raises(ValueError, match="too short"):
         prompts.passkey_sample(lm.tokenizer, filler, 100, 0.5, 0, seed=0)
+
+
+def test_a_base_model_gets_plain_prompts_with_one_bos(lm):
+    """A tokenizer without a chat template that starts every text with a BOS (the gemma3-270m GGUF):
+    the prompt is plain text, the BOS comes once, at the start of the context, and nowhere else."""
+    meta = {**tiny_tokenizer_metadata(), "tokenizer.ggml.add_bos_token": True}
+    del meta["tokenizer.chat_template"]
+    tok = Tokenizer.from_gguf_metadata(meta)
+    bos = tok.bos_id
+    assert not tok.has_chat_template and tok.encode("hi")[0] == bos
+    assert tok.encode("hi", add_special_tokens=False)[0] != bos
+    filler = prompts.filler_haystack(prompts.piece_encoder(tok))
+    for qa in (False, True):
+        s = prompts.passkey_sample(tok, filler, 300, 0.5, 0, seed=0, question_in_context=qa)
+        ids = s.context + s.suffix
+        assert len(s.context) == 300 and ids[0] == bos and bos not in ids[1:]
+        assert tok.decode(ids[1:]).endswith("What is the pass key?\nThe pass key is")
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    chunks = text_chunks(tok, readme, 24, 8, 3)
+    assert chunks.shape == (3, 32) and (chunks[:, 0] == bos).all() and not (chunks[:, 1:] == bos).any()
+    assert tok.decode(chunks[0, 1:].tolist()) == tok.decode(tok.encode(readme.read_text(), False)[:31])
 
 
 def test_haystack_folder_errors(tmp_path):

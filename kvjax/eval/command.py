@@ -136,12 +136,12 @@ def run_eval(args) -> None:
     if args.task in ("passkey", "niah", "ruler"):
         new = args.max_new_tokens
         if args.task == "passkey":
-            filler = prompts.filler_haystack(tok.encode)
+            filler = prompts.filler_haystack(prompts.piece_encoder(tok))
             samples = [prompts.passkey_sample(tok, filler, n, d, i, args.seed, args.question_in_context, new or 10)
                        for n in lengths for d in depths for i in range(args.n)]
             options.update(question_in_context=args.question_in_context, max_new_tokens=new or 10)
         elif args.task == "niah":
-            hay = prompts.tokenize_haystack(tok.encode, prompts.corpus_sentences(corpus))
+            hay = prompts.tokenize_haystack(prompts.piece_encoder(tok), prompts.corpus_sentences(corpus))
             samples = [prompts.niah_sample(tok, hay, n, d, i, args.seed, args.needle, args.question, args.answer_prefix,
                                            args.expect, args.question_in_context, new or 32)
                        for n in lengths for d in depths for i in range(args.n)]
@@ -153,7 +153,7 @@ def run_eval(args) -> None:
             for s in subtasks:
                 if s not in ruler.SUBTASKS:
                     raise ValueError(f"unknown RULER subtask {s!r}; known: {', '.join(ruler.SUBTASKS)}")
-            hay = prompts.tokenize_haystack(tok.encode, prompts.corpus_sentences(corpus))
+            hay = prompts.tokenize_haystack(prompts.piece_encoder(tok), prompts.corpus_sentences(corpus))
             samples = [ruler.ruler_sample(tok, hay, s, n, i, args.seed) for s in subtasks for n in lengths
                        for i in range(args.n)]
             if new:
@@ -166,11 +166,11 @@ def run_eval(args) -> None:
                                  f"maximum ({lm.cfg.max_positions})")
         total = len(samples) * len(configs)
     elif args.task == "ppl":
-        chunks = text_chunks(tok.encode, corpus, args.context_len, args.eval_len, args.n)
+        chunks = text_chunks(tok, corpus, args.context_len, args.eval_len, args.n)
         options.update(text=corpus.label, context_len=args.context_len, eval_len=args.eval_len)
         total = len(chunks) * len(configs)
     else:
-        hay = prompts.tokenize_haystack(tok.encode, prompts.corpus_sentences(corpus))
+        hay = prompts.tokenize_haystack(prompts.piece_encoder(tok), prompts.corpus_sentences(corpus))
         bench_prompts = {n: cut(hay, int(sample_rng(args.seed, "bench", n, None, 0).integers(len(hay.starts))), n)[0]
                          .tolist() for n in lengths}
         options.update(haystack=corpus.label, new_tokens=args.new_tokens)

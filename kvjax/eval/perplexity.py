@@ -32,16 +32,19 @@ from kvjax.models.family import model_for
 from kvjax.timing import compile_seconds
 
 
-def text_chunks(encode, source: Corpus | str | Path, context_len: int, eval_len: int, n: int) -> np.ndarray:
+def text_chunks(tokenizer, source: Corpus | str | Path, context_len: int, eval_len: int, n: int) -> np.ndarray:
     """int32 [n, C + M]: the first n consecutive chunks of the tokenized text (a text file's path, or a
-    resolved `kvjax.data.Corpus`, its documents joined by blank lines)."""
+    resolved `kvjax.data.Corpus`, its documents joined by blank lines). For a tokenizer that starts
+    every text with a BOS (Gemma), each chunk starts with it too, then C + M - 1 tokens of text."""
     corpus = source if isinstance(source, Corpus) else read_file(source)
-    ids = np.asarray(encode("\n\n".join(corpus.documents)), np.int32)
-    size = context_len + eval_len
+    ids = np.asarray(tokenizer.encode("\n\n".join(corpus.documents), add_special_tokens=False), np.int32)
+    bos = tokenizer.encode("")  # [BOS] or []
+    size = context_len + eval_len - len(bos)
     if len(ids) < n * size:
         raise ValueError(f"{corpus.label!r} has {len(ids)} tokens: too few for {n} chunks of {context_len} + "
                          f"{eval_len}")
-    return ids[: n * size].reshape(n, size)
+    chunks = ids[: n * size].reshape(n, size)
+    return np.concatenate([np.full((n, len(bos)), bos, np.int32).reshape(n, len(bos)), chunks], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -18,6 +18,7 @@ function of its coordinates and the seed, whatever else a run asks for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import zlib
 from typing import Callable, Sequence
@@ -133,10 +134,25 @@ def insert(ids: np.ndarray, boundaries: np.ndarray, needles: Sequence[Sequence[i
 
 def chat_frame(tokenizer) -> tuple[str, str]:
     """(text before, text after) a single user message in the tokenizer's chat template, the generation
-    prompt (assistant header) included in the second."""
+    prompt (assistant header) included in the second. A model without a chat template (a base model,
+    such as the gemma3-270m GGUF) gets plain text: nothing before, a line break after."""
+    if not tokenizer.has_chat_template:
+        return "", "\n"
     text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], True)
     before, after = text.split(_MARK)
     return before, after
+
+
+def piece_encoder(tokenizer) -> Encode:
+    """Ids of a piece of a longer prompt (haystack sentences, needles, the suffix): never a BOS, even
+    for a tokenizer that starts every `encode` with one (Gemma)."""
+    return functools.partial(tokenizer.encode, add_special_tokens=False)
+
+
+def head_ids(tokenizer, text: str) -> list[int]:
+    """Ids of a prompt's start (`chat_frame`'s text before, then the task's head): a chat template
+    writes the BOS itself; plain text gets the tokenizer's, if it adds one."""
+    return tokenizer.encode(text, add_special_tokens=not tokenizer.has_chat_template)
 
 
 def sample_rng(seed: int, task: str, length: int, depth: float | None, index: int) -> np.random.Generator:
@@ -162,9 +178,10 @@ def assemble(tokenizer, layout: Layout, hay: Haystack, first: int, needles: Sequ
 
     The haystack fills whatever the fixed text and the needles leave (a ValueError if nothing)."""
     before, after = chat_frame(tokenizer)
-    head = tokenizer.encode(before + layout.head)
-    tail = tokenizer.encode(layout.tail) if layout.tail else []
-    needle_ids = [tokenizer.encode(" " + s) for s in needles]
+    encode = piece_encoder(tokenizer)
+    head = head_ids(tokenizer, before + layout.head)
+    tail = encode(layout.tail) if layout.tail else []
+    needle_ids = [encode(" " + s) for s in needles]
     fixed = len(head) + len(tail) + sum(len(x) for x in needle_ids)
     n_hay = length - fixed
     if n_hay < 1:
@@ -172,7 +189,7 @@ def assemble(tokenizer, layout: Layout, hay: Haystack, first: int, needles: Sequ
     ids, bounds = cut(hay, first, n_hay)
     ids, at = insert(ids, bounds, needle_ids, depths)
     context = tuple(int(t) for t in np.concatenate([head, ids, tail]).astype(np.int64))
-    suffix = tuple(tokenizer.encode(layout.question + after + layout.answer_prefix))
+    suffix = tuple(encode(layout.question + after + layout.answer_prefix))
     return context, suffix, [a / n_hay for a in at]
 
 

@@ -27,7 +27,8 @@ import uuid
 
 import numpy as np
 
-from kvjax.eval.prompts import (FILLER, Haystack, Layout, Sample, assemble, chat_frame, filler_haystack,
+from kvjax.eval.prompts import (FILLER, Haystack, Layout, Sample, assemble, chat_frame, filler_haystack, head_ids,
+                                piece_encoder,
                                 sample_rng, split_sentences, tokenize_haystack)
 from kvjax.eval.words import ADJECTIVES, NOUNS, VERBS
 
@@ -85,11 +86,11 @@ def niah_sample(tokenizer, essays: Haystack, subtask: str, length: int, index: i
     if hay_kind == "needles":  # the haystack is distractor needles with other keys
         n = length // 8 + 1
         others = _distinct(lambda: _key(rng, key_kind), n, avoid=keys)
-        hay = tokenize_haystack(tokenizer.encode, [NEEDLE.format(kind=value_kind, key=k, value=_value(rng, value_kind))
-                                                   for k in others])
+        hay = tokenize_haystack(piece_encoder(tokenizer),
+                                [NEEDLE.format(kind=value_kind, key=k, value=_value(rng, value_kind)) for k in others])
         first = 0
     else:
-        hay = filler_haystack(tokenizer.encode) if hay_kind == "noise" else essays
+        hay = filler_haystack(piece_encoder(tokenizer)) if hay_kind == "noise" else essays
         first = int(rng.integers(len(hay.starts)))
     depths = list(rng.uniform(size=len(needles)))
     query = queried[0] if len(queried) == 1 else ", ".join(queried[:-1]) + ", and " + queried[-1]
@@ -127,13 +128,15 @@ def vt_sample(tokenizer, subtask: str, length: int, index: int, seed: int, hops:
     depths = sorted(rng.uniform(size=len(lines)))
     layout = Layout(head=example + VT_TASK, tail="", question="\n" + VT_QUESTION.format(value=value),
                     answer_prefix=VT_ANSWER.format(n=hops + 1, value=value))
-    context, suffix, landed = assemble(tokenizer, layout, filler_haystack(tokenizer.encode), 0, lines, depths, length)
+    filler = filler_haystack(piece_encoder(tokenizer))
+    context, suffix, landed = assemble(tokenizer, layout, filler, 0, lines, depths, length)
     return Sample("ruler", subtask, length, None, index, context, suffix, tuple(names), MAX_NEW_TOKENS["vt"],
                   landed[0])
 
 
 def _word_lines(tokenizer, words: list[str]) -> list[list[int]]:
-    return [tokenizer.encode(f"{i + 1}. {w}\n") for i, w in enumerate(words)]
+    encode = piece_encoder(tokenizer)
+    return [encode(f"{i + 1}. {w}\n") for i, w in enumerate(words)]
 
 
 def cwe_sample(tokenizer, subtask: str, length: int, index: int, seed: int) -> Sample:
@@ -147,8 +150,8 @@ def cwe_sample(tokenizer, subtask: str, length: int, index: int, seed: int) -> S
     example = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(ex_words))
     head = (f"{CWE_TASK}\n{example}\n{CWE_QUESTION} {CWE_ANSWER} {' '.join(ex_common)}\n\n{CWE_TASK}\n")
     before, after = chat_frame(tokenizer)
-    head_ids = tokenizer.encode(before + head)
-    budget = length - len(head_ids)
+    first = head_ids(tokenizer, before + head)
+    budget = length - len(first)
 
     order_seed = int(rng.integers(2**32))
 
@@ -172,8 +175,8 @@ def cwe_sample(tokenizer, subtask: str, length: int, index: int, seed: int) -> S
     # one more rare line (it did not fit whole: the total is order-independent) fills the last tokens
     lines = _word_lines(tokenizer, words + [rare[(lo // freq_rare) % len(rare)]])
     ids = [t for line in lines for t in line][:budget]
-    suffix = tokenizer.encode(CWE_QUESTION + after + CWE_ANSWER)
-    return Sample("ruler", subtask, length, None, index, tuple(head_ids + ids), tuple(suffix), tuple(common),
+    suffix = piece_encoder(tokenizer)(CWE_QUESTION + after + CWE_ANSWER)
+    return Sample("ruler", subtask, length, None, index, tuple(first + ids), tuple(suffix), tuple(common),
                   MAX_NEW_TOKENS["cwe"])
 
 
