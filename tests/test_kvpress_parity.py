@@ -24,7 +24,8 @@ PRESSES = {  # reference file -> kvjax method (or a function of the reference fi
     "chunkkv_snapkv": "chunkkv:snapkv", "chunkkv_keydiff": "chunkkv:keydiff", "block_keydiff": "block:keydiff",
     "per_layer_snapkv": lambda ref, ratio: kvjax.methods.get(
         f"per_layer(ratios={tuple(float(r) for r in ref[f'ratios_r{ratio}'])}):snapkv"),
-    "critical_snapkv": "critical:snapkv",
+    "critical_snapkv": "critical:snapkv", "criticaladakv_snapkv": "criticaladakv:snapkv",
+    "adakv_critical_snapkv": "adakv:critical:snapkv", "merging_snapkv": "merging:snapkv",
 }
 TIE = 1e-4  # score gap at the cut below which kvpress's choice is a tie-break
 

@@ -5,13 +5,15 @@ reference sets that the kvjax tests compare against. Not run in CI: the outputs 
 tests/golden/smollm2-135m/kvpress/ and the tests only read them. To regenerate (CPU only, deterministic,
 a few minutes on 2 cores):
 
-    pip install torch==2.13.0 transformers gguf accelerate
+    pip install torch==2.13.0 transformers==5.23.0 gguf accelerate
     pip install kvpress==0.5.5 --no-deps     # its pin transformers<5.3 is too old for the venv; see below
     pip install "cachetools<6,>=5.5.2" "datasets>=2.21.0" "fire<0.7,>=0.6.0" "pandas<3,>=2.2.2" \
         "peft>=0.20.0" "requests<3,>=2.32.3"   # kvpress's other deps (imported by kvpress/__init__)
     python tests/golden/make_kvpress_reference.py [--gguf PATH] [--out DIR]
 
-Needs torch, transformers (made with 5.23), gguf, accelerate and kvpress (made with 0.5.5).
+Needs torch, transformers (made with 5.23; 5.25 passes the cache to attention modules as `cache=`, not the
+`past_key_values=` kvpress 0.5.5's hooks read, so pin transformers==5.23.0), gguf, accelerate and kvpress
+(made with 0.5.5).
 
 Compatibility shim: transformers >= 5.x no longer passes `cache_position` down to the attention modules,
 and kvpress 0.5.5's BasePress.forward_hook reads kwargs["cache_position"] (KeyError otherwise). We pass
