@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.models.decoder import decoder_stack
 from kvjax.models.llama import RMSNorm
 from kvjax.observe import ObsSpec, observe_chunk
 from kvjax.states.cache import KVCache
@@ -390,30 +391,5 @@ class DeepSeek(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, cache: KVCache, n_valid=None, logits_at=None, obs=None):
-        cfg, dt = self.cfg, self.cfg.jnp_dtype
-        b, t = tokens.shape
-        if cache.n_model_layers != cfg.n_layers:
-            raise ValueError(f"the cache has states for {cache.n_model_layers} layers, the model {cfg.n_layers}")
-        if n_valid is None:
-            n_valid = jnp.full((b,), t, jnp.int32)
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt, name="embed")
-        x = embed(tokens)
-        states, new_obs = list(cache.layers), []
-        for i in range(cfg.n_layers):
-            s = cache.state_index(i)
-            x, states[s], layer_obs = Block(cfg, i, self.attn_block, self.observe, cache.writes(i), name=f"layers_{i}")(
-                x, positions, states[s], n_valid, None if obs is None else obs[i], cache.attention_impl)
-            new_obs.append(layer_obs)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        x = RMSNorm(cfg.rms_eps, dt, name="final_norm")(x)
-        with jax.named_scope("lm_head"):
-            if cfg.tie_embeddings:
-                logits = embed.attend(x)
-            else:
-                logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, name="lm_head")(x)
-        cache = dataclasses.replace(cache, layers=tuple(states), next_pos=cache.next_pos + n_valid)
-        if self.observe is not None:
-            return logits.astype(jnp.float32), cache, tuple(new_obs)
-        return logits.astype(jnp.float32), cache
+        return decoder_stack(self, Block, RMSNorm, tokens, positions, cache, n_valid, logits_at, obs)
 
