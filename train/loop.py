@@ -265,6 +265,7 @@ def restore(mngr: ocp.CheckpointManager, target: TrainState, meta: dict) -> Trai
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       dataclasses.asdict(target))
     steps = sorted(mngr.all_steps(), reverse=True)
+    _drop_closed_loop_errors()
     for step in steps:
         try:
             with quiet_absl():
@@ -311,18 +312,39 @@ def _quiet_failed_reads(step_dir) -> None:
     other reads still finish on their threads and call back into the closed loop (an unraisable
     "RuntimeError: Event loop is closed" traceback each), and their failed tasks log "Task exception was
     never retrieved" when collected. The damage is already reported in one line: drop exactly those
-    (other unraisable exceptions go to the previous hook; asyncio records about other files stay)."""
-    if not _DAMAGED:
-        previous = sys.unraisablehook
-
-        def hook(unraisable):
-            exc = unraisable.exc_value
-            if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-                previous(unraisable)
-
-        sys.unraisablehook = hook
-        logging.getLogger("asyncio").addFilter(_not_about_damaged)
+    (other unraisable exceptions go to the previous hook; asyncio records about other files stay).
+    The hook is in place before the first read (`_drop_closed_loop_errors`): a late callback may fire
+    before the read's failure reaches `restore`."""
     _DAMAGED.add(str(step_dir))
+
+
+_HOOKED: list[bool] = [False]
+
+
+def _drop_closed_loop_errors() -> None:
+    """Install, once per process, the unraisable hook and the asyncio filter of `_quiet_failed_reads`."""
+    if _HOOKED[0]:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_not_about_damaged)
+    _HOOKED[0] = True
+
+
+def _closed_loop(exc: BaseException | None) -> bool:
+    """`exc`, or an exception it was raised from, is asyncio's "Event loop is closed" (tensorstore wraps
+    it in its own exception when its callback fails)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _not_about_damaged(record: logging.LogRecord) -> bool:
