@@ -9,17 +9,18 @@ saved); kvjax stores the result in a `RaggedKV` pool, so the kept tokens are the
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, check_wrapped
-from kvjax.observe import ObsSpec
+from kvjax.methods.base import Budget, EvictionMethod, ScoreContext, Wrapper, check_wrapped
 from kvjax.states.ragged import ragged_from_selection
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaKV(EvictionMethod):
+class AdaKV(Wrapper):
+    wrapper: ClassVar[str] = "adakv"
     press: EvictionMethod
     alpha_safeguard: float = 0.2
 
@@ -28,21 +29,8 @@ class AdaKV(EvictionMethod):
         if not 0 <= self.alpha_safeguard <= 1:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"adakv:{self.press.name}"
-
-    def observations(self) -> ObsSpec:
-        return self.press.observations()
-
-    def protected(self) -> int:
-        return self.press.protected()
-
     def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
         return self.press.layer_keep(budget, n_tokens, layer, n_layers)
-
-    def score(self, ctx: ScoreContext):
-        return self.press.score(ctx)
 
     def decode_rule(self, capacity: int):
         raise ValueError("decode-time eviction (capacity=) keeps one budget for every head: use the scorer alone")

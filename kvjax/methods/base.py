@@ -235,6 +235,27 @@ class EvictionMethod(abc.ABC):
 ScoreMethod = EvictionMethod  # the public name of the score-method base
 
 
+class Wrapper(EvictionMethod):
+    """A method around another one, `press` (a dataclass field of the subclass), written `WRAPPER:PRESS`
+    (`wrapper`: its name in `WRAPPERS`). It observes, protects and scores as its press does unless it
+    says otherwise; what it changes is how scores become a kept set (`layer_keep`, `select`, ...)."""
+
+    wrapper: ClassVar[str] = "?"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.wrapper}:{self.press.name}"
+
+    def observations(self) -> ObsSpec:
+        return self.press.observations()
+
+    def protected(self) -> int:
+        return self.press.protected()
+
+    def score(self, ctx: ScoreContext) -> jax.Array:
+        return self.press.score(ctx)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillMethod(EvictionMethod):
     """Base of prefill methods: they build their own layer states before the prefill and finish them

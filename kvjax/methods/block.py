@@ -12,16 +12,18 @@ prefill). Every row runs its own number of steps inside one `lax.fori_loop` of s
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, check_positive, check_wrapped
+from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, Wrapper, check_positive, check_wrapped
 from kvjax.observe import ObsSpec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Block(EvictionMethod):
+class Block(Wrapper):
+    wrapper: ClassVar[str] = "block"
     press: EvictionMethod
     block_size: int = 128
 
@@ -32,18 +34,8 @@ class Block(EvictionMethod):
             raise ValueError(f"block: rescoring a subset of tokens needs a scorer of keys and values alone; "
                              f"{self.press.name} reads prefill observations (queries, attention)")
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"block:{self.press.name}"
-
-    def protected(self) -> int:
-        return self.press.protected()
-
     def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
         return budget.keep(n_tokens)  # kvpress: compute_n_kept, whatever the scorer's own rule
-
-    def score(self, ctx: ScoreContext):
-        return self.press.score(ctx)
 
     def decode_rule(self, capacity: int):
         raise ValueError("decode-time eviction (capacity=) is the scorer's: use it without block:")

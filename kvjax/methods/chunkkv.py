@@ -11,27 +11,22 @@ chunks are kept. The budget rule of the scorer (PyramidKV's) is not used, as in 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
-from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, check_positive, check_wrapped
+from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, Wrapper, check_positive, check_wrapped
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ChunkKV(EvictionMethod):
+class ChunkKV(Wrapper):
+    wrapper: ClassVar[str] = "chunkkv"
     press: EvictionMethod
     chunk_length: int = 20
 
     def __post_init__(self):
         check_wrapped("chunkkv", self.press)
         check_positive(chunk_length=self.chunk_length)
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"chunkkv:{self.press.name}"
-
-    def observations(self):
-        return self.press.observations()
 
     def protected(self) -> int:
         return 0  # chunks are chosen by score; kvpress protects nothing more
@@ -45,9 +40,6 @@ class ChunkKV(EvictionMethod):
         kept = (max(1, int(n_chunks * (1 - budget.ratio))) if budget.ratio is not None
                 else max(1, budget.tokens // c))
         return min(n_tokens, kept * c)
-
-    def score(self, ctx: ScoreContext):
-        return self.press.score(ctx)
 
     def decode_rule(self, capacity: int):
         raise ValueError("decode-time eviction (capacity=) evicts single tokens: use the scorer without chunkkv:")

@@ -17,10 +17,11 @@ kvpress warns that ExpectedAttention should run with use_vnorm=False under both.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
-from kvjax.methods.base import (WRAPPERS, Budget, EvictionMethod, ScoreContext, check_wrapped, group_mean)
+from kvjax.methods.base import (WRAPPERS, Budget, EvictionMethod, ScoreContext, Wrapper, check_wrapped, group_mean)
 from kvjax.observe import ObsSpec
 from kvjax.states.ragged import ragged_from_selection
 
@@ -44,7 +45,8 @@ def _check_params(epsilon, first_stage_ratio):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CriticalKV(EvictionMethod):
+class CriticalKV(Wrapper):
+    wrapper: ClassVar[str] = "critical"
     press: EvictionMethod
     epsilon: float = 1e-4
     first_stage_ratio: float = 0.5
@@ -53,15 +55,8 @@ class CriticalKV(EvictionMethod):
         check_wrapped("critical", self.press)
         _check_params(self.epsilon, self.first_stage_ratio)
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"critical:{self.press.name}"
-
     def observations(self) -> ObsSpec:
         return dataclasses.replace(self.press.observations(), wov=True)
-
-    def protected(self) -> int:
-        return self.press.protected()
 
     def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
         return budget.keep(n_tokens)  # kvpress: ScorerPress.compress, whatever the scorer's own rule
@@ -82,7 +77,8 @@ class CriticalKV(EvictionMethod):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CriticalAdaKV(EvictionMethod):
+class CriticalAdaKV(Wrapper):
+    wrapper: ClassVar[str] = "criticaladakv"
     press: EvictionMethod
     alpha_safeguard: float = 0.2
     epsilon: float = 1e-4
@@ -94,24 +90,14 @@ class CriticalAdaKV(EvictionMethod):
         if not isinstance(self.alpha_safeguard, (int, float)) or not 0 <= self.alpha_safeguard <= 1:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"criticaladakv:{self.press.name}"
-
     def observations(self) -> ObsSpec:
         return dataclasses.replace(self.press.observations(), wov=True)
-
-    def protected(self) -> int:
-        return self.press.protected()
 
     def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
         return budget.keep(n_tokens)
 
     def decode_rule(self, capacity: int):
         raise ValueError("decode-time eviction (capacity=) keeps one budget for every head: use the scorer alone")
-
-    def score(self, ctx: ScoreContext):
-        return self.press.score(ctx)
 
     def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
         if capacity > state.capacity:  # room asked beyond the prefill's slots: empty slots score -inf

@@ -14,11 +14,12 @@ Similarities are computed in blocks of evicted slots (`block` rows at a time), n
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, check_positive, check_wrapped
+from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, Wrapper, check_positive, check_wrapped
 
 EPS = 1e-6
 
@@ -61,7 +62,8 @@ def quantile_masked(x, mask, q):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Merging(EvictionMethod):
+class Merging(Wrapper):
+    wrapper: ClassVar[str] = "merging"
     press: EvictionMethod
     similarity_threshold: float = 0.0
     merge_fraction: float = 1.0
@@ -75,21 +77,8 @@ class Merging(EvictionMethod):
         if not isinstance(self.merge_fraction, (int, float)) or not 0 < self.merge_fraction <= 1:
             raise ValueError(f"merge_fraction must be in (0, 1], got {self.merge_fraction!r}")
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"merging:{self.press.name}"
-
-    def observations(self):
-        return self.press.observations()
-
-    def protected(self) -> int:
-        return self.press.protected()
-
     def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
         return budget.keep(n_tokens)  # kvpress: compute_n_kept for every layer
-
-    def score(self, ctx: ScoreContext):
-        return self.press.score(ctx)
 
     def decode_rule(self, capacity: int):
         raise ValueError("decode-time eviction (capacity=) drops tokens: use the scorer without merging:")

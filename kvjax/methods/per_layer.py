@@ -8,12 +8,14 @@ equal the model's layers (checked before anything compiles).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
-from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, check_wrapped
+from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, Wrapper, check_wrapped
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PerLayer(EvictionMethod):
+class PerLayer(Wrapper):
+    wrapper: ClassVar[str] = "per_layer"
     press: EvictionMethod
     ratios: tuple = ()
 
@@ -28,18 +30,8 @@ class PerLayer(EvictionMethod):
         object.__setattr__(self, "ratios", tuple(float(r) for r in ratios))
 
     @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"per_layer:{self.press.name}"
-
-    @property
     def mean_ratio(self) -> float:
         return sum(self.ratios) / len(self.ratios)
-
-    def observations(self):
-        return self.press.observations()
-
-    def protected(self) -> int:
-        return self.press.protected()
 
     def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
         if len(self.ratios) != n_layers:
@@ -50,9 +42,6 @@ class PerLayer(EvictionMethod):
             raise ValueError(f"per_layer: the ratios average {self.mean_ratio:.6g}; give ratio={self.mean_ratio:.6g} "
                              f"(got {budget.ratio})")
         return Budget(ratio=self.ratios[layer]).keep(n_tokens)
-
-    def score(self, ctx: ScoreContext):
-        return self.press.score(ctx)
 
     def decode_rule(self, capacity: int):
         raise ValueError("decode-time eviction (capacity=) keeps one capacity for every layer: use the scorer alone")

@@ -11,10 +11,11 @@ keeps the same count, so every layer's next position is the same.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
-from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, check_wrapped
+from kvjax.methods.base import WRAPPERS, Budget, EvictionMethod, ScoreContext, Wrapper, check_wrapped
 from kvjax.models.rope import apply_rope, rope_inv_freq
 
 
@@ -29,27 +30,15 @@ def rerotate_to_slots(state, n_keep, inv_freq):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Rerotate(EvictionMethod):
+class Rerotate(Wrapper):
+    wrapper: ClassVar[str] = "rerotate"
     press: EvictionMethod
 
     def __post_init__(self):
         check_wrapped("rerotate", self.press)
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"rerotate:{self.press.name}"
-
-    def observations(self):
-        return self.press.observations()
-
-    def protected(self) -> int:
-        return self.press.protected()
-
     def layer_keep(self, budget: Budget, n_tokens: int, layer: int, n_layers: int) -> int:
         return budget.keep(n_tokens)  # kvpress: compute_n_kept for every layer
-
-    def score(self, ctx: ScoreContext):
-        return self.press.score(ctx)
 
     def decode_rule(self, capacity: int):
         raise ValueError("decode-time eviction keeps original positions: use the scorer without rerotate:")
