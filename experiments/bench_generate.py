@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cpu_line  # noqa: E402
 ESSAYS = REPO.parent / "shared" / "data" / "paul_graham_essays"
 
 
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
                                     args.repeats, lm)
 
     lines = [f"model {args.model}, float32, CPU; load {load_s:.1f}s; peak RSS after load {rss_load:.0f} MB, "
-             f"after kvjax runs {rss_end:.0f} MB", "",
+             f"after kvjax runs {rss_end:.0f} MB", "", cpu_line(), "",
              "| measurement | kvjax tok/s | compile s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
     for name, row in ours.items():
         other = theirs.get(name, {}).get("tok_s")
