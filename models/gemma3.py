@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.models.decoder import decoder_stack
+from kvjax.models.llama import token_features
 from kvjax.models.rope import apply_rope, rope_inv_freq
 from kvjax.observe import ObsSpec, observe_chunk
 from kvjax.states.cache import KVCache, init_cache, register_layout
@@ -239,7 +240,7 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_eps, dt, name="k_norm")(heads(dense(cfg.n_kv_heads * cfg.head_dim, "k_proj")(x),
                                                               cfg.n_kv_heads))
             v = heads(dense(cfg.n_kv_heads * cfg.head_dim, "v_proj")(x), cfg.n_kv_heads)
-            features = jnp.concatenate([y.reshape(b, t, -1) for y in (q_pre, k, v)], axis=-1)
+            features = token_features(q_pre, k, v)
             self.sow("intermediates", "qkv", features)
             with jax.named_scope("rope"):
                 k_rot = apply_rope(k, positions[:, :, None], inv_freq).transpose(0, 2, 1, 3)
