@@ -244,16 +244,12 @@ class Attention(nn.Module):
             self.sow("intermediates", "qkv", features)
             with jax.named_scope("rope"):
                 k_rot = apply_rope(k, positions[:, :, None], inv_freq).transpose(0, 2, 1, 3)
-            v = v.transpose(0, 2, 1, 3)
+            v_tokens, v = v, v.transpose(0, 2, 1, 3)  # [B, T, K, D] for the observations, [B, K, T, D] stored
         if local:
             with jax.named_scope("attend"):
                 out = state.attend_new(q, positions, k_rot, v, positions, n_valid, self.attn_block)
             with jax.named_scope("cache_update"):
                 state = state.append(k_rot, v, positions, n_valid)
-            if self.observe is not None:  # window queries and query statistics (`compress_local`), no column sums
-                with jax.named_scope("observe"):
-                    obs = observe_chunk(dataclasses.replace(self.observe, col_sums=False), obs, q_pre, q, positions,
-                                        n_valid, state, None, self.attn_block, impl)
         else:
             if self.writes:
                 with jax.named_scope("cache_update"):
@@ -262,11 +258,14 @@ class Attention(nn.Module):
                 out = state.attend(q, positions, self.attn_block, return_lse=need_lse, impl=impl)
                 out, lse = out if need_lse else (out, None)
                 state = state.observe_query(q, positions)
-            if self.observe is not None:
-                with jax.named_scope("observe"):
-                    obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse,
-                                        self.attn_block, impl)
-        out = dense(cfg.d_model, "o_proj")(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
+        o_proj = dense(cfg.d_model, "o_proj")
+        out = o_proj(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
+        if self.observe is not None:  # local layers: window queries and statistics (`compress_local`), no column sums
+            with jax.named_scope("observe"):
+                spec = dataclasses.replace(self.observe, col_sums=False) if local else self.observe
+                wo = o_proj.variables["params"]["kernel"] if spec.wov else None
+                obs = observe_chunk(spec, obs, q_pre, q, positions, n_valid, state, None if local else lse,
+                                    self.attn_block, impl, values=v_tokens if self.writes else None, wo=wo)
         return out, state, obs
 
 

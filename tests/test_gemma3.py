@@ -26,6 +26,7 @@ from kvjax.lm import LM
 from kvjax.models import Gemma3, Gemma3Config, config_from_gguf, config_from_hf
 from kvjax.states import DenseKV, QuantKV, WindowKV, init_cache, memory_report
 from kvjax.states.cache import model_cache
+from kvjax.states import kept_positions
 from kvjax.testing import TINY_VOCAB, random_ids, tiny_params, tiny_tokenizer
 
 GOLDEN = Path(__file__).parent / "golden" / "gemma3-270m"
@@ -371,3 +372,14 @@ def test_rows_of_different_lengths_decode_as_they_do_alone():
     for row, ids in zip(rows, both.ids):
         full = numpy_gemma3(lm.params, lm.cfg, np.concatenate([row, ids[:-1]]))
         assert ids == full[len(row) - 1:].argmax(-1).tolist()
+
+
+def test_critical_kv_scores_the_global_layers():
+    """CriticalKV reads ||v W_o||_1 from the attention's observations: Gemma's attention passes its values
+    and o_proj kernel (it raised 'does not pass its values' before), and the kept sets differ from
+    SnapKV's alone somewhere."""
+    lm = tiny_gemma_lm()
+    ids = random_ids(150, 1, lm.cfg.vocab_size).tolist()
+    crit = kept_positions(lm.prefill(ids, method="critical:snapkv", ratio=0.5))
+    snap = kept_positions(lm.prefill(ids, method="snapkv", ratio=0.5))
+    assert any(not np.array_equal(np.sort(a, -1), np.sort(b, -1)) for a, b in zip(crit, snap))
