@@ -31,7 +31,8 @@ from kvjax.compress import compress, resolve_keep
 from kvjax.models.family import model_for
 from kvjax.shapes import bucket
 from kvjax.observe import init_layer_obs
-from kvjax.states.cache import KVCache, model_cache
+from kvjax.methods.crosslayer import CrossLayer
+from kvjax.states.cache import KVCache, model_cache, route_share
 
 DECODE_STEP = 64  # decode room is allocated in steps of this many slots
 
@@ -50,6 +51,8 @@ class Plan:
       local: with `compress_local`, each layer's sliding window or None (a global layer); None when
         sliding-window layers keep their whole window.
       check_finite: debug mode: check K/V for NaN/Inf before quantizing.
+      share: with a cross-layer method (`kvjax.methods.crosslayer`), the cache's layer -> state map
+        (`KVCache.share`) the prompt is prefilled onto; None: one state per layer.
     """
 
     method: object = None
@@ -61,6 +64,7 @@ class Plan:
     model_name: str = ""
     check_finite: bool = False
     local: tuple[int | None, ...] | None = None  # compress_local: each layer's sliding window (None: global)
+    share: tuple[int, ...] | None = None
 
     def kept(self, n_layers: int, length: int) -> tuple[int, ...]:
         """Tokens each layer holds after compression (the longest row)."""
@@ -70,14 +74,17 @@ class Plan:
 
 
 def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
-         model_name: str = "", fresh: bool = True, compress_local: bool = False) -> Plan | None:
+         model_name: str = "", fresh: bool = True, compress_local: bool = False, lm=None) -> Plan | None:
     """Validate a compression request for prompts of `lengths` tokens: a `Plan`, or None for none.
 
     `method`: None / "full", a name, a spec with parameters ("snapkv(window=16)"), "wrapper:name",
     "compose(snapkv, kivi-4)", or a method / quantizer / `Compose` object. `quant`: a quantizer spec
     or object (the same as composing it). `fresh`: False when the prompt is fed on top of a given cache,
     which cannot be compressed again. `compress_local`: evict in sliding-window layers too (by default
-    compression applies to global layers only), each keeping its budget of what its window holds. Every error is a ValueError raised here, before any compile.
+    compression applies to global layers only), each keeping its budget of what its window holds. A
+    cross-layer method (CLA, KVSharer) becomes the plan's `share` map and its eviction method (`press=`), if
+    any; `lm` (the model) lets one that calibrates on first use do so. Every error is a ValueError raised
+    here, before any compile.
     """
     token, quantizer = (None, None) if method is None or method == "full" else methods.split(method)
     if quant is not None:
@@ -89,12 +96,23 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     if checkpoint is not None:
         token = _with_checkpoint(token, checkpoint)
     lengths = [int(n) for n in lengths]
+    share = None
+    if isinstance(token, CrossLayer):
+        if not fresh:
+            raise ValueError(f"{token.name} shares layers from the first token: do not pass cache= with it")
+        if token.keeps_every_token and (ratio is not None or budget is not None or capacity is not None):
+            raise ValueError(f"{token.name} keeps every token: ratio= / budget= / capacity= need an eviction "
+                             f"method, e.g. {token.name}(press=snapkv)")
+        share = route_share(token.route(cfg, model_name, lm))
+        token = token.evictor()
     if token is None:
         if ratio is not None or budget is not None or capacity is not None:
             raise ValueError("ratio= / budget= / capacity= need a method= to compress with")
         if quantizer is not None and not fresh:
             raise ValueError("quantization applies to a fresh prefill: do not pass cache= with quant=")
-        return None if quantizer is None else Plan(quantizer=quantizer, model_name=model_name)
+        if quantizer is None and share is None:
+            return None
+        return Plan(quantizer=quantizer, model_name=model_name, share=share)
     if not fresh:
         raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
     _check_latent(cfg, token, capacity)
@@ -103,13 +121,13 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
             raise ValueError("compress_local: sliding-window layers are evicted at the prefill by ratio= or "
                              "budget=; capacity= (decode-time eviction) applies to global layers only")
         n_keep = _rolling_keep(token, capacity, ratio, budget, lengths, cfg.n_layers)
-        return Plan(token, quantizer, n_keep, rolling=int(capacity), model_name=model_name)
+        return Plan(token, quantizer, n_keep, rolling=int(capacity), model_name=model_name, share=share)
     if ratio is None and budget is None:
         raise ValueError(f"method {token.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
                          "or capacity= (cache bound while decoding)")
     n_keep = resolve_keep(token, methods.Budget(ratio=ratio, tokens=budget), lengths, cfg.n_layers)
     local = _local_plan(cfg, token, quantizer, ratio, budget, lengths, n_keep) if compress_local else None
-    p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name, local=local)
+    p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name, local=local, share=share)
     if token.prefills_itself:
         if any(getattr(cfg, "windows", None) or ()):
             raise ValueError(f"method {token.name!r} builds its own state for every layer, and this model has "
@@ -191,7 +209,9 @@ def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray
     in `DECODE_STEP` steps, not later). Returns (logits float32 [B, V] at each row's last token, cache).
 
     A prefill method builds its own states (its `build_cache` replaces `cache`, whose batch and
-    attention implementation it keeps)."""
+    attention implementation it keeps); a plan with `share` prefills onto a cache of that layout instead."""
+    if p is not None and p.share is not None:
+        cache = model_cache(cfg, cache.batch, cache.capacity, cache.attention_impl, share=p.share)
     if p is None:
         logits, cache, _ = generation.prefill(params, cfg, tokens, lengths, cache)
         return logits, cache
@@ -298,7 +318,7 @@ def abstract(cfg, p: Plan | None, length: int, batch: int = 1) -> KVCache:
     only (`jax.eval_shape`: nothing is computed or allocated); `cache_nbytes` of it is exact. The plan's
     `n_keep` must be for rows of `length` tokens."""
     capacity = bucket(length)
-    cache = jax.eval_shape(lambda: model_cache(cfg, batch, capacity))
+    cache = jax.eval_shape(lambda: model_cache(cfg, batch, capacity, share=None if p is None else p.share))
     if p is None:
         return cache
     method = p.method

@@ -29,12 +29,15 @@ class KVCache:
         reading the same state only attend to it and store nothing (cross-layer sharing: CLA, ...).
       attention_impl: static; "xla" (plain jnp), "pallas" (each state's kernel) or "auto" (kernels
         where a state has one). Set once here; the model, observations and scorers read it.
+      route: None, or int32 [L] the same map as data (`routed_cache`): layer i attends to the K/V layer
+        route[i] wrote, one program for every map (KVSharer's search). Every layer keeps its own state.
     """
 
     layers: tuple
     next_pos: jax.Array
     share: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
     attention_impl: str = dataclasses.field(default="xla", metadata=dict(static=True))
+    route: jax.Array | None = None
 
     @property
     def batch(self) -> int:
@@ -70,6 +73,43 @@ class KVCache:
         return dataclasses.replace(self, layers=tuple(layer.with_room(n, round_up) for layer in self.layers))
 
 
+def routed_cache(cfg, batch: int, tokens: int, route) -> KVCache:
+    """An empty cache for one forward of `tokens` tokens in which layer i attends to the K/V of layer
+    route[i] (int32 [L], data: a new map reuses the compiled program). route[i] == i: the layer keeps its own
+    K/V; otherwise route[i] < i must keep its own. Each layer has a dense state of 2 * tokens slots: a
+    reading layer's own K/V land past the producer's length, where no query sees them
+    (`kvjax.models.decoder.decoder_stack`). A host array is checked here (`check_route`)."""
+    if isinstance(route, (np.ndarray, list, tuple)):
+        check_route(route, cfg.n_layers)
+    if getattr(cfg, "kv_layout", "dense") != "dense" or any(getattr(cfg, "windows", None) or ()):
+        raise ValueError("layer routes need a model whose layers all hold dense K/V (no latents, no sliding windows)")
+    cache = init_cache(cfg.n_layers, batch, cfg.n_kv_heads, 2 * tokens, cfg.head_dim, cfg.jnp_dtype)
+    return dataclasses.replace(cache, route=jnp.asarray(route, jnp.int32))
+
+
+def check_route(route, n_layers: int) -> None:
+    """One-line ValueError unless `route` (layer -> the layer whose K/V it reads) is a plan for `n_layers`
+    layers: every entry a layer of the model, at or below its reader, and read from a layer that keeps its
+    own K/V."""
+    route = [int(r) for r in np.asarray(route).reshape(-1)]
+    if len(route) != n_layers:
+        raise ValueError(f"a share plan maps {len(route)} layers, the model has {n_layers}")
+    for i, r in enumerate(route):
+        if not 0 <= r < n_layers:
+            raise ValueError(f"share plan: layer {i} reads layer {r}, which does not exist (layers 0..{n_layers - 1})")
+        if r > i:
+            raise ValueError(f"share plan: layer {i} reads layer {r}, a consumer before its producer")
+        if route[r] != r:
+            raise ValueError(f"share plan: layer {i} reads layer {r}, which itself reads layer {route[r]}")
+
+
+def route_share(route) -> tuple[int, ...]:
+    """A checked route (layer -> layer it reads) as `KVCache.share` (layer -> state index, states numbered
+    in the order layers first use them)."""
+    producers = sorted(set(int(r) for r in route))
+    return tuple(producers.index(int(r)) for r in route)
+
+
 def init_cache(n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype,
                share: tuple[int, ...] | None = None, attention_impl: str = "xla",
                windows: tuple[int | None, ...] | None = None) -> KVCache:
@@ -94,13 +134,19 @@ def register_layout(name: str, build) -> None:
     _LAYOUTS[name] = build
 
 
-def model_cache(cfg, batch: int, capacity: int, attention_impl: str = "xla") -> KVCache:
+def model_cache(cfg, batch: int, capacity: int, attention_impl: str = "xla",
+                share: tuple[int, ...] | None = None) -> KVCache:
     """The empty cache a model of `cfg` prefills onto: dense `DenseKV` layers of its KV heads, or the
-    layout its family declares (`cfg.kv_layout`: "mla" -> `MLAKV` latents, `kvjax.states.mla`)."""
+    layout its family declares (`cfg.kv_layout`: "mla" -> `MLAKV` latents, `kvjax.states.mla`).
+    `share` (layer -> state, `KVCache.share`): layers sharing states (cross-layer methods: CLA, KVSharer);
+    dense layouts without sliding windows only."""
     layout = getattr(cfg, "kv_layout", "dense")
+    windows = getattr(cfg, "windows", None)  # sliding-window layers (Gemma 3), if the family has them
+    if share is not None and (layout != "dense" or any(windows or ())):
+        raise ValueError("layers sharing K/V need a model whose layers all hold dense K/V (this one has "
+                         + ("sliding-window layers)" if layout == "dense" else f"a {layout} cache)"))
     if layout == "dense":
-        windows = getattr(cfg, "windows", None)  # sliding-window layers (Gemma 3), if the family has them
-        return init_cache(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim, cfg.jnp_dtype,
+        return init_cache(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim, cfg.jnp_dtype, share=share,
                           attention_impl=attention_impl, **({"windows": windows} if windows else {}))
     if layout not in _LAYOUTS:
         raise ValueError(f"unknown kv layout {layout!r}; registered: dense, {', '.join(_LAYOUTS)}")
