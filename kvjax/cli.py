@@ -26,6 +26,7 @@ import numpy as np
 
 import kvjax
 from kvjax import compile_cache, hub, interrupt, methods, timing
+from kvjax.methods import kvsharer
 from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.plugins import load_plugins
@@ -92,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=DEFAULT_MODEL)
     i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
+    k = sub.add_parser("kvsharer", help="search a KVSharer share plan on generated calibration text; write it as JSON")
+    k.add_argument("--model", default=DEFAULT_MODEL)
+    k.add_argument("--out", required=True, type=Path, help="the plan file (use it with --plan FILE)")
+    k.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    for name, f in ((f.name, f) for f in dataclasses.fields(kvsharer.KVSharer) if f.name not in ("plan", "press")):
+        k.add_argument(f"--{name.replace('_', '-')}", type=type(f.default) if f.default is not None else int,
+                       default=f.default, help=f"default {f.default}")
+
     eval_command.add_parsers(sub)
     for command in added_commands().values():
         command.add_parser(sub)
@@ -129,11 +138,13 @@ def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> Non
     budget.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
     p.add_argument("--checkpoint", default=None,
                    help="a trained method's run directory (the --out of `kvjax train locret`)")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="a KVSharer share plan (`kvjax kvsharer --out FILE`): the same as --method 'kvsharer(plan=FILE)'")
 
 
 def _compression(args) -> dict:
-    return dict(method=args.method, ratio=args.ratio, budget=args.budget, capacity=args.capacity, quant=args.quant,
-                checkpoint=args.checkpoint)
+    return dict(method=kvsharer.with_plan(args.method, args.plan), ratio=args.ratio, budget=args.budget,
+                capacity=args.capacity, quant=args.quant, checkpoint=args.checkpoint)
 
 
 def _read_prompt(args) -> str:
@@ -243,6 +254,17 @@ def _fields(cls, skip: str = "") -> str:
         else:
             out.append(f"{f.name} (required)")
     return ", ".join(out)
+
+
+def _kvsharer(args) -> None:
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(kvsharer.KVSharer)
+                if f.name not in ("plan", "press")}
+    kvsharer.KVSharer(**settings)  # checks the settings before the model loads
+    lm = kvjax.load(args.model, dtype=args.dtype)
+    plan = kvsharer.calibrate(lm, **settings)
+    kvsharer.save_plan(args.out, plan)
+    print(f"kvsharer: {len(plan['shared_layers'])} of {lm.cfg.n_layers} layers read another layer's K/V "
+          f"({len(plan['tried'])} pairs tried); route {plan['route']} -> {args.out}")
 
 
 def _inspect(args) -> None:
@@ -366,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if getattr(args, "imports", None):
                 load_plugins(args.imports)  # user methods, before any name is resolved
-            {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect,
+            {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect, "kvsharer": _kvsharer,
              "eval": eval_command.run_eval, "plot": eval_command.run_plot,
              "cache": _cache, **{name: c.run for name, c in added_commands().items()}}[args.command](args)
         except (ValueError, OSError) as e:

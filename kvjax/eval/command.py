@@ -127,7 +127,7 @@ def run_eval(args) -> None:
     for n in lengths:
         if n + (args.eval_len if args.task == "ppl" else 0) > lm.cfg.max_positions:
             raise ValueError(f"length {n} exceeds the model's maximum positions ({lm.cfg.max_positions})")
-    runner.check_configs(lm.cfg, configs, lengths)
+    runner.check_configs(lm.cfg, configs, lengths, lm)
     runner.union_spec(configs)
 
     options = dict(task=args.task, lengths=lengths)

@@ -67,8 +67,8 @@ def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budg
     out = []
     for q in quants:
         for m in method_specs:
-            if m == "full":
-                out.append(Config("full", quant=q))
+            if m == "full" or getattr(methods.split(m)[0], "keeps_every_token", False):  # cla, kvsharer: no budget
+                out.append(Config(m, quant=q))
                 continue
             if not ratios and not budgets:
                 raise ValueError(f"method {m!r} needs --ratio or --budget")
@@ -79,18 +79,19 @@ def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budg
     return list(dict.fromkeys(out))
 
 
-def config_plan(cfg: LlamaConfig, config: Config, length: int, batch: int = 1, model_name: str = ""):
+def config_plan(cfg: LlamaConfig, config: Config, length: int, batch: int = 1, model_name: str = "", lm=None):
     """The pipeline's plan (`kvjax.pipeline.plan`) of a configuration for `batch` rows of `length` tokens."""
     return pipeline.plan(cfg, [length] * batch, config.method, config.ratio, config.budget, quant=config.quant,
-                         model_name=model_name)
+                         model_name=model_name, lm=lm)
 
 
-def check_configs(cfg: LlamaConfig, configs: Sequence[Config], lengths: Iterable[int]) -> None:
+def check_configs(cfg: LlamaConfig, configs: Sequence[Config], lengths: Iterable[int], lm: LM | None = None) -> None:
     """Everything that can be checked before a long run: names, budgets at every length, combinations
-    (each configuration planned at each length; trained methods load their weights)."""
+    (each configuration planned at each length; trained methods load their weights; with `lm`, methods
+    that calibrate on first use, KVSharer, do so now)."""
     for c in configs:
         for n in lengths:
-            config_plan(cfg, c, n)
+            config_plan(cfg, c, n, model_name="" if lm is None else lm.name, lm=lm)
 
 
 def union_spec(configs: Sequence[Config]) -> ObsSpec | None:

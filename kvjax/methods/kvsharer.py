@@ -36,6 +36,7 @@ from kvjax.data import generated_text
 from kvjax.hub import cache_dir
 from kvjax.methods.base import check_positive, register
 from kvjax.methods.crosslayer import CrossLayer
+from kvjax.methods.spec import get, spec_of
 from kvjax.models.family import model_for
 from kvjax.states.cache import check_route, routed_cache
 
@@ -212,4 +213,14 @@ class KVSharer(CrossLayer):
         return known[model_name]
 
 
-__all__ = ["KVSharer", "calibrate", "search", "save_plan", "load_plan", "routed_forward"]
+def with_plan(method, plan: str | None):
+    """`method` (a spec, object or None) with KVSharer's plan file `plan` set (the CLI's --plan)."""
+    if plan is None:
+        return method
+    obj = KVSharer() if method is None else get(method)
+    if not isinstance(obj, KVSharer):
+        raise ValueError(f"--plan gives KVSharer its share plan; the method is {spec_of(obj)!r}")
+    return dataclasses.replace(obj, plan=str(plan))
+
+
+__all__ = ["with_plan", "KVSharer", "calibrate", "search", "save_plan", "load_plan", "routed_forward"]
