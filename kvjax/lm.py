@@ -21,6 +21,7 @@ from kvjax.generation import Sampler
 from kvjax.shapes import bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
+from kvjax.methods.crosslayer import healed_run, load_healed
 from kvjax.models.config import LlamaConfig
 from kvjax.states import KVCache, cache_nbytes
 from kvjax.states.cache import model_cache
@@ -273,7 +274,8 @@ class LM:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
-    """Load a model: a known name ("smollm2-135m"), a .gguf file, or an HF checkpoint directory.
+    """Load a model: a known name ("smollm2-135m"), a .gguf file, an HF checkpoint directory, or the run
+    directory of `kvjax train cla` (its base model with the healed projections; use it with its `cla` method).
 
     dtype defaults to float32 on CPU and bfloat16 on accelerators.
     """
@@ -281,5 +283,10 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    run = healed_run(name_or_path)
+    if run is not None:  # a `kvjax train cla` run: its base model with the healed consumer projections
+        base = run["model"].rsplit(" (", 1)[0]
+        lm = load(base, dtype)
+        return LM(lm.cfg, load_healed(name_or_path, lm.params, lm.cfg, base), lm.tokenizer, name=str(name_or_path))
     cfg, params, tokenizer = load_checkpoint(name_or_path, dtype)
     return LM(cfg, params, tokenizer, name=str(name_or_path))

@@ -14,6 +14,7 @@ _EXPORTS = {
     "make_mesh": "loop", "make_optimizer": "loop", "lr_schedule": "loop",
     "load_tokens": "data", "token_batches": "data",
     "MatryoshkaTask": "matryoshka", "cayley": "matryoshka", "pca_basis": "matryoshka",
+    "CLATask": "cla",
 }
 __all__ = sorted(_EXPORTS)
 

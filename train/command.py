@@ -4,6 +4,8 @@
     kvjax generate --method locret --checkpoint runs/locret --ratio 0.5 --prompt "..."
     kvjax train matryoshka --model smollm2-135m --steps 500 --out runs/matryoshka [--resume] \\
         [--cache-fraction 0.5]     # no --data: $KVJAX_DATA/tinyshakespeare.txt, TFDS or generated prose
+    kvjax train cla --model smollm2-135m --steps 100 --out runs/cla [--spec "cla(layers=all)"]
+    kvjax eval ppl --model runs/cla --method cla    # the healed model (its consumers' q/o) with its conversion
 
 Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
 `--cache-fraction` the greedy per-layer ranks meeting that fraction of the full K/V bytes to
@@ -22,8 +24,8 @@ from pathlib import Path
 from kvjax import distributed
 from kvjax.hub import DEFAULT_MODEL
 
-METHODS = ("locret", "matryoshka")
-DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3}  # locret: the reference's AdamW rate
+METHODS = ("locret", "matryoshka", "cla")
+DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3, "cla": 1e-4}  # locret: the reference's AdamW rate
 
 
 def add_parser(sub) -> None:
@@ -39,7 +41,7 @@ def add_parser(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: locret 5e-4, matryoshka 1e-3)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: locret 5e-4, matryoshka 1e-3, cla 1e-4)")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--clip", type=float, default=1.0)
@@ -54,6 +56,7 @@ def add_parser(sub) -> None:
                    help="locret: fraction of each window whose tokens are the queries that label the rest")
     distributed.add_args(t)
     t.add_argument("--n-levels", type=int, default=8, help="matryoshka: nested ranks are multiples of D / n-levels")
+    t.add_argument("--spec", default="cla", help="cla: the conversion to heal, e.g. 'cla(group=2, layers=all)'")
     t.add_argument("--cache-fraction", type=float, default=None,
                    help="matryoshka: after training, search per-layer ranks storing this fraction of the K/V bytes")
 
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> None:
     import kvjax
     from kvjax.train.data import TFDS_PREFIX, load_tokens, token_batches
     from kvjax.train.loop import TrainConfig, check_mesh, data_digest, make_mesh, train
+    from kvjax.train.cla import CLATask
     from kvjax.train.locret import LocretTask
     from kvjax.train.matryoshka import MatryoshkaTask
 
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> None:
             task = LocretTask(lm.cfg, model_name=args.model, hidden=args.hidden, response=args.response,
                               seed=args.seed)
             task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
+        elif args.method == "cla":
+            task = CLATask(lm.cfg, model_name=args.model, spec=args.spec)
         else:
             task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
         tokens = load_tokens(args.data, lm.tokenizer, args.seed)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
+from pathlib import Path
 
+from kvjax.checkpoints import load_trained, model_id
 from kvjax.methods.base import PrefillMethod, check_positive, register
 from kvjax.methods.spec import get, kind_of, spec_of
 from kvjax.observe import ObsSpec
@@ -113,8 +116,13 @@ class CLA(CrossLayer):
         return first, end
 
     def route(self, cfg, model_name: str = "", lm=None) -> tuple[int, ...]:
-        """Layer -> the layer whose K/V it reads: each group's lowest layer for every layer of the group."""
+        """Layer -> the layer whose K/V it reads: each group's lowest layer for every layer of the group. A
+        model healed for a CLA conversion (`kvjax.load` of a `kvjax train cla` run) takes that conversion only."""
         self.check_model(cfg)
+        healed = healed_run(model_name)
+        if healed is not None and get(healed["spec"]).route(cfg) != self.route(cfg):
+            raise ValueError(f"{model_name} was healed for {healed['spec']}; its layers are not shared as {self.name} "
+                             f"{spec_of(self)} shares them")
         first, end = self.span(cfg.n_layers)
         left = (end - first) % self.group
         route = list(range(cfg.n_layers))
@@ -131,4 +139,39 @@ class CLA(CrossLayer):
         return tuple(route)
 
 
-__all__ = ["CrossLayer", "CLA"]
+# ------------------------------------------------------------------------------------- healed CLA
+HEALED = ("q_proj", "o_proj")  # what `kvjax train cla` trains in each consumer layer's attention
+
+
+def merge_healed(params: dict, healed: dict) -> dict:
+    """`params` (the model's) with the consumer layers' attention projections of `healed`
+    ({"layers_i": {"q_proj": ..., "o_proj": ...}}) in place of theirs; the other arrays are shared, not copied."""
+    out = dict(params)
+    for layer, projections in healed.items():
+        attn = {**params[layer]["attn"], **projections}
+        out[layer] = {**params[layer], "attn": attn}
+    return out
+
+
+def healed_run(path) -> dict | None:
+    """The settings of a `kvjax train cla` run directory (`method`, `model`, `spec`), or None for anything else."""
+    settings = Path(str(path)).expanduser() / "settings.json"
+    if not str(path) or not settings.is_file():
+        return None
+    try:
+        run = json.loads(settings.read_text())
+    except ValueError:
+        return None
+    return run if isinstance(run, dict) and run.get("method") == "cla" else None
+
+
+def load_healed(run_dir, params: dict, cfg, base: str) -> dict:
+    """The model's `params` with the healed projections of the newest readable checkpoint of `run_dir` (a
+    `kvjax train cla` run of the model `base`, checked by name and config hash), in the params' dtypes."""
+    healed = load_trained(run_dir, "cla", model_id(base, cfg))[0]
+    healed = {layer: {name: {k: v.astype(params[layer]["attn"][name][k].dtype) for k, v in arrays.items()}
+                      for name, arrays in projections.items()} for layer, projections in healed.items()}
+    return merge_healed(params, healed)
+
+
+__all__ = ["CrossLayer", "CLA", "merge_healed", "healed_run", "load_healed"]
