@@ -1,4 +1,4 @@
-"""`LlamaConfig`: the static description of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM).
+"""`LlamaConfig`: the static description of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM).
 
 Frozen and hashable, so it can be a static argument of `jax.jit` and part of the compile-cache key.
 Built from a Hugging Face `config.json` (`from_hf_config`) or from GGUF metadata (`from_gguf_metadata`),
@@ -12,8 +12,10 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig.sliding_window when config.json has no key
+QWEN_DEFAULT_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config / Qwen3Config.max_window_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +35,22 @@ class LlamaConfig:
     max_positions: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    sliding_window: int | None = None  # W of the layers in `sliding_layers` (Mistral: all; Qwen2/3: upper ones)
+    sliding_layers: tuple[int, ...] = ()
     dtype: str = "float32"
 
     def __post_init__(self):
-        if isinstance(self.rope_scaling, list):  # from JSON
-            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        for name in ("rope_scaling", "sliding_layers"):
+            if isinstance(getattr(self, name), list):  # from JSON
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.sliding_layers and not (self.sliding_window and self.sliding_window >= 1):
+            raise ValueError(f"sliding_layers {self.sliding_layers} need a sliding_window >= 1, got "
+                             f"{self.sliding_window}")
+        if any(not 0 <= i < self.n_layers for i in self.sliding_layers):
+            raise ValueError(f"sliding_layers {self.sliding_layers} name layers outside 0..{self.n_layers - 1}")
 
     @property
     def group(self) -> int:
@@ -50,14 +61,24 @@ class LlamaConfig:
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
 
+    @property
+    def windows(self) -> tuple[int | None, ...] | None:
+        """Per layer: its sliding window, or None (a global layer); None when no layer slides (the cache
+        layout, `kvjax.states.cache.model_cache`, gives sliding layers a `WindowKV` ring)."""
+        if not self.sliding_layers:
+            return None
+        return tuple(self.sliding_window if i in self.sliding_layers else None for i in range(self.n_layers))
+
     def rope_for(self, layer: int) -> tuple[float, tuple | None]:
         """(theta, scaling) of RoPE at `layer` (one for every layer here; families with local and
         global layers, such as Gemma 3, differ by layer)."""
         return self.rope_theta, self.rope_scaling
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V one token occupies in a full-precision cache, over all layers."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * np.dtype(self.jnp_dtype).itemsize
+        """Bytes of K and V one token occupies in the global layers' full-precision cache (sliding-window
+        layers hold a fixed ring)."""
+        n_global = self.n_layers - len(self.sliding_layers)
+        return 2 * n_global * self.n_kv_heads * self.head_dim * np.dtype(self.jnp_dtype).itemsize
 
     def replace(self, **kw) -> "LlamaConfig":
         return dataclasses.replace(self, **kw)
@@ -69,6 +90,7 @@ class LlamaConfig:
         if arch not in HF_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r} in config.json; supported: {HF_ARCHITECTURES}")
         n_heads = hf["num_attention_heads"]
+        window, sliding = _hf_sliding_layers(hf, arch)
         return cls(
             vocab_size=hf["vocab_size"],
             d_model=hf["hidden_size"],
@@ -83,6 +105,9 @@ class LlamaConfig:
             max_positions=hf.get("max_position_embeddings", 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=window,
+            sliding_layers=sliding,
             dtype=dtype,
         )
 
@@ -91,7 +116,7 @@ class LlamaConfig:
                            read_tensor: Callable[[str], Any] = lambda name: None,
                            dtype: str = "float32") -> "LlamaConfig":
         """From a GGUF's metadata and tensor names: no `output.weight` means tied embeddings, a
-        `blk.0.attn_q.bias` means q/k/v biases, and `rope_freqs.weight` (read with `read_tensor`) is
+        `blk.0.attn_q.bias` means q/k/v biases, a `blk.0.attn_q_norm.weight` q/k RMSNorm (Qwen3), and `rope_freqs.weight` (read with `read_tensor`) is
         how llama.cpp stores Llama 3.1+ RoPE scaling (inverse frequencies are divided by it)."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
@@ -124,8 +149,29 @@ class LlamaConfig:
             max_positions=int(p("context_length", 2048)),
             tie_embeddings=not has_output,
             qkv_bias=has_qkv_bias,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             dtype=dtype,
         )
+
+
+def _hf_sliding_layers(hf: Mapping[str, Any], arch: str) -> tuple[int | None, tuple[int, ...]]:
+    """(window, sliding layers) as transformers reads a config.json: Mistral slides on every layer when
+    `sliding_window` is set (its default 4096 when the key is absent); Qwen2 / Qwen3 only with
+    `use_sliding_window`, on the layers `layer_types` marks "sliding_attention", or else on those from
+    `max_window_layers` on; Llama never."""
+    n_layers = hf["num_hidden_layers"]
+    if arch == "MistralForCausalLM":
+        window = hf.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
+        return (int(window), tuple(range(n_layers))) if window else (None, ())
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        types = hf.get("layer_types")
+        if types is not None and len(types) != n_layers:
+            raise ValueError(f"config.json: layer_types has {len(types)} entries for {n_layers} layers")
+        first = hf.get("max_window_layers", QWEN_DEFAULT_MAX_WINDOW_LAYERS)
+        layers = tuple(i for i in range(n_layers)
+                       if (types[i] == "sliding_attention" if types is not None else i >= first))
+        return (int(hf["sliding_window"]), layers) if layers else (None, ())
+    return None, ()
 
 
 def _hf_rope_scaling(rs: Mapping[str, Any] | None) -> tuple | None:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.models.decoder import decoder_stack
+from kvjax.models.decoder import decoder_stack, sliding_attention
 from kvjax.models.llama import token_features
 from kvjax.models.rope import apply_rope, rope_inv_freq
 from kvjax.observe import ObsSpec, observe_chunk
@@ -223,9 +223,6 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t, _ = x.shape
         local = cfg.is_local(self.layer)
-        if local and (not state.sliding or state.window != cfg.sliding_window or not self.writes):
-            raise ValueError(f"layer {self.layer} is a sliding-window layer (window {cfg.sliding_window}): its "
-                             f"state must be a WindowKV of that window of its own, got a {type(state).__name__}")
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
         heads = lambda y, n: y.reshape(b, t, n, cfg.head_dim)  # noqa: E731
         q = RMSNorm(cfg.rms_eps, dt, name="q_norm")(heads(dense(cfg.n_heads * cfg.head_dim, "q_proj")(x), cfg.n_heads))
@@ -246,10 +243,8 @@ class Attention(nn.Module):
                 k_rot = apply_rope(k, positions[:, :, None], inv_freq).transpose(0, 2, 1, 3)
             v_tokens, v = v, v.transpose(0, 2, 1, 3)  # [B, T, K, D] for the observations, [B, K, T, D] stored
         if local:
-            with jax.named_scope("attend"):
-                out = state.attend_new(q, positions, k_rot, v, positions, n_valid, self.attn_block)
-            with jax.named_scope("cache_update"):
-                state = state.append(k_rot, v, positions, n_valid)
+            out, state = sliding_attention(cfg, self.layer, state, self.writes, q, positions, k_rot, v, n_valid,
+                                           self.attn_block)
         else:
             if self.writes:
                 with jax.named_scope("cache_update"):

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as a pure Flax Linen module.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) as a pure Flax Linen module.
 
     logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, cache)
 
@@ -10,17 +10,20 @@ layer wrote (`KVCache.share`: cross-layer sharing) computes no K/V and only atte
 
 Legend: B batch, T tokens, E d_model, F d_ff, H query heads, K KV heads, D head dim, V vocab.
 Reference: Touvron et al. 2023 (Llama), HF transformers `modeling_llama.py` for the exact numerics
-(RMSNorm in float32, rotate-half RoPE, SwiGLU MLP).
+(RMSNorm in float32, rotate-half RoPE, SwiGLU MLP); `modeling_qwen3.py` for the per-head q/k RMSNorm
+(`cfg.qk_norm`); `modeling_mistral.py` / `modeling_qwen2.py` for sliding-window layers (`cfg.windows`:
+each such layer holds a `WindowKV` ring and attends through `sliding_attention`).
 """
 from __future__ import annotations
 
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kvjax.models.config import LlamaConfig
-from kvjax.models.decoder import decoder_stack
+from kvjax.models.decoder import decoder_stack, sliding_attention
 from kvjax.models.rope import apply_rope, rope_inv_freq
 from kvjax.observe import ObsSpec, observe_chunk
 from kvjax.states.cache import KVCache
@@ -60,34 +63,42 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t, _ = x.shape
         dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
-        q = dense(cfg.n_heads * cfg.head_dim, "q_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        local = cfg.windows is not None and cfg.windows[self.layer] is not None
+        heads = lambda y, n, name: (RMSNorm(cfg.rms_eps, dt, name=name)(y.reshape(b, t, n, cfg.head_dim))  # noqa: E731
+                                    if cfg.qk_norm else y.reshape(b, t, n, cfg.head_dim))
+        q = heads(dense(cfg.n_heads * cfg.head_dim, "q_proj", cfg.qkv_bias)(x), cfg.n_heads, "q_norm")
         q_pre = q
         inv_freq = jnp.asarray(rope_inv_freq(cfg, self.layer))
         with jax.named_scope("rope"):
             q = apply_rope(q, positions[:, :, None], inv_freq)
         if self.writes:
-            k = dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads,
-                                                                                       cfg.head_dim)
+            k = heads(dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(x), cfg.n_kv_heads, "k_norm")
             v = dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", cfg.qkv_bias)(x).reshape(b, t, cfg.n_kv_heads,
                                                                                        cfg.head_dim)
             features = token_features(q_pre, k, v)
             self.sow("intermediates", "qkv", features)  # captured only when asked (Locret training)
             with jax.named_scope("rope"):
-                k_rot = apply_rope(k, positions[:, :, None], inv_freq)
-            with jax.named_scope("cache_update"):
-                state = state.append(k_rot.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid,
-                                     features)
-        with jax.named_scope("attend"):
-            need_lse = self.observe is not None and self.observe.col_sums
-            out = state.attend(q, positions, self.attn_block, return_lse=need_lse, impl=impl)
-            out, lse = out if need_lse else (out, None)
-            state = state.observe_query(q, positions)
+                k_rot = apply_rope(k, positions[:, :, None], inv_freq).transpose(0, 2, 1, 3)
+        need_lse = self.observe is not None and self.observe.col_sums and not local
+        if local:
+            out, state = sliding_attention(cfg, self.layer, state, self.writes, q, positions, k_rot,
+                                           v.transpose(0, 2, 1, 3), n_valid, self.attn_block)
+            lse = None
+        else:
+            if self.writes:
+                with jax.named_scope("cache_update"):
+                    state = state.append(k_rot, v.transpose(0, 2, 1, 3), positions, n_valid, features)
+            with jax.named_scope("attend"):
+                out = state.attend(q, positions, self.attn_block, return_lse=need_lse, impl=impl)
+                out, lse = out if need_lse else (out, None)
+                state = state.observe_query(q, positions)
         o_proj = dense(cfg.d_model, "o_proj", False)
         out = o_proj(out.reshape(b, t, cfg.n_heads * cfg.head_dim))
-        if self.observe is not None:
+        if self.observe is not None:  # sliding layers: window queries and statistics (`compress_local`), no column sums
             with jax.named_scope("observe"):
-                wo = o_proj.variables["params"]["kernel"] if self.observe.wov else None
-                obs = observe_chunk(self.observe, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block, impl,
+                spec = dataclasses.replace(self.observe, col_sums=False) if local else self.observe
+                wo = o_proj.variables["params"]["kernel"] if spec.wov else None
+                obs = observe_chunk(spec, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block, impl,
                                     values=v if self.writes else None, wo=wo)
         return out, state, obs
 

@@ -1,4 +1,4 @@
-"""Weight names of the Llama family (Llama, Mistral, Qwen2, SmolLM) in Hugging Face and GGUF checkpoints.
+"""Weight names of the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) in Hugging Face and GGUF checkpoints.
 
 kvjax keys are the flat paths of `Llama`'s Flax params ("layers_{i}/attn/q_proj/kernel"); the generic
 conversion (`kvjax.weights`) reads these maps through the family registry (`kvjax.models.family`).
@@ -16,12 +16,15 @@ HF_LAYER = {  # HF suffix after "model.layers.{i}." -> (kvjax path after "layers
     "self_attn.q_proj.bias": ("attn/q_proj/bias", False),
     "self_attn.k_proj.bias": ("attn/k_proj/bias", False),
     "self_attn.v_proj.bias": ("attn/v_proj/bias", False),
+    "self_attn.q_norm.weight": ("attn/q_norm/scale", False),
+    "self_attn.k_norm.weight": ("attn/k_norm/scale", False),
     "mlp.gate_proj.weight": ("mlp/gate_proj/kernel", True),
     "mlp.up_proj.weight": ("mlp/up_proj/kernel", True),
     "mlp.down_proj.weight": ("mlp/down_proj/kernel", True),
     "input_layernorm.weight": ("attn_norm/scale", False),
     "post_attention_layernorm.weight": ("mlp_norm/scale", False),
 }
+QK_NORM = ("attn/q_norm/scale", "attn/k_norm/scale")  # Qwen3's per-head q/k RMSNorm
 HF_TOP = {
     "model.embed_tokens.weight": ("embed/embedding", False),
     "model.norm.weight": ("final_norm/scale", False),
@@ -31,7 +34,8 @@ GGUF_LAYER = {  # GGUF suffix after "blk.{i}." -> HF suffix after "model.layers.
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate.weight": "mlp.gate_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias", "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
 }
@@ -43,7 +47,7 @@ def expected_keys(cfg: LlamaConfig) -> set[str]:
     keys = {"embed/embedding", "final_norm/scale"} | ({"lm_head/kernel"} if not cfg.tie_embeddings else set())
     for i in range(cfg.n_layers):
         for path, _ in HF_LAYER.values():
-            if path.endswith("bias") and not cfg.qkv_bias:
+            if (path.endswith("bias") and not cfg.qkv_bias) or (path in QK_NORM and not cfg.qk_norm):
                 continue
             keys.add(f"layers_{i}/{path}")
     return keys
