@@ -20,16 +20,17 @@ def _fold_queries(q, q_pos, n_kv):
     return qf.astype(jnp.float32) * (d ** -0.5), jnp.tile(q_pos, (1, g))
 
 
-def _visible(qf_pos, pb, hidden, window: int | None = None):
+def _visible(qf_pos, pb, hidden, window: int | None = None, sink: int = 0):
     """Visibility [B, K, G*T, S_blk] of one key block: slot not `hidden` [B, K, S_blk] and pos <= q_pos
-    (and, with a sliding `window`, pos > q_pos - window: the query and the window - 1 tokens before it)."""
+    (and, with a sliding `window`, pos > q_pos - window: the query and the window - 1 tokens before it;
+    or pos < `sink`: the attention sinks of a streaming head, DuoAttention's Λ-shaped mask)."""
     vis = ~hidden[:, :, None, :] & (pb[:, :, None, :] <= qf_pos[:, None, :, None])
     if window is not None:
-        vis &= pb[:, :, None, :] > qf_pos[:, None, :, None] - window
+        vis &= (pb[:, :, None, :] > qf_pos[:, None, :, None] - window) | (pb[:, :, None, :] < sink)
     return vis
 
 
-def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | None = None):
+def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | None = None, sink: int = 0):
     """Causal softmax attention with GQA, accumulated block by block with an online softmax (flash
     attention) over any number of key sources read one block at a time.
 
@@ -39,7 +40,8 @@ def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | No
     a store is read, dequantized and scored one block at a time and never materialized whole).
     A key slot is visible to query t iff it is not hidden and its position is <= q_pos[b, t] (and, with
     a sliding `window` (static), > q_pos[b, t] - window: Gemma 3's local layers, HF's
-    `sliding_window_overlay`).
+    `sliding_window_overlay`; with `sink` (static) too, positions below it stay visible: a streaming
+    head's sinks + recent window).
 
     Args:
       q: [B, T, H, D] queries (post-RoPE).  q_pos: int32 [B, T].
@@ -56,7 +58,7 @@ def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | No
     def one_block(carry, kb, vb, pb, hidden):
         m, l, acc = carry  # [B, K, GT], [B, K, GT], [B, K, GT, Dv]
         sc = jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
-        sc = jnp.where(_visible(qf_pos, pb, hidden, window), sc, -jnp.inf)
+        sc = jnp.where(_visible(qf_pos, pb, hidden, window, sink), sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(sc - m_safe[..., None])

@@ -116,6 +116,12 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     if not fresh:
         raise ValueError("compression applies to a fresh prefill: do not pass cache= with method=")
     _check_latent(cfg, token, capacity)
+    token = token.bind(cfg, ratio=ratio, budget=budget, model_name=model_name)
+    if token.own_budget:
+        if capacity is not None or compress_local:
+            raise ValueError(f"{token.name} bounds its cache itself: capacity= / compress_local do not apply")
+        n_keep = resolve_keep(token, methods.Budget(ratio=0.0), lengths, cfg.n_layers)
+        return Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name)
     if capacity is not None:
         if compress_local:
             raise ValueError("compress_local: sliding-window layers are evicted at the prefill by ratio= or "

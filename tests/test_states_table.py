@@ -86,6 +86,8 @@ ROWS = {
     "ChannelKV": Row((B, K, S, D, F32, CHANNELS), reference=_pruned_reference),
     # a window of S slots: every appended token is within it (the ring past W: tests/test_gemma3.py)
     "WindowKV": Row((B, K, S, D, F32)),
+    # KV head 1 streams with 2 sinks and 8 recent slots: every appended token is within them
+    "DuoKV": Row((B, K, S, D, F32, (1,), 2, 8)),
 }
 
 
@@ -184,7 +186,7 @@ def test_decode_only_and_scoring_states_refuse_what_they_cannot_take():
 
 # state -> (tokens, room) of `quantize`: what a dense layout will hold, what a per-head pool may add
 QUANTIZABLE = {"DenseKV": (T, 0), "RaggedKV": (T, 2), "RollingKV": (S, 0), "LatentKV": (T, 0), "MLAKV": (T, 0),
-               "ChannelKV": (T, 0)}
+               "ChannelKV": (T, 0), "DuoKV": (T, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZABLE))

@@ -3,7 +3,7 @@
     from kvjax.train import MatryoshkaTask, TrainConfig, load_tokens, token_batches, train
 
 Modules: `loop` (train step, optimizer, checkpoints, data-parallel mesh), `data` (token windows),
-`matryoshka` (MatryoshkaKV), `command` (`kvjax train`). Names are imported on first use, so the CLI
+`matryoshka` (MatryoshkaKV), `duo` (DuoAttention's gates), `command` (`kvjax train`). Names are imported on first use, so the CLI
 does not load optax / grain unless it trains. Core never imports this package: what inference needs
 of a trained run (`load_trained`, `model_id`, MatryoshkaKV's bases) is `kvjax.checkpoints`.
 """
@@ -14,6 +14,7 @@ _EXPORTS = {
     "make_mesh": "loop", "make_optimizer": "loop", "lr_schedule": "loop",
     "load_tokens": "data", "token_batches": "data",
     "MatryoshkaTask": "matryoshka", "cayley": "matryoshka", "pca_basis": "matryoshka",
+    "DuoTask": "duo", "PasskeyBatches": "duo",
     "CLATask": "cla",
 }
 __all__ = sorted(_EXPORTS)

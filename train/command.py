@@ -6,6 +6,8 @@
         [--cache-fraction 0.5]     # no --data: $KVJAX_DATA/tinyshakespeare.txt, TFDS or generated prose
     kvjax train cla --model smollm2-135m --steps 100 --out runs/cla [--spec "cla(layers=all)"]
     kvjax eval ppl --model runs/cla --method cla    # the healed model (its consumers' q/o) with its conversion
+    kvjax train duo --model smollm2-135m --steps 200 --out runs/duo --data essays/ [--n-keys 10]
+    kvjax generate --method "duo(gates=runs/duo, sparsity=0.5)" --prompt "..."
 
 Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
 `--cache-fraction` the greedy per-layer ranks meeting that fraction of the full K/V bytes to
@@ -24,8 +26,8 @@ from pathlib import Path
 from kvjax import distributed
 from kvjax.hub import DEFAULT_MODEL
 
-METHODS = ("locret", "matryoshka", "cla")
-DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3, "cla": 1e-4}  # locret: the reference's AdamW rate
+METHODS = ("locret", "matryoshka", "duo", "cla")
+DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3, "duo": 0.02, "cla": 1e-4}  # locret, duo: the references' rates
 
 
 def add_parser(sub) -> None:
@@ -41,7 +43,8 @@ def add_parser(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --out")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: locret 5e-4, matryoshka 1e-3, cla 1e-4)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: locret 5e-4, matryoshka 1e-3, duo 0.02, cla 1e-4)")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--clip", type=float, default=1.0)
@@ -59,12 +62,17 @@ def add_parser(sub) -> None:
     t.add_argument("--spec", default="cla", help="cla: the conversion to heal, e.g. 'cla(group=2, layers=all)'")
     t.add_argument("--cache-fraction", type=float, default=None,
                    help="matryoshka: after training, search per-layer ranks storing this fraction of the K/V bytes")
+    t.add_argument("--sink", type=int, default=128, help="duo: the streaming heads' attention sinks")
+    t.add_argument("--recent", type=int, default=256, help="duo: the streaming heads' recent window")
+    t.add_argument("--n-keys", type=int, default=10, help="duo: pass keys hidden in each training window")
+    t.add_argument("--key-digits", type=int, default=5, help="duo: digits of each pass key")
 
 
 def run(args: argparse.Namespace) -> None:
     import kvjax
     from kvjax.train.data import TFDS_PREFIX, load_tokens, token_batches
     from kvjax.train.loop import TrainConfig, check_mesh, data_digest, make_mesh, train
+    from kvjax.train.duo import DuoTask, PasskeyBatches
     from kvjax.train.cla import CLATask
     from kvjax.train.locret import LocretTask
     from kvjax.train.matryoshka import MatryoshkaTask
@@ -88,17 +96,25 @@ def run(args: argparse.Namespace) -> None:
             task = LocretTask(lm.cfg, model_name=args.model, hidden=args.hidden, response=args.response,
                               seed=args.seed)
             task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
+        elif args.method == "matryoshka":
+            task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
         elif args.method == "cla":
             task = CLATask(lm.cfg, model_name=args.model, spec=args.spec)
-        else:
-            task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
         tokens = load_tokens(args.data, lm.tokenizer, args.seed)
-        batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+        extra = {}
+        if args.method == "duo":  # synthetic multi-passkey windows over the text
+            batches = PasskeyBatches(tokens, lm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, args.n_keys,
+                                     args.key_digits)
+            task = DuoTask(lm.cfg, model_name=args.model, answer_len=batches.answer_len, sink=args.sink,
+                           recent=args.recent)
+            extra = dict(n_keys=args.n_keys, key_digits=args.key_digits)
+        else:
+            batches = token_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
         if procs.leader:
             print(f"kvjax train {args.method}: {lm!r}, {len(tokens):,} tokens, {cfg.steps} steps of "
                   f"{cfg.batch_size} x {cfg.seq_len} on {mesh.shape['data']} device(s) in {procs.count} "
                   f"process(es) -> {args.out}")
-        settings = dict(data=data_digest(tokens), data_source=args.data, dtype=lm.cfg.dtype)
+        settings = dict(data=data_digest(tokens), data_source=args.data, dtype=lm.cfg.dtype, **extra)
         result = train(task, lm.params, batches, cfg, args.out, resume=args.resume, mesh=mesh, settings=settings)
         if args.cache_fraction is not None:
             state = result.state

@@ -5,7 +5,8 @@
 
 * A **task** (e.g. `MatryoshkaTask`) is a frozen, hashable dataclass with
   `init(backbone, calib_tokens) -> (params, const)`, `loss(params, const, backbone, tokens, key)
-  -> (loss, metrics)` and `meta() -> dict` (what a checkpoint must match: method and model).
+  -> (loss, metrics)` and `meta() -> dict` (what a checkpoint must match: method and model), and
+  optionally `project(params) -> params`, applied after every update (projected gradient descent).
   `params` is the trainable pytree, `const` what the task computed once and keeps fixed (PCA bases).
   The backbone's params are an argument of the step, never differentiated or updated.
 * **Step** (`train_step`): pure, jitted once with the `TrainState` donated. Its PRNG key is
@@ -155,6 +156,8 @@ def train_step(state: TrainState, backbone, tokens, *, task, cfg: TrainConfig):
                                                                      key)
     updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if hasattr(task, "project"):  # a constrained task maps its params back to their set (DuoAttention: [0, 1])
+        params = task.project(params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(cfg)(state.step), **aux}
     return TrainState(step=state.step + 1, params=params, const=state.const, opt_state=opt_state), metrics
 

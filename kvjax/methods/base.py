@@ -194,6 +194,14 @@ class EvictionMethod(abc.ABC):
     # the method works during the prefill itself (Locret evicts, MatryoshkaKV projects): it runs its own
     # prefill and has no scores for a finished one
     prefills_itself: ClassVar[bool] = False
+    # the method sets its own compression (DuoAttention streams whole heads): every layer keeps every
+    # token in `n_keep`, and `bind` reads the request's ratio
+    own_budget: ClassVar[bool] = False
+
+    def bind(self, cfg, ratio=None, budget=None, model_name: str = "") -> "EvictionMethod":
+        """The method as planned for a model and a request (`kvjax.pipeline.plan`, before any compile):
+        trained weights checked, parameters resolved. Default: itself."""
+        return self
 
     def observations(self) -> ObsSpec:
         return ObsSpec()

@@ -8,6 +8,8 @@
 * `ChannelKV` (`channels`): keys pruned to fewer channels per KV head (ThinK).
 * `LocretKV` (`locret`): a Locret prefill's cache, scoring tokens with retaining heads.
 * `WindowKV` (`window`): a ring of the last W tokens of a sliding-window layer (Gemma 3's local layers).
+* `DuoKV` (`duo`): DuoAttention's retrieval heads (every token) beside its streaming heads (sinks + a
+  recent window, evicting while decoding).
 * `QuantStore` (`quantized`): keys and values stored quantized (codes, scales, zeros, outliers, the
   full-precision residual window and sink), held by a layout in the place of its K/V: `QuantKV`
   (`dense`, rows) and `QuantRaggedKV` (`ragged`, a per-head pool); `RollingKV` and `LatentKV` hold a
@@ -26,9 +28,10 @@ from kvjax.states.quantized import QuantStore
 from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
 from kvjax.states.rolling import RollingKV
 from kvjax.states.window import WindowKV
+from kvjax.states.duo import DuoKV
 
-STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV)
+STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV, DuoKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "DuoKV", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]
