@@ -261,7 +261,9 @@ def _kvsharer(args) -> None:
                 if f.name not in ("plan", "press")}
     kvsharer.KVSharer(**settings)  # checks the settings before the model loads
     lm = kvjax.load(args.model, dtype=args.dtype)
-    plan = kvsharer.calibrate(lm, **settings)
+    plan = kvsharer.calibrate(lm, **settings, on_try=lambda t: print(
+        f"kvsharer: layer {t['pair'][1]} -> {t['pair'][0]}: cosine {t['cosine']:.4f} "
+        f"{'accepted' if t['accepted'] else 'rejected'}", flush=True))
     kvsharer.save_plan(args.out, plan)
     print(f"kvsharer: {len(plan['shared_layers'])} of {lm.cfg.n_layers} layers read another layer's K/V "
           f"({len(plan['tried'])} pairs tried); route {plan['route']} -> {args.out}")

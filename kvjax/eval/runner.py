@@ -61,13 +61,15 @@ class Config:
 
 def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budgets: Sequence[int] = (),
                  quants: Sequence[str | None] = (None,)) -> list[Config]:
-    """Every method x budget x quantizer ("full" takes no budget); ValueError on a bad combination."""
+    """Every method x budget x quantizer ("full", a quantizer alone and a cross-layer method keeping every
+    token take no budget); ValueError on a bad combination."""
     if ratios and budgets:
         raise ValueError("give --ratio or --budget, not both")
     out = []
     for q in quants:
         for m in method_specs:
-            if m == "full" or getattr(methods.split(m)[0], "keeps_every_token", False):  # cla, kvsharer: no budget
+            token = None if m == "full" else methods.split(m)[0]
+            if token is None or getattr(token, "keeps_every_token", False):  # full, a quantizer, cla, kvsharer
                 out.append(Config(m, quant=q))
                 continue
             if not ratios and not budgets:

@@ -79,12 +79,13 @@ def cosine(a: jax.Array, b: jax.Array) -> float:
 
 
 def search(distances: np.ndarray, similarity: Callable[[np.ndarray], float], threshold: float, n_shared: int,
-           order: str = "dissimilar") -> tuple[list[int], list[dict]]:
+           order: str = "dissimilar", on_try: Callable[[dict], None] | None = None) -> tuple[list[int], list[dict]]:
     """KVSharer's greedy search (Algorithm 1). `distances` [L, L] between layers' mean caches; `similarity(route)`
     the hidden-state cosine of a candidate route (int [L]: layer -> layer whose K/V it reads). Pairs (i < j) are
     tried by decreasing distance ("similar": increasing); a pair whose layer j still reads its own K/V makes j,
     and every layer reading j, read layer i's producer; accepted if similarity >= threshold. Stops when
-    `n_shared` layers read another layer's K/V. Returns (route, the log: one dict per pair tried)."""
+    `n_shared` layers read another layer's K/V. Returns (route, the log: one dict per pair tried, each also
+    passed to `on_try`)."""
     n = len(distances)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     pairs.sort(key=lambda p: (-distances[p] if order == "dissimilar" else distances[p], p))
@@ -98,13 +99,15 @@ def search(distances: np.ndarray, similarity: Callable[[np.ndarray], float], thr
         sim = float(similarity(cand))
         accepted = sim >= threshold
         log.append(dict(pair=[i, j], distance=float(distances[i, j]), cosine=sim, accepted=bool(accepted)))
+        if on_try is not None:
+            on_try(log[-1])
         if accepted:
             route = cand
     return [int(r) for r in route], log
 
 
 def calibrate(lm, sentences: int = 30, tokens: int = 64, seed: int = 0, threshold: float = 0.9,
-              n_shared: int | None = None, order: str = "dissimilar") -> dict:
+              n_shared: int | None = None, order: str = "dissimilar", on_try: Callable[[dict], None] | None = None) -> dict:
     """The KVSharer plan of `lm` (an `LM`): calibration, search, and what it found, as the JSON `save_plan` writes."""
     cfg = lm.cfg
     n_shared = cfg.n_layers // 4 if n_shared is None else n_shared
@@ -116,7 +119,7 @@ def calibrate(lm, sentences: int = 30, tokens: int = 64, seed: int = 0, threshol
     distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
     route, log = search(distances, lambda r: cosine(routed_forward(lm.params, ids, jnp.asarray(r, jnp.int32),
                                                                    cfg=cfg)[0], base),
-                        threshold, n_shared, order)
+                        threshold, n_shared, order, on_try)
     return dict(method="kvsharer", model=model_id(lm.name, cfg), route=route, threshold=threshold, n_shared=n_shared,
                 order=order, sentences=sentences, tokens=tokens, seed=seed,
                 shared_layers=[i for i, r in enumerate(route) if r != i], tried=log)

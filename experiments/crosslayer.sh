@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Cross-layer K/V sharing (issue 19) on SmolLM2-135M: CLA by conversion (training-free and healed) and
+# KVSharer plans at a few thresholds (and the similar-first ablation), against SnapKV eviction and
+# KIVI-4, by perplexity and passkey against the cache bytes each configuration really holds.
+# Run from the repository root with the project's virtualenv active:  bash experiments/crosslayer.sh [STEP...]
+# Steps: plans (KVSharer searches, skipped if present), train (healing, skipped if present), ppl, passkey,
+# report (tables and plot). Wall times are appended to experiments/results/crosslayer/times.txt.
+set -euo pipefail
+OUT=experiments/results/crosslayer
+DATA=../shared/data
+HEALED=runs/cla_healed
+THRESHOLDS="0.95 0.9 0.8"
+mkdir -p "$OUT"
+timed() {  # timed NAME COMMAND...
+  local name=$1; shift
+  local t0=$(date +%s)
+  "$@"
+  echo "$name: $(( $(date +%s) - t0 )) s ($*)" >> "$OUT/times.txt"
+}
+METHODS=(full cla "cla(layers=all)" "compose(cla,kivi-4)" "compose(cla(layers=all),kivi-4)" kivi-4 snapkv)
+for t in $THRESHOLDS; do METHODS+=("kvsharer(plan=$OUT/kvsharer_t$t.json)"); done
+METHODS+=("kvsharer(plan=$OUT/kvsharer_similar_t0.9.json)")
+RATIOS="0.25 0.5"  # SnapKV: the cache of cla (23 of 30 layers) and cla(layers=all) (15 of 30)
+steps=("$@")
+[ $# -gt 0 ] || steps=(plans train ppl passkey report)
+for step in "${steps[@]}"; do
+  case $step in
+    plans)
+      for t in $THRESHOLDS; do
+        [ -f "$OUT/kvsharer_t$t.json" ] || timed "kvsharer_t$t" kvjax kvsharer --threshold "$t" \
+          --out "$OUT/kvsharer_t$t.json"
+      done
+      [ -f "$OUT/kvsharer_similar_t0.9.json" ] || timed kvsharer_similar kvjax kvsharer --threshold 0.9 \
+        --order similar --out "$OUT/kvsharer_similar_t0.9.json" ;;
+    train)
+      [ -d "$HEALED/checkpoints" ] || timed train_cla kvjax train cla --spec cla --data "$DATA/wikitext-2/valid.txt" \
+        --steps 40 --batch-size 4 --seq-len 128 --lr 1e-4 --warmup 4 --save-every 10 --log-every 2 --out "$HEALED"
+      cp "$HEALED/metrics.jsonl" "$OUT/train_cla_metrics.jsonl" ;;
+    ppl)
+      timed ppl kvjax eval ppl --method "${METHODS[@]}" --ratio $RATIOS --text "$DATA/wikitext-2/test.txt" \
+        --context-len 1024 --eval-len 128 --n 4 --batch 4 --out "$OUT/ppl.csv" --overwrite --seed 0 --no-plots
+      timed ppl_healed kvjax eval ppl --model "$HEALED" --method cla "compose(cla,kivi-4)" \
+        --text "$DATA/wikitext-2/test.txt" --context-len 1024 --eval-len 128 --n 4 --batch 4 \
+        --out "$OUT/ppl_healed.csv" --overwrite --seed 0 --no-plots ;;
+    passkey)
+      timed passkey kvjax eval passkey --method "${METHODS[@]}" --ratio $RATIOS --lengths 1024 --n 6 --batch 6 \
+        --out "$OUT/passkey.csv" --overwrite --seed 0 --no-plots
+      timed passkey_healed kvjax eval passkey --model "$HEALED" --method cla --lengths 1024 --n 6 --batch 6 \
+        --out "$OUT/passkey_healed.csv" --overwrite --seed 0 --no-plots ;;
+    report) python experiments/crosslayer_report.py "$OUT" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,101 @@
+"""Tables and a plot of experiments/crosslayer.sh's CSVs: perplexity and passkey against the cache bytes each
+configuration really holds (the rows' `cache_bytes`), the KVSharer plans found and the healing curve.
+
+    python experiments/crosslayer_report.py experiments/results/crosslayer
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def label(r: dict, healed: bool) -> str:
+    name = r["method"].replace("kvsharer(plan=experiments/results/crosslayer/", "kvsharer(").replace(".json", "")
+    extra = (f" ratio {r['ratio']}" if r["ratio"] else "") + (f" +{r['quant']}" if r["quant"] else "")
+    return ("healed " if healed else "") + name + extra
+
+
+def grouped(table: list[tuple[dict, bool]], value: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r, healed in table:
+        g = out.setdefault(label(r, healed), dict(values=[], bytes=int(r["cache_bytes"]), full=int(r["full_cache_bytes"])))
+        g["values"].append(float(r[value]))
+    return out
+
+
+def ppl_table(groups: dict) -> list[str]:
+    lines = ["| configuration | cache bytes | of full | ppl (mean of chunk NLLs) | chunk ppl min .. max |", "|---|---:|---:|---:|---:|"]
+    for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["bytes"]):
+        nll = sum(math.log(v) for v in g["values"]) / len(g["values"])
+        lines.append(f"| {name} | {g['bytes']:,} | {g['bytes'] / g['full']:.3f} | {math.exp(nll):.2f} | "
+                     f"{min(g['values']):.2f} .. {max(g['values']):.2f} |")
+    return lines
+
+
+def main(out: Path) -> None:
+    md = ["# Cross-layer sharing on SmolLM2-135M (issue 19)", "",
+          "Made by `bash experiments/crosslayer.sh` (see its header for the settings); bytes are the "
+          "`cache_bytes` of each row: what the compressed cache holds after the prefill (exact `nbytes`).", ""]
+    ppl = [(r, False) for r in rows(out / "ppl.csv")] + [(r, True) for r in rows(out / "ppl_healed.csv")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    if ppl:
+        groups = grouped(ppl, "ppl")
+        md += ["## Perplexity (WikiText-2 test, 4 chunks: 1024 context tokens, 128 teacher-forced)", "",
+               *ppl_table(groups), ""]
+        for name, g in groups.items():
+            nll = sum(math.log(v) for v in g["values"]) / len(g["values"])
+            axes[0].scatter(g["bytes"] / 2 ** 20, math.exp(nll))
+            axes[0].annotate(name, (g["bytes"] / 2 ** 20, math.exp(nll)), fontsize=6)
+        axes[0].set(xlabel="cache MiB (1024 tokens)", ylabel="perplexity", title="perplexity vs real cache bytes")
+    passkey = [(r, False) for r in rows(out / "passkey.csv")] + [(r, True) for r in rows(out / "passkey_healed.csv")]
+    if passkey:
+        groups = grouped(passkey, "correct")
+        md += ["## Passkey (1024 tokens, 6 samples)", "", "| configuration | cache bytes | of full | correct |",
+               "|---|---:|---:|---:|"]
+        for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["bytes"]):
+            md.append(f"| {name} | {g['bytes']:,} | {g['bytes'] / g['full']:.3f} | "
+                      f"{int(sum(g['values']))}/{len(g['values'])} |")
+            axes[1].scatter(g["bytes"] / 2 ** 20, sum(g["values"]) / len(g["values"]))
+            axes[1].annotate(name, (g["bytes"] / 2 ** 20, sum(g["values"]) / len(g["values"])), fontsize=6)
+        axes[1].set(xlabel="cache MiB (1024 tokens)", ylabel="accuracy", title="passkey vs real cache bytes")
+        md.append("")
+    fig.tight_layout()
+    fig.savefig(out / "crosslayer.png", dpi=130)
+    plans = sorted(out.glob("kvsharer_*.json"))
+    if plans:
+        md += ["## KVSharer plans (calibration: 30 x 64 tokens of generated prose)", "",
+               "| plan | order | threshold | layers reading another (reader -> layer read) | pairs tried |",
+               "|---|---|---:|---|---:|"]
+        for p in plans:
+            plan = json.loads(p.read_text())
+            shared = ", ".join(f"{i}->{r}" for i, r in enumerate(plan["route"]) if r != i) or "none"
+            md.append(f"| {p.name} | {plan['order']} | {plan['threshold']} | {shared} | {len(plan['tried'])} |")
+        md.append("")
+    metrics = out / "train_cla_metrics.jsonl"
+    if metrics.is_file():
+        recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        md += ["## Healing `cla` (consumers' q/o, KL to the unconverted model)", "",
+               "| step | KL | student CE |", "|---:|---:|---:|"]
+        md += [f"| {r['step']} | {r['kl']:.4f} | {r['ce']:.3f} |" for r in recs]
+        md.append("")
+    times = out / "times.txt"
+    if times.is_file():
+        md += ["## Wall times (2-core CPU shared with other jobs)", "", "```", times.read_text().strip(), "```", ""]
+    (out / "README.md").write_text("\n".join(md))
+    print(f"wrote {out / 'README.md'} and {out / 'crosslayer.png'}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/results/crosslayer"))
