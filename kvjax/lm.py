@@ -122,7 +122,8 @@ class LM:
               cache=None, compress_local: bool = False) -> pipeline.Plan | None:
         """Validate a compression request before anything compiles (`kvjax.pipeline.plan`)."""
         return pipeline.plan(self.cfg, [len(r) for r in rows], method, ratio, budget, capacity, quant, checkpoint,
-                             model_name=self.name, fresh=cache is None, compress_local=compress_local, lm=self)
+                             model_name=self.name, fresh=cache is None, compress_local=compress_local, lm=self,
+                             tokenizer=self.tokenizer)
 
     def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
                  attention_impl: str = "xla"):

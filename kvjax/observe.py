@@ -13,7 +13,10 @@
   of the last block), summed over the block's queries per key. A block lies inside one prefill chunk
   (`nc_chunk` divides it), so each is computed where its queries and keys are;
 * output-projected value norms (CriticalKV): ||v_j W_o[h]||_1 per query head h (`wov`), from the
-  layer's values and its o_proj weights.
+  layer's values and its o_proj weights;
+* reconstruction attention (KVzip, `replay`): while a replay prompt is fed on top of a prefilled
+  cache, the largest attention each prompt slot of a span receives from the replay queries, per KV
+  head (`reconstruction_attention`), softmax over the sinks, the span and the replay tokens only.
 
 Legend: B batch, T chunk tokens, W window, S cache slots, H query heads, D head dim.
 """
@@ -23,7 +26,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from kvjax.attention import attention_column_sums
+from kvjax.attention import _fold_queries, attention_column_sums
 from kvjax.kernels import dispatch
 
 
@@ -34,6 +37,17 @@ class ObsSpec:
     qstats_from: int | None = None  # first position counted in query statistics (None: no stats)
     nc_chunk: int = 0  # block size of non-causal chunked column sums (0: none)
     wov: bool = False  # L1 norms of the output-projected values (CriticalKV)
+    replay: "ReplaySpec | None" = None  # reconstruction attention of a replay pass (KVzip)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplaySpec:
+    """Static widths of a replay pass's key set (KVzip): `sink` first slots, a span of at most `chunk`
+    prompt slots, and at most `length` replay tokens (the replay prompt, padded)."""
+
+    sink: int
+    chunk: int
+    length: int
 
 
 @jax.tree_util.register_dataclass
@@ -47,6 +61,9 @@ class LayerObs:
       nc_sum: float32 [B, H, S] non-causal chunked attention received by each slot (summed over the
         queries of its block).  prompt_len: int32 [B] each row's prompt length.
       wov: float32 [B, H, S] ||v_j W_o[h]||_1 for query head h (v_j of its KV head).
+      replay: float32 [B, K, S] reconstruction attention of each prompt slot (max so far).
+      span: int32 [B, 3] (sinks, start, end) of the replay: slots [0, sinks) and [start, end) are the
+        prompt keys its queries see, `prompt_len` the slot where the replay tokens begin.
     """
 
     q_win: jax.Array
@@ -58,10 +75,13 @@ class LayerObs:
     nc_sum: jax.Array = None  # defaults: observations built by hand without them stay valid
     prompt_len: jax.Array = None
     wov: jax.Array = None
+    replay: jax.Array = None
+    span: jax.Array = None
 
 
-def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity: int, dtype) -> LayerObs:
-    """Empty observations for rows of total prompt lengths `lengths` [B]."""
+def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity: int, dtype,
+                   n_kv_heads: int = 0) -> LayerObs:
+    """Empty observations for rows of total prompt lengths `lengths` [B] (`n_kv_heads`: for `replay`)."""
     b = lengths.shape[0]
     w = spec.window
     s = capacity if spec.col_sums else 0
@@ -76,6 +96,8 @@ def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity
         nc_sum=jnp.zeros((b, n_heads, capacity if spec.nc_chunk else 0), jnp.float32),
         prompt_len=jnp.asarray(lengths, jnp.int32),
         wov=jnp.zeros((b, n_heads, capacity if spec.wov else 0), jnp.float32),
+        replay=jnp.zeros((b, n_kv_heads if spec.replay else 0, capacity if spec.replay else 0), jnp.float32),
+        span=jnp.zeros((b, 3), jnp.int32),
     )
 
 
@@ -120,7 +142,43 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
             raise ValueError("this model's attention does not pass its values and o_proj weights to the "
                              "observations: CriticalKV cannot score it")
         updates["wov"] = obs.wov + projected_value_norms(values, wo, positions, valid, obs.wov.shape[2])
+    if spec.replay is not None:
+        updates["replay"] = reconstruction_attention(q, positions, valid, state, obs.span, obs.prompt_len, obs.replay,
+                                                     spec.replay)
     return dataclasses.replace(obs, **updates)
+
+
+def reconstruction_attention(q, positions, valid, state, span, prompt_len, acc, r: ReplaySpec) -> jax.Array:
+    """float32 [B, K, S]: `acc` raised to the largest attention each slot of the span receives from these
+    replay queries (kvpress 0.5.5 `KVzipPress.score_kvzip`: max over the queries and over the G query
+    heads of each KV group).
+
+    The softmax of each replay query runs over its key set only (kvpress `_compute_cross_attention`):
+    the `span[:, 0]` sink slots, the span slots [span[:, 1], span[:, 2]) and the replay tokens (slots from
+    `prompt_len` on, causal), logits q.k / sqrt(D) in float32. q: [B, T, H, D] post-RoPE replay queries at
+    `positions` [B, T], `valid` bool [B, T]; `state` the dense layer state after their append (slot =
+    position). Memory: [G*T, sink + chunk + length] logits per KV head, bounded by the replay's chunk
+    and never by the prompt.
+    """
+    b, t, h, _ = q.shape
+    n_kv, s = state.k.shape[1], state.k.shape[2]
+    qf, qf_pos = _fold_queries(q, positions, n_kv)  # [B, K, G*T, D], [B, G*T]
+    sink, start, end = span[:, 0:1], span[:, 1:2], span[:, 2:3]
+    j_sink, j_chunk, j_self = jnp.arange(r.sink)[None], jnp.arange(r.chunk)[None], jnp.arange(r.length)[None]
+    slots = jnp.concatenate([jnp.broadcast_to(j_sink, (b, r.sink)), start + j_chunk, prompt_len[:, None] + j_self], 1)
+    used = jnp.concatenate([j_sink < sink, start + j_chunk < end, jnp.ones((b, r.length), bool)], 1)  # [B, W]
+    used &= slots < state.length[:, None]
+    slots = jnp.minimum(slots, s - 1)
+    k = jnp.take_along_axis(state.k, slots[:, None, :, None], axis=2).astype(jnp.float32)  # [B, K, W, D]
+    pos = jnp.take_along_axis(state.pos, jnp.broadcast_to(slots[:, None], (b, n_kv, slots.shape[1])), axis=2)
+    logits = jnp.einsum("bkqd,bkwd->bkqw", qf, k)
+    seen = used[:, None, None, :] & (pos[:, :, None, :] <= qf_pos[:, None, :, None])  # [B, K, G*T, W]
+    p = jax.nn.softmax(jnp.where(seen, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    rows = jnp.tile(valid, (1, h // n_kv))[:, None, :, None]  # padding queries give nothing
+    col = jnp.max(jnp.where(rows & seen, p, 0.0), axis=2)[:, :, r.sink:r.sink + r.chunk]  # [B, K, chunk]
+    dest = jnp.where(start + j_chunk < end, start + j_chunk, s)  # slots outside the span: dropped
+    return acc.at[jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None], dest[:, None, :]].max(
+        col, mode="drop")
 
 
 

@@ -32,6 +32,7 @@ from kvjax.models.family import model_for
 from kvjax.shapes import bucket
 from kvjax.observe import init_layer_obs
 from kvjax.methods.crosslayer import CrossLayer
+from kvjax.states.ragged import RaggedKV
 from kvjax.states.cache import KVCache, model_cache, route_share
 
 DECODE_STEP = 64  # decode room is allocated in steps of this many slots
@@ -51,6 +52,7 @@ class Plan:
       local: with `compress_local`, each layer's sliding window or None (a global layer); None when
         sliding-window layers keep their whole window.
       check_finite: debug mode: check K/V for NaN/Inf before quantizing.
+      replay: the replay prompt of a method that replays (`EvictionMethod.replays`: KVzip), from `tokenizer=`.
       share: with a cross-layer method (`kvjax.methods.crosslayer`), the cache's layer -> state map
         (`KVCache.share`) the prompt is prefilled onto; None: one state per layer.
     """
@@ -64,6 +66,7 @@ class Plan:
     model_name: str = ""
     check_finite: bool = False
     local: tuple[int | None, ...] | None = None  # compress_local: each layer's sliding window (None: global)
+    replay: object = None  # a replaying method's prompt pieces in the model's tokenizer (KVzip's `ReplayPrompt`)
     share: tuple[int, ...] | None = None
 
     def kept(self, n_layers: int, length: int) -> tuple[int, ...]:
@@ -74,7 +77,8 @@ class Plan:
 
 
 def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
-         model_name: str = "", fresh: bool = True, compress_local: bool = False, lm=None) -> Plan | None:
+         model_name: str = "", fresh: bool = True, compress_local: bool = False, lm=None,
+         tokenizer=None) -> Plan | None:
     """Validate a compression request for prompts of `lengths` tokens: a `Plan`, or None for none.
 
     `method`: None / "full", a name, a spec with parameters ("snapkv(window=16)"), "wrapper:name",
@@ -85,6 +89,7 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     cross-layer method (CLA, KVSharer) becomes the plan's `share` map and its eviction method (`press=`), if
     any; `lm` (the model) lets one that calibrates on first use do so. Every error is a ValueError raised
     here, before any compile.
+    `tokenizer`: the model's, for a method that replays a prompt it builds (KVzip).
     """
     token, quantizer = (None, None) if method is None or method == "full" else methods.split(method)
     if quant is not None:
@@ -134,12 +139,24 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     n_keep = resolve_keep(token, methods.Budget(ratio=ratio, tokens=budget), lengths, cfg.n_layers)
     local = _local_plan(cfg, token, quantizer, ratio, budget, lengths, n_keep) if compress_local else None
     p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name, local=local, share=share)
+    p = dataclasses.replace(p, replay=_replay_prompt(cfg, token, tokenizer))
     if token.prefills_itself:
         if any(getattr(cfg, "windows", None) or ()):
             raise ValueError(f"method {token.name!r} builds its own state for every layer, and this model has "
                              "sliding-window layers (which keep their ring): use a score method or a quantizer")
         token.prepare(cfg, p)  # load (and check) trained weights before compiling
     return p
+
+
+def _replay_prompt(cfg, token, tokenizer):
+    """A replaying method's prompt in the model's tokenizer (None without a tokenizer: `prefill` and
+    `branch` then refuse it); it replays on dense K/V in every layer."""
+    if not token.replays:
+        return None
+    if any(getattr(cfg, "windows", None) or ()) or getattr(cfg, "kv_layout", "dense") != "dense":
+        raise ValueError(f"{token.name} replays the context on dense K/V in every layer; this model has "
+                         "sliding-window or latent layers")
+    return None if tokenizer is None else token.replay_prompt(tokenizer)
 
 
 def _check_latent(cfg, token, capacity) -> None:
@@ -228,6 +245,10 @@ def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray
         cache = dataclasses.replace(own, attention_impl=cache.attention_impl)
         logits, cache, _ = generation.prefill(params, cfg, tokens, lengths, cache)
         cache = method.finish(cache, capacities(p, room))
+    elif method is not None and method.replays:
+        logits, cache, _ = generation.prefill(params, cfg, tokens, lengths, cache)
+        cache, obs = replay(params, cfg, p, cache, tokens, lengths)
+        cache = _compress_pairs(cache, obs, cfg, p, np.asarray(lengths), room, round_step if room else None)
     else:
         observe = method.observations() if method is not None else None
         logits, cache, obs = generation.prefill(params, cfg, tokens, lengths, cache, observe=observe)
@@ -235,6 +256,27 @@ def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray
             cache = compress(cache, obs, jnp.asarray(p.n_keep), method=method, cfg=cfg, capacities=capacities(p, room),
                              rolling=p.rolling is not None, local=p.local is not None)
     return logits, quantize(cache, p, room, tuple(n + room for n in p.kept(cfg.n_layers, int(lengths.max()))))
+
+
+def replay(params, cfg, p: Plan, cache: KVCache, tokens: np.ndarray, lengths: np.ndarray):
+    """A replaying method's second pass (`EvictionMethod.replays`: KVzip's reconstruction) over a
+    prefilled `cache` of rows `tokens` [B, T_pad] / `lengths` [B]: (cache, obs), the cache donated and
+    returned with the same content, the observations carrying the method's scores (`LayerObs.replay`)."""
+    if p.replay is None:
+        raise ValueError(f"{p.method.name} replays the context with the model's chat template: plan it with "
+                         "tokenizer= (LM and the eval runner do)")
+    return p.method.replay(params, cfg, cache, tokens, lengths, p.replay)
+
+
+def _compress_pairs(cache: KVCache, obs, cfg, p: Plan, lengths: np.ndarray, room: int, round_up) -> KVCache:
+    """Compress under a replaying method: its per-layer pair counts (`layer_pairs`: a global top-k, known
+    only after scoring) are selected in pools of the prefill's size, then each pool is cut to its kept
+    pairs plus `room` per head (sized by `round_up`; None: exactly)."""
+    pairs = p.method.layer_pairs(obs, lengths, methods.Budget(ratio=p.ratio, tokens=p.budget))
+    cache = compress(cache, obs, jnp.asarray(pairs), method=p.method, cfg=cfg,
+                     capacities=(cache.capacity,) * len(pairs))
+    fit = round_up or (lambda c: c)
+    return dataclasses.replace(cache, layers=tuple(layer.shrunk(0, room, fit) for layer in cache.layers))
 
 
 def capacities(p: Plan, room: int) -> tuple[int, ...]:
@@ -309,7 +351,9 @@ def branch(cache: KVCache, obs, cfg, p: Plan | None, room: int) -> KVCache:
     capacity, n_layers = cache.capacity, cfg.n_layers
     if p is None or p.quantizer is None and p.method is None:
         return jax.tree_util.tree_map(jnp.copy, cache)  # a copy: the callers' steps donate their cache
-    if p.method is not None:
+    if p.method is not None and p.method.replays:  # obs: from `replay` on (a copy of) this prefill
+        cache = _compress_pairs(cache, obs, cfg, p, np.asarray(cache.next_pos), room, bucket)
+    elif p.method is not None:
         caps = tuple(int(p.n_keep[i].max()) if p.local and p.local[i] else capacity for i in range(n_layers))
         cache = compress(cache, obs, jnp.asarray(p.n_keep), method=p.method, cfg=cfg, capacities=caps,
                          local=p.local is not None)
@@ -332,6 +376,11 @@ def abstract(cfg, p: Plan | None, length: int, batch: int = 1) -> KVCache:
         chunk = min(capacity, generation.PREFILL_CHUNK)
         cache = jax.eval_shape(lambda: method.finish(method.build_cache(cfg, p, batch, capacity, chunk),
                                                      capacities(p, 0)))
+    elif method is not None and method.replays:  # the kept pairs split evenly over the layers: the same bytes
+        total = int(method.total_pairs(cfg, length, methods.Budget(ratio=p.ratio, tokens=p.budget)))
+        cache = jax.eval_shape(lambda: dataclasses.replace(cache, layers=tuple(
+            RaggedKV.init(batch, cfg.n_kv_heads, total // cfg.n_layers + (i < total % cfg.n_layers), cfg.head_dim,
+                          cfg.jnp_dtype) for i in range(cfg.n_layers))))
     elif method is not None:
         spec = method.observations()
         lengths = np.full((batch,), length)

@@ -69,6 +69,7 @@ PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 }
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}  # llama.cpp: whole-word vocab hits skip BPE
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles of transformers' chat format
+_MARK = "\x00USER\x00"  # stands for the user message in `chat_frame`
 _CONTROL, _USER_DEFINED = 3, 4
 
 
@@ -236,6 +237,15 @@ class Tokenizer:
     def chat(self, messages: list[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered chat; no BOS is added, since templates write it themselves."""
         return self._encode(self.apply_chat_template(messages, add_generation_prompt))
+
+    def chat_frame(self) -> tuple[str, str]:
+        """(text before, text after) a single user message in the chat template, the generation prompt
+        (assistant header) included in the second. A model without a chat template (a base model, such
+        as the gemma3-270m GGUF) gets plain text: nothing before, a line break after (kvpress's rule)."""
+        if not self.has_chat_template:
+            return "", "\n"
+        before, after = self.apply_chat_template([{"role": "user", "content": _MARK}], True).split(_MARK)
+        return before, after
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -42,9 +42,6 @@ NIAH_QUESTION = "What is the best thing to do in San Francisco?"
 NIAH_ANSWER_PREFIX = "The best thing to do in San Francisco is"
 NIAH_EXPECT = ("Dolores Park",)
 
-_MARK = "\x00USER\x00"
-
-
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One prompt of a task.
@@ -133,14 +130,8 @@ def insert(ids: np.ndarray, boundaries: np.ndarray, needles: Sequence[Sequence[i
 
 
 def chat_frame(tokenizer) -> tuple[str, str]:
-    """(text before, text after) a single user message in the tokenizer's chat template, the generation
-    prompt (assistant header) included in the second. A model without a chat template (a base model,
-    such as the gemma3-270m GGUF) gets plain text: nothing before, a line break after."""
-    if not tokenizer.has_chat_template:
-        return "", "\n"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], True)
-    before, after = text.split(_MARK)
-    return before, after
+    """(text before, text after) a single user message (`Tokenizer.chat_frame`)."""
+    return tokenizer.chat_frame()
 
 
 def piece_encoder(tokenizer) -> Encode:

@@ -36,16 +36,28 @@ class AdaKV(Wrapper):
         raise ValueError("decode-time eviction (capacity=) keeps one budget for every head: use the scorer alone")
 
     def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
-        if capacity > state.capacity:  # room asked beyond the prefill's slots: empty slots score -inf
-            scores = jnp.pad(scores, [(0, 0), (0, 0), (0, capacity - state.capacity)])
-            state = state.with_capacity(capacity)
-        b, n_kv, s = scores.shape
-        scores = jnp.where(jnp.arange(s)[None, None, :] < state.length[:, None, None], scores, -jnp.inf)
+        state, scores = in_capacity(state, scores, capacity)
         rank = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # 0 = best slot of its head
         n_safe = jnp.floor(n_keep * self.alpha_safeguard).astype(jnp.int32)
         scores = jnp.where(rank < n_safe[:, None, None], jnp.finfo(jnp.float32).max, scores)
-        total = n_kv * capacity
-        top = jax.lax.top_k(scores.reshape(b, n_kv * s), total)[1]  # [B, K*C]
-        chosen = jnp.arange(total)[None, :] < (n_kv * n_keep)[:, None]
-        keep = jnp.zeros((b, n_kv * s), bool).at[jnp.arange(b)[:, None], top].set(chosen).reshape(b, n_kv, s)
-        return ragged_from_selection(state.k, state.v, state.pos, keep, total)
+        return top_pairs(state, scores, state.k.shape[1] * n_keep, state.k.shape[1] * capacity)
+
+
+def in_capacity(state, scores, capacity: int):
+    """(state, scores [B, K, C]) widened to `capacity` slots (empty slots, and slots past each row's
+    length, score -inf)."""
+    if capacity > state.capacity:  # room asked beyond the prefill's slots
+        scores = jnp.pad(scores, [(0, 0), (0, 0), (0, capacity - state.capacity)])
+        state = state.with_capacity(capacity)
+    s = scores.shape[2]
+    return state, jnp.where(jnp.arange(s)[None, None, :] < state.length[:, None, None], scores, -jnp.inf)
+
+
+def top_pairs(state, scores, n_pairs, total: int):
+    """A `RaggedKV` pool of `total` (static) slots holding each row's top `n_pairs` [B] (KV head, slot)
+    pairs of the dense `state` by `scores` [B, K, S], over all heads together (any number per head)."""
+    b, n_kv, s = scores.shape
+    top = jax.lax.top_k(scores.reshape(b, n_kv * s), total)[1]  # [B, total]
+    chosen = jnp.arange(total)[None, :] < n_pairs[:, None]
+    keep = jnp.zeros((b, n_kv * s), bool).at[jnp.arange(b)[:, None], top].set(chosen).reshape(b, n_kv, s)
+    return ragged_from_selection(state.k, state.v, state.pos, keep, total)

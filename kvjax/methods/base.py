@@ -194,6 +194,10 @@ class EvictionMethod(abc.ABC):
     # the method works during the prefill itself (Locret evicts, MatryoshkaKV projects): it runs its own
     # prefill and has no scores for a finished one
     prefills_itself: ClassVar[bool] = False
+    # the method's scores come from a second model pass over a prompt it builds, run on the prefilled cache
+    # (KVzip's context reconstruction): the pipeline calls `replay_prompt`, `replay` and `layer_pairs`
+    # (see `kvjax.methods.kvzip`), and its `n_keep` given to `select` is (KV head, token) pairs per layer
+    replays: ClassVar[bool] = False
     # the method sets its own compression (DuoAttention streams whole heads): every layer keeps every
     # token in `n_keep`, and `bind` reads the request's ratio
     own_budget: ClassVar[bool] = False

@@ -98,19 +98,20 @@ class RaggedKV(LayerState):
         return out
 
     def shrunk(self, capacity: int, room: int, round_up=lambda c: c) -> "RaggedKV":
-        """Re-laid with `room` free slots after each head's tokens (the pool sized by `round_up`)."""
-        return self.with_room(room, round_up)
+        """Re-laid compactly: each head's tokens then `room` free slots (the pool sized by `round_up`)."""
+        return self.with_room(room, round_up, compact=True)
 
     def quantize(self, quantizer, tokens: int, room: int) -> "QuantRaggedKV":
         """The same tokens in a quantized pool (`QuantRaggedKV.from_ragged`), `room` more per head."""
         return QuantRaggedKV.from_ragged(self, quantizer, room)
 
-    def with_room(self, n: int, round_up=lambda c: c) -> "RaggedKV":
-        """Re-lay the pool so every head has `n` free slots after its used ones (host-side)."""
+    def with_room(self, n: int, round_up=lambda c: c, compact: bool = False) -> "RaggedKV":
+        """Re-lay the pool so every head has `n` free slots after its used ones (host-side); with
+        `compact`, exactly `n` (a pool larger than that shrinks)."""
         start, end, length = (np.asarray(x) for x in (self.start, self.end, self.length))
-        if np.all(start + length + n <= end):
+        size = length + n if compact else np.maximum(end - start, length + n)  # [B, K] new region sizes
+        if np.all(start + length + n <= end) and (not compact or round_up(int(size.sum(1).max())) == self.capacity):
             return self
-        size = np.maximum(end - start, length + n)  # [B, K] new region sizes
         new_start = np.concatenate([np.zeros_like(size[:, :1]), np.cumsum(size, axis=1)[:, :-1]], axis=1)
         pool = round_up(int(size.sum(1).max()))
         # source slot of every destination slot (regions keep their contents, grown at the end)
