@@ -6,13 +6,18 @@ Legend: B batch, T tokens, H query heads, K KV heads, D head dim.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kvjax import methods, pipeline
-from kvjax.methods.duo import DuoAttention, load_gates, streaming_mask
+from kvjax.methods.base import ScoreContext
+from kvjax.methods.duo import DuoAttention, load_gates, on_the_fly_scores, streaming_mask
+from kvjax.models.rope import apply_rope, rope_inv_freq
 from kvjax.states import DuoKV, cache_nbytes, kept_positions, memory_report
 from kvjax.testing import tiny_lm
 from kvjax.train import DuoTask, PasskeyBatches, TrainConfig, train
@@ -193,3 +198,18 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
         pipeline.plan(other.cfg, [40], f"duo(gates={tmp_path / 'ref'}, sparsity=0.5)")
     assert "\n" not in str(e.value)
     assert DuoAttention(gates=str(tmp_path / "ref"), sparsity=0.5).bind(lm.cfg).gates == str(tmp_path / "ref")
+
+
+def test_on_the_fly_scores_match_kvpress():
+    # kvpress's duo_attention_on_the_fly arithmetic on given means (tests/golden/make_duo_reference.py); here the
+    # means come from a prompt: keys stored post-RoPE at positions 0..15 (rotated back), the query sum observed
+    ref = np.load(Path(__file__).parent / "golden" / "duo" / "on_the_fly.npz")
+    cfg = tiny_lm(0).cfg
+    s = 16
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (1, 2, s))
+    k = apply_rope(jnp.broadcast_to(jnp.asarray(ref["mu_k"])[None, :, None], (1, 2, s, 8)), pos,
+                   jnp.asarray(rope_inv_freq(cfg)))
+    obs = SimpleNamespace(q_sum=3 * jnp.asarray(ref["mu_q"])[None], q_cnt=jnp.asarray([3.0]))
+    ctx = ScoreContext(k=k, v=k, pos=pos, length=jnp.asarray([s]), n_tokens=jnp.asarray([s]), obs=obs, layer=0,
+                       n_layers=2, cfg=cfg)
+    np.testing.assert_allclose(np.asarray(on_the_fly_scores(ctx, int(ref["q_len"])))[0], ref["scores"], rtol=1e-4)
