@@ -612,7 +612,8 @@ ROWS = [(13, 1), (21, 2)]  # (length, seed) of the two prompts
 N_NEW = 8
 
 
-TRAINED = {"locret": "test_locret.py", "matryoshka": "test_train_matryoshka.py"}  # need a trained run: tested there
+# need a trained run, or build their own states: tested there
+TRAINED = {"locret": "test_locret.py", "matryoshka": "test_train_matryoshka.py", "duo": "test_duo.py"}
 
 
 def test_method_table_covers_the_registry():
