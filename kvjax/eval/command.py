@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import kvjax
 from kvjax import data, distributed
-from kvjax.eval import prompts, records, ruler, runner, summary
+from kvjax.eval import leaderboard, prompts, records, ruler, runner, summary
 from kvjax.eval.bench import run_bench
 from kvjax.eval.perplexity import run_ppl, text_chunks
 from kvjax.eval.plots import plot_all
@@ -28,10 +28,12 @@ TASKS = ("passkey", "niah", "ruler", "ppl", "bench")
 
 def add_parsers(sub) -> None:
     """The `eval` and `plot` subcommands."""
-    e = sub.add_parser("eval", help="evaluate methods on a task: passkey, niah, ruler, ppl, bench",
+    e = sub.add_parser("eval", help="evaluate methods on a task: passkey, niah, ruler, ppl, bench; or the leaderboard",
                        description="Evaluate every method x ratio (or budget) x quantizer on a task; writes a CSV "
-                                   "(one row per sample x configuration), a markdown summary and plots.")
-    e.add_argument("task", help=f"one of {', '.join(TASKS)}")
+                                   "(one row per sample x configuration), a markdown summary and plots. "
+                                   "`kvjax eval leaderboard` runs every method family on several models and tasks "
+                                   "and ranks them against real cache bytes (kvjax.eval.leaderboard).")
+    e.add_argument("task", help=f"one of {', '.join(TASKS)}, or leaderboard")
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.add_argument("--method", nargs="+", default=["full"],
@@ -42,7 +44,8 @@ def add_parsers(sub) -> None:
     budget.add_argument("--budget", type=int, nargs="+", default=[], help="tokens kept per layer and KV head")
     e.add_argument("--quant", nargs="+", default=["none"], help="quantizers (none, kivi-2, int8, ...), each combined "
                                                                 "with every method")
-    e.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="context lengths in tokens")
+    e.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="context lengths in tokens (default: 1024 2048 4096; leaderboard: 4096)")
     e.add_argument("--depths", type=float, nargs="+", default=None,
                    help="needle depths in [0, 1] (passkey default: drawn per sample; niah default: 0 .25 .5 .75 1)")
     e.add_argument("--n", type=int, default=10, help="samples per cell (ppl: chunks)")
@@ -71,6 +74,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--new-tokens", type=int, default=64, help="bench: tokens decoded")
     e.add_argument("--no-plots", action="store_true")
     distributed.add_args(e)
+    leaderboard.add_args(e)
     e.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
                    help="import your own methods or quantizers first: a .py file or a module name that "
                         "registers them (@kvjax.register_method); repeatable")
@@ -97,9 +101,22 @@ def _positive(**kw) -> None:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
 
 
+def eval_parser():
+    """A parser of `eval ...` argument lists (the leaderboard runs the eval through it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="kvjax")
+    add_parsers(parser.add_subparsers())
+    return parser
+
+
 def run_eval(args) -> None:
+    if args.task == "leaderboard":
+        args.lengths = args.lengths or [4096]
+        return leaderboard.run(args, run_eval, eval_parser)
     if args.task not in TASKS:
-        raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}, leaderboard")
+    args.lengths = args.lengths or [1024, 2048, 4096]
     _keep_rss_bounded()
     _positive(n=args.n, batch=args.batch, max_new_tokens=args.max_new_tokens, context_len=args.context_len,
               eval_len=args.eval_len, new_tokens=args.new_tokens)
@@ -211,7 +228,8 @@ def _run_shared(args, procs, lm, out, options, total, configs, samples, chunks, 
     done = {tuple(k) for k in done}
     progress = tqdm(total=total, desc=f"eval {args.task}", unit="row", file=sys.stderr, dynamic_ncols=True,
                     disable=not procs.leader)
-    progress.update(sum(1 for k in done if k[0] == args.task))
+    ours = {tuple(records.fmt(v) for v in c.key().values()) for c in configs}  # rows of this run's configurations
+    progress.update(sum(1 for k in done if k[0] == args.task and k[-4:] in ours))
     emit = results.append if procs.leader else exchange.send
     kw = dict(todo=lambda key: key not in done, emit=emit, progress=progress)
     if args.task in ("passkey", "niah", "ruler"):
