@@ -89,7 +89,7 @@ def run_ppl(lm: LM, chunks: np.ndarray, context_len: int, configs: Sequence[Conf
             if own_prefill(config):  # its compress time includes its whole (evicting) prefill
                 last, state = prefill_alone(lm, rows_bt[:, :context_len].tolist(), config, eval_len)
             else:
-                last, state = logits, branch(lm, cache, obs, config, context_len, eval_len)
+                last, state = logits, branch(lm, cache, obs, config, context_len, eval_len, rows_bt[:, :context_len])
             jax.block_until_ready(state)
             t1, c1 = time.perf_counter(), compile_seconds()
             nll = np.asarray(teacher_force(lm.params, state, last, targets, cfg=lm.cfg))

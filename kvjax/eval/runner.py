@@ -24,6 +24,7 @@ import time
 from typing import Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kvjax import generation, methods, pipeline
@@ -84,7 +85,7 @@ def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budg
 def config_plan(cfg: LlamaConfig, config: Config, length: int, batch: int = 1, model_name: str = "", lm=None):
     """The pipeline's plan (`kvjax.pipeline.plan`) of a configuration for `batch` rows of `length` tokens."""
     return pipeline.plan(cfg, [length] * batch, config.method, config.ratio, config.budget, quant=config.quant,
-                         model_name=model_name, lm=lm)
+                         model_name=model_name, lm=lm, tokenizer=None if lm is None else lm.tokenizer)
 
 
 def check_configs(cfg: LlamaConfig, configs: Sequence[Config], lengths: Iterable[int], lm: LM | None = None) -> None:
@@ -164,11 +165,17 @@ def prefill_alone(lm: LM, contexts: Sequence[Sequence[int]], config: Config, roo
                       budget=config.budget, quant=config.quant, return_logits=True)
 
 
-def branch(lm: LM, cache, obs, config: Config, length: int, room: int):
+def branch(lm: LM, cache, obs, config: Config, length: int, room: int, contexts=None):
     """The prefilled cache (B rows of `length` tokens) compressed / quantized under `config`, with
     `room` free slots per head for what is fed on top (`kvjax.pipeline.branch`). New arrays: the
-    prefilled cache stays valid."""
-    return pipeline.branch(cache, obs, lm.cfg, config_plan(lm.cfg, config, length, cache.batch, lm.name), room)
+    prefilled cache stays valid. A method that replays (KVzip) first runs its pass over a copy of it, on
+    the `contexts` ids [B, length] (so its compress time includes the replay)."""
+    p = config_plan(lm.cfg, config, length, cache.batch, lm.name, lm=lm)
+    if p is not None and p.method is not None and p.method.replays:
+        tokens = np.asarray(contexts, np.int32)
+        cache, obs = pipeline.replay(lm.params, lm.cfg, p, jax.tree_util.tree_map(jnp.copy, cache), tokens,
+                                     np.full((len(tokens),), length, np.int32))
+    return pipeline.branch(cache, obs, lm.cfg, p, room)
 
 
 def batches(items: Sequence, max_batch: int) -> list[tuple[list, int]]:
@@ -218,7 +225,7 @@ def run_retrieval(lm: LM, samples: Sequence[Sample], configs: Sequence[Config], 
                 if own_prefill(config):
                     state = prefill_alone(lm, [s.context for s in batch], config, room)[1]
                 else:
-                    state = branch(lm, cache, obs, config, length, room)
+                    state = branch(lm, cache, obs, config, length, room, [s.context for s in batch])
                 jax.block_until_ready(state)
                 branch_compile = compile_seconds() - c0
                 compress_s = time.perf_counter() - t0 - branch_compile
