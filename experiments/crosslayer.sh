@@ -9,7 +9,7 @@ set -euo pipefail
 OUT=experiments/results/crosslayer
 DATA=../shared/data
 HEALED=runs/cla_healed
-THRESHOLDS="0.95 0.9 0.8"
+THRESHOLDS="0.9 0.8"
 mkdir -p "$OUT"
 timed() {  # timed NAME COMMAND...
   local name=$1; shift
@@ -27,25 +27,25 @@ for step in "${steps[@]}"; do
   case $step in
     plans)
       for t in $THRESHOLDS; do
-        [ -f "$OUT/kvsharer_t$t.json" ] || timed "kvsharer_t$t" kvjax kvsharer --threshold "$t" \
+        [ -f "$OUT/kvsharer_t$t.json" ] || timed "kvsharer_t$t" kvjax kvsharer --threshold "$t" --max-tries 40 \
           --out "$OUT/kvsharer_t$t.json"
       done
       [ -f "$OUT/kvsharer_similar_t0.9.json" ] || timed kvsharer_similar kvjax kvsharer --threshold 0.9 \
-        --order similar --out "$OUT/kvsharer_similar_t0.9.json" ;;
+        --order similar --max-tries 40 --out "$OUT/kvsharer_similar_t0.9.json" ;;
     train)
       [ -d "$HEALED/checkpoints" ] || timed train_cla kvjax train cla --spec cla --data "$DATA/wikitext-2/valid.txt" \
-        --steps 40 --batch-size 4 --seq-len 128 --lr 1e-4 --warmup 4 --save-every 10 --log-every 2 --out "$HEALED"
+        --steps 40 --batch-size 4 --seq-len 128 --lr 3e-4 --warmup 4 --save-every 10 --log-every 2 --out "$HEALED"
       cp "$HEALED/metrics.jsonl" "$OUT/train_cla_metrics.jsonl" ;;
     ppl)
       timed ppl kvjax eval ppl --method "${METHODS[@]}" --ratio $RATIOS --text "$DATA/wikitext-2/test.txt" \
-        --context-len 1024 --eval-len 128 --n 4 --batch 4 --out "$OUT/ppl.csv" --overwrite --seed 0 --no-plots
+        --context-len 512 --eval-len 64 --n 2 --batch 2 --out "$OUT/ppl.csv" --overwrite --seed 0 --no-plots
       timed ppl_healed kvjax eval ppl --model "$HEALED" --method cla "compose(cla,kivi-4)" \
-        --text "$DATA/wikitext-2/test.txt" --context-len 1024 --eval-len 128 --n 4 --batch 4 \
+        --text "$DATA/wikitext-2/test.txt" --context-len 512 --eval-len 64 --n 2 --batch 2 \
         --out "$OUT/ppl_healed.csv" --overwrite --seed 0 --no-plots ;;
     passkey)
-      timed passkey kvjax eval passkey --method "${METHODS[@]}" --ratio $RATIOS --lengths 1024 --n 6 --batch 6 \
+      timed passkey kvjax eval passkey --method "${METHODS[@]}" --ratio $RATIOS --lengths 512 --n 4 --batch 4 \
         --out "$OUT/passkey.csv" --overwrite --seed 0 --no-plots
-      timed passkey_healed kvjax eval passkey --model "$HEALED" --method cla --lengths 1024 --n 6 --batch 6 \
+      timed passkey_healed kvjax eval passkey --model "$HEALED" --method cla --lengths 512 --n 4 --batch 4 \
         --out "$OUT/passkey_healed.csv" --overwrite --seed 0 --no-plots ;;
     report) python experiments/crosslayer_report.py "$OUT" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

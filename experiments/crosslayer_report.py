@@ -30,13 +30,15 @@ def label(r: dict, healed: bool) -> str:
 def grouped(table: list[tuple[dict, bool]], value: str) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r, healed in table:
-        g = out.setdefault(label(r, healed), dict(values=[], bytes=int(r["cache_bytes"]), full=int(r["full_cache_bytes"])))
+        g = out.setdefault(label(r, healed), dict(values=[], bytes=int(r["cache_bytes"]),
+                                                  full=int(r["full_cache_bytes"])))
         g["values"].append(float(r[value]))
     return out
 
 
 def ppl_table(groups: dict) -> list[str]:
-    lines = ["| configuration | cache bytes | of full | ppl (mean of chunk NLLs) | chunk ppl min .. max |", "|---|---:|---:|---:|---:|"]
+    lines = ["| configuration | cache bytes | of full | ppl (mean of chunk NLLs) | chunk ppl min .. max |",
+             "|---|---:|---:|---:|---:|"]
     for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["bytes"]):
         nll = sum(math.log(v) for v in g["values"]) / len(g["values"])
         lines.append(f"| {name} | {g['bytes']:,} | {g['bytes'] / g['full']:.3f} | {math.exp(nll):.2f} | "
@@ -52,24 +54,24 @@ def main(out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if ppl:
         groups = grouped(ppl, "ppl")
-        md += ["## Perplexity (WikiText-2 test, 4 chunks: 1024 context tokens, 128 teacher-forced)", "",
+        md += ["## Perplexity (WikiText-2 test, 2 chunks: 512 context tokens, 64 teacher-forced)", "",
                *ppl_table(groups), ""]
         for name, g in groups.items():
             nll = sum(math.log(v) for v in g["values"]) / len(g["values"])
             axes[0].scatter(g["bytes"] / 2 ** 20, math.exp(nll))
             axes[0].annotate(name, (g["bytes"] / 2 ** 20, math.exp(nll)), fontsize=6)
-        axes[0].set(xlabel="cache MiB (1024 tokens)", ylabel="perplexity", title="perplexity vs real cache bytes")
+        axes[0].set(xlabel="cache MiB (512-token context)", ylabel="perplexity", title="perplexity vs real cache bytes")
     passkey = [(r, False) for r in rows(out / "passkey.csv")] + [(r, True) for r in rows(out / "passkey_healed.csv")]
     if passkey:
         groups = grouped(passkey, "correct")
-        md += ["## Passkey (1024 tokens, 6 samples)", "", "| configuration | cache bytes | of full | correct |",
+        md += ["## Passkey (512 tokens, 4 samples)", "", "| configuration | cache bytes | of full | correct |",
                "|---|---:|---:|---:|"]
         for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["bytes"]):
             md.append(f"| {name} | {g['bytes']:,} | {g['bytes'] / g['full']:.3f} | "
                       f"{int(sum(g['values']))}/{len(g['values'])} |")
             axes[1].scatter(g["bytes"] / 2 ** 20, sum(g["values"]) / len(g["values"]))
             axes[1].annotate(name, (g["bytes"] / 2 ** 20, sum(g["values"]) / len(g["values"])), fontsize=6)
-        axes[1].set(xlabel="cache MiB (1024 tokens)", ylabel="accuracy", title="passkey vs real cache bytes")
+        axes[1].set(xlabel="cache MiB (512-token context)", ylabel="accuracy", title="passkey vs real cache bytes")
         md.append("")
     fig.tight_layout()
     fig.savefig(out / "crosslayer.png", dpi=130)

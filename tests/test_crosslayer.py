@@ -138,6 +138,7 @@ def test_search_tries_dissimilar_pairs_first_and_accepts_by_the_threshold():
     assert route == [0, 0, 2, 2]  # (0,1) accepted, then (1,2) makes layer 2 read layer 0: rejected, then (2,3)
     assert [(e["pair"], e["accepted"]) for e in log] == [([0, 1], True), ([1, 2], False), ([2, 3], True)]
     assert kvsharer.search(d, similarity, threshold=0.99, n_shared=2)[0] == [0, 1, 2, 3]  # every pair rejected
+    assert len(kvsharer.search(d, similarity, threshold=0.99, n_shared=2, max_tries=2)[1]) == 2
 
 
 def test_kvsharer_searches_saves_and_reuses_its_plan(model, tmp_path):
@@ -195,6 +196,7 @@ def test_bad_plans_are_one_line_errors_before_any_compile(model, tmp_path, route
     ("cla(press=locret)", "press= takes a score method"),
     ("kvsharer(order=random)", "order must be one of"),
     ("kvsharer(n_shared=4)", "n_shared=4, the model has 4 layers"),
+    ("kvsharer(max_tries=-1)", "max_tries must be an integer >= 0"),
 ])
 def test_bad_cla_and_kvsharer_settings(model, spec, message):
     lm, _, _ = model

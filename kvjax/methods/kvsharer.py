@@ -79,19 +79,20 @@ def cosine(a: jax.Array, b: jax.Array) -> float:
 
 
 def search(distances: np.ndarray, similarity: Callable[[np.ndarray], float], threshold: float, n_shared: int,
-           order: str = "dissimilar", on_try: Callable[[dict], None] | None = None) -> tuple[list[int], list[dict]]:
+           order: str = "dissimilar", on_try: Callable[[dict], None] | None = None,
+           max_tries: int | None = None) -> tuple[list[int], list[dict]]:
     """KVSharer's greedy search (Algorithm 1). `distances` [L, L] between layers' mean caches; `similarity(route)`
     the hidden-state cosine of a candidate route (int [L]: layer -> layer whose K/V it reads). Pairs (i < j) are
     tried by decreasing distance ("similar": increasing); a pair whose layer j still reads its own K/V makes j,
     and every layer reading j, read layer i's producer; accepted if similarity >= threshold. Stops when
-    `n_shared` layers read another layer's K/V. Returns (route, the log: one dict per pair tried, each also
+    `n_shared` layers read another layer's K/V, or after `max_tries` pairs tried (None: no limit). Returns (route, the log: one dict per pair tried, each also
     passed to `on_try`)."""
     n = len(distances)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     pairs.sort(key=lambda p: (-distances[p] if order == "dissimilar" else distances[p], p))
     route, log = np.arange(n), []
     for i, j in pairs:
-        if int((route != np.arange(n)).sum()) >= n_shared:
+        if int((route != np.arange(n)).sum()) >= n_shared or max_tries is not None and len(log) >= max_tries:
             break
         if route[j] != j:
             continue
@@ -107,7 +108,8 @@ def search(distances: np.ndarray, similarity: Callable[[np.ndarray], float], thr
 
 
 def calibrate(lm, sentences: int = 30, tokens: int = 64, seed: int = 0, threshold: float = 0.9,
-              n_shared: int | None = None, order: str = "dissimilar", on_try: Callable[[dict], None] | None = None) -> dict:
+              n_shared: int | None = None, order: str = "dissimilar", max_tries: int | None = None,
+              on_try: Callable[[dict], None] | None = None) -> dict:
     """The KVSharer plan of `lm` (an `LM`): calibration, search, and what it found, as the JSON `save_plan` writes."""
     cfg = lm.cfg
     n_shared = cfg.n_layers // 4 if n_shared is None else n_shared
@@ -119,9 +121,9 @@ def calibrate(lm, sentences: int = 30, tokens: int = 64, seed: int = 0, threshol
     distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
     route, log = search(distances, lambda r: cosine(routed_forward(lm.params, ids, jnp.asarray(r, jnp.int32),
                                                                    cfg=cfg)[0], base),
-                        threshold, n_shared, order, on_try)
+                        threshold, n_shared, order, on_try, max_tries)
     return dict(method="kvsharer", model=model_id(lm.name, cfg), route=route, threshold=threshold, n_shared=n_shared,
-                order=order, sentences=sentences, tokens=tokens, seed=seed,
+                order=order, max_tries=max_tries, sentences=sentences, tokens=tokens, seed=seed,
                 shared_layers=[i for i, r in enumerate(route) if r != i], tried=log)
 
 
@@ -158,7 +160,8 @@ class KVSharer(CrossLayer):
     Attributes:
       plan: a plan file, or None.  threshold: the hidden-state cosine a pair must keep.
       n_shared: layers that read another's cache (default L // 4).  order: "dissimilar" (the paper) or
-      "similar" (the ablation).  sentences, tokens, seed: the calibration windows.
+      "similar" (the ablation).  max_tries: stop after this many pairs tried (None: the paper's search,
+      every pair if need be).  sentences, tokens, seed: the calibration windows.
       press: an eviction method applied to the shared states (`CrossLayer`).
     """
 
@@ -166,6 +169,7 @@ class KVSharer(CrossLayer):
     threshold: float = 0.9
     n_shared: int | None = None
     order: str = "dissimilar"
+    max_tries: int | None = None
     sentences: int = 30
     tokens: int = 64
     seed: int = 0
@@ -177,12 +181,14 @@ class KVSharer(CrossLayer):
         if not isinstance(self.threshold, (int, float)) or not -1 <= self.threshold <= 1:
             raise ValueError(f"kvsharer: threshold is a cosine in [-1, 1], got {self.threshold!r}")
         check_positive(sentences=self.sentences, tokens=self.tokens)
-        if self.n_shared is not None and (not isinstance(self.n_shared, int) or self.n_shared < 0):
-            raise ValueError(f"kvsharer: n_shared must be an integer >= 0, got {self.n_shared!r}")
+        for name in ("n_shared", "max_tries"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"kvsharer: {name} must be an integer >= 0, got {value!r}")
 
     def settings(self) -> dict:
-        return dict(threshold=self.threshold, n_shared=self.n_shared, order=self.order, sentences=self.sentences,
-                    tokens=self.tokens, seed=self.seed)
+        return dict(threshold=self.threshold, n_shared=self.n_shared, order=self.order, max_tries=self.max_tries,
+                    sentences=self.sentences, tokens=self.tokens, seed=self.seed)
 
     def cached_path(self, cfg, model_name: str) -> Path:
         key = json.dumps(dict(model=model_id(model_name, cfg), **self.settings()), sort_keys=True)
@@ -210,7 +216,7 @@ class KVSharer(CrossLayer):
                 raise ValueError(f"kvsharer: no plan for {model_name!r} yet: pass plan=FILE, or use it through an "
                                  "LM (which searches one on first use)")
             else:
-                plan = calibrate(lm, self.sentences, self.tokens, self.seed, self.threshold, self.n_shared, self.order)
+                plan = calibrate(lm, **self.settings())
                 save_plan(path, plan)
                 known[model_name] = tuple(plan["route"])
         return known[model_name]
