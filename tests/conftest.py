@@ -51,3 +51,23 @@ def gemma3():
     import kvjax
 
     return kvjax.load("gemma3-270m", dtype="float32")
+
+
+_FILE_SECONDS: dict[str, float] = {}  # test file -> seconds of its tests (setup, call, teardown)
+
+
+def pytest_runtest_logreport(report):
+    """Sum each file's test time (with xdist the controller receives every worker's reports)."""
+    path = report.nodeid.split("::")[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The slowest test files, so the suite's time (CI's budget is 25 minutes) is seen where it goes."""
+    if len(_FILE_SECONDS) < 2:
+        return
+    top = sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:15]
+    terminalreporter.write_sep("-", f"slowest test files (of {len(_FILE_SECONDS)}; sum "
+                                    f"{sum(_FILE_SECONDS.values()) / 60:.1f} min over the workers)")
+    for path, seconds in top:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {path}")

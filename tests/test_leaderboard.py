@@ -41,7 +41,7 @@ def test_leaderboard_runs_the_grid_and_ranks_by_real_bytes(tmp_path, capsys):
     frac = float(knorm["cache_bytes"]) / float(knorm["full_cache_bytes"])
     assert frac < 0.6 and f"| {frac:.3f} |" in table  # the real bytes, not the nominal ratio
     line = [x for x in table.splitlines() if "| knorm | 0.5 |" in x and "niah" in x][0]
-    assert "--method 'knorm' --ratio 0.5" in line and "--lengths 320" in line
+    assert "--method 'knorm' --ratio 0.5" in line and "--n 1 --lengths 320 --depths 0.5" in line
     assert table.count("★") >= 2  # the cheapest configuration of each task is always on the front
     # the tables and plots again from the CSVs alone
     (out / "leaderboard.md").unlink()

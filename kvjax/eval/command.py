@@ -7,6 +7,7 @@ a prepared TFDS dataset, else prose generated from `--seed`; the CSV's `options`
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import dataclasses
 import sys
@@ -103,8 +104,6 @@ def _positive(**kw) -> None:
 
 def eval_parser():
     """A parser of `eval ...` argument lists (the leaderboard runs the eval through it)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="kvjax")
     add_parsers(parser.add_subparsers())
     return parser

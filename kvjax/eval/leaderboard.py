@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from kvjax import methods
+from kvjax.eval.plots import pyplot
 from kvjax.eval.records import read_rows
 from kvjax.eval.summary import number
 
@@ -167,22 +169,25 @@ def points(csv_path: Path, model: str) -> list[Point]:
             score = 100 * sum(number(r["score"]) for r in rs) / len(rs)
         opts = [f"--method '{method}'"] + ([f"--ratio {ratio}"] if ratio else []) + \
                ([f"--budget {budget}"] if budget else []) + ([f"--quant {quant}"] if quant else [])
-        command = f"kvjax eval {task} --model {model} {' '.join(opts)} {_options(rs[0])}"
+        command = f"kvjax eval {task} --model {model} {' '.join(opts)} {_options(rs)}"
         out.append(Point(family_of(method, quant), method, ratio, quant, size, size / full, score, len(rs),
                          command.strip()))
     return out
 
 
-def _options(row: dict) -> str:
-    """The task options of a run as eval flags (lengths, n and seed: what makes the prompts the same)."""
-    import json
-
-    o = json.loads(row["options"])
-    flags = [f"--seed {row['seed']}"]
+def _options(rows: list[dict]) -> str:
+    """The eval flags that rebuild a configuration's prompts: seed, samples, lengths and depths (or the
+    perplexity context), and the task's own options."""
+    o = json.loads(rows[0]["options"])
+    flags = [f"--seed {rows[0]['seed']}", f"--n {len({r['sample'] for r in rows})}"]
     if o.get("task") == "ppl":
         flags += [f"--context-len {o['context_len']}", f"--eval-len {o['eval_len']}"]
     else:
         flags += ["--lengths " + " ".join(map(str, o["lengths"]))]
+        depths = sorted({r["depth"] for r in rows if r["depth"]}, key=float)
+        flags += ["--depths " + " ".join(depths)] if depths else []
+        flags += ["--subtasks " + " ".join(o["subtasks"])] if o.get("subtasks") else []
+        flags += ["--question-in-context"] if o.get("question_in_context") else []
     return " ".join(flags)
 
 
@@ -252,9 +257,7 @@ def write_report(out_dir: Path, kvpress: Path | None = None) -> list[Path]:
 
 
 def plot_pareto(pts: list[Point], front: set[Point], path: Path, title: str, metric: str) -> Path:
-    from kvjax.eval.plots import _plt
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = dict(full="*", eviction="o", quantization="s", latent="^", composition="D", learned="v")
     markers["cross-layer"] = "P"

@@ -18,7 +18,8 @@ from kvjax.eval.summary import number
 PLOTTED = ("score", "cache_bytes", "nll", "n_tokens")  # result columns the figures read, besides the key
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +29,7 @@ def _plt():
 
 
 def plot_accuracy(rows: list[dict], path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     lengths = sorted({int(r["length"]) for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], lengths):
@@ -56,7 +57,7 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def plot_heatmaps(rows: list[dict], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     configs = list(dict.fromkeys((r["method"], r["ratio"], r["quant"]) for r in rows))
     depths = sorted({number(r["depth"]) for r in rows})
     lengths = sorted({int(r["length"]) for r in rows})
@@ -88,7 +89,7 @@ def plot_heatmaps(rows: list[dict], path: Path) -> Path:
 
 
 def plot_ppl(rows: list[dict], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     by = defaultdict(list)
     for r in rows:
         by[r["method"] + (f" +{r['quant']}" if r["quant"] else ""), number(r["cache_bytes"])].append(
