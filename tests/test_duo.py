@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kvjax import methods, pipeline
+from kvjax.cli import main
 from kvjax.methods.base import ScoreContext
 from kvjax.methods.duo import DuoAttention, load_gates, on_the_fly_scores, streaming_mask
 from kvjax.models.rope import apply_rope, rope_inv_freq
@@ -189,7 +190,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in resumed.log] == [r["loss"] for r in ref.log[4:]]
     np.testing.assert_array_equal(np.asarray(resumed.state.params["gates"]), gates)
     # the run directory is a gate file for this model, and for no other
-    np.testing.assert_array_equal(load_gates(str(tmp_path / "ref"), lm.cfg, "tiny-0"), gates)
+    np.testing.assert_array_equal(load_gates(str(tmp_path / "ref"), lm.cfg), gates)
     other = tiny_lm(0, d_ff=48)
     with pytest.raises(ValueError, match="checkpoint mismatch") as e:
         pipeline.plan(other.cfg, [40], f"duo(gates={tmp_path / 'ref'}, sparsity=0.5)")
@@ -210,3 +211,28 @@ def test_on_the_fly_scores_match_kvpress():
     ctx = ScoreContext(k=k, v=k, pos=pos, length=jnp.asarray([s]), n_tokens=jnp.asarray([s]), obs=obs, layer=0,
                        n_layers=2, cfg=cfg)
     np.testing.assert_allclose(np.asarray(on_the_fly_scores(ctx, int(ref["q_len"])))[0], ref["scores"], rtol=1e-4)
+
+
+def one_error(capsys) -> str:
+    """The one error line on stderr (compile-time notes may precede it)."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvjax: error")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_cli_trains_gates_and_generates_with_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kvjax.load", lambda name, dtype=None: tiny_lm(0))
+    words = "the king and queen of hello world walk over a bridge".split()
+    (tmp_path / "text.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 2000)))
+    args = ["train", "duo", "--model", "tiny", "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run"),
+            "--batch-size", "2", "--save-every", "2", "--log-every", "1", "--sink", "2", "--recent", "8",
+            "--n-keys", "2", "--key-digits", "3"]
+    assert main([*args, "--steps", "2", "--seq-len", "20"]) == 2  # too short for the needles: one line
+    assert one_error(capsys).endswith("(66 tokens of needles, question and answer)")
+    assert main([*args, "--steps", "2", "--seq-len", "96"]) == 0
+    assert main([*args, "--steps", "2", "--seq-len", "96", "--n-keys", "3", "--resume"]) == 2  # other data
+    assert "n_keys 2 → 3" in one_error(capsys)
+    spec = f"duo(gates={tmp_path / 'run'}, sparsity=0.5, sink=2, recent=8)"
+    assert main(["generate", "--prompt", "hello world " * 10, "--method", spec, "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--prompt", "hello", "--method", "duo(sparsity=2)"]) == 2
+    assert one_error(capsys) == "kvjax: error: duo: sparsity must be in [0, 1], got 2"

@@ -85,7 +85,7 @@ class DuoAttention(EvictionMethod):
         if method.threshold is not None and method.gates is None:
             raise ValueError("duo: threshold= compares trained gates: pass gates= too (or use sparsity=)")
         if method.gates is not None:
-            load_gates(method.gates, cfg, model_name)
+            load_gates(method.gates, cfg)
         return method
 
     def observations(self) -> ObsSpec:
@@ -153,10 +153,10 @@ def on_the_fly_scores(ctx: ScoreContext, q_len: int) -> jax.Array:
     return jnp.cumsum(attn, axis=-1).mean(-1).mean(-1)
 
 
-def load_gates(path: str, cfg, model_name: str = "") -> np.ndarray:
+def load_gates(path: str, cfg) -> np.ndarray:
     """float32 [L, K] gates in [0, 1] from a `kvjax train duo` run directory (its model checked, by config
     hash) or a .npy; a one-line ValueError for a file that is not for this model."""
-    gates = _read_gates(path, model_id(model_name, cfg))
+    gates = _read_gates(path, model_id("", cfg))  # checkpoints match a model by its config hash alone
     want = (cfg.n_layers, cfg.n_kv_heads)
     if gates.shape != want:
         raise ValueError(f"duo: {path} holds gates of shape {list(gates.shape)}, this model has {want[0]} layers x "
@@ -168,7 +168,8 @@ def load_gates(path: str, cfg, model_name: str = "") -> np.ndarray:
 def _read_gates(path: str, model: str) -> np.ndarray:
     p = Path(path)
     if p.is_dir():
-        params, _, _ = load_trained(p, "duo", model)
+        with jax.ensure_compile_time_eval():  # first read inside a trace (a method not bound by a plan)
+            params, _, _ = load_trained(p, "duo", model)
         gates = np.asarray(params["gates"])
     elif p.suffix == ".npy" and p.is_file():
         gates = np.load(p)
