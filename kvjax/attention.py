@@ -36,8 +36,11 @@ def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | No
 
     Each part is `(read, n)`: `read(i)` gives block i as (k [B, K, S_blk, D], v [B, K, S_blk, Dv],
     pos int32 [B, K, S_blk], hidden bool [B, K, S_blk]), where `hidden` marks slots to skip (unused,
-    or read twice); `n` is None (one block, `read(0)`) or an int32 count of blocks (a `fori_loop`, so
-    a store is read, dequantized and scored one block at a time and never materialized whole).
+    or read twice); k and v may also be pytrees standing for them (quantized blocks,
+    `kvjax.states.quantized.KeyBlock` / `ValueBlock`) with a `shape`, k with `scores(qf)` -> q.k^T
+    [B, K, G*T, S_blk] and v with `mix(p)` -> p.v [B, K, G*T, Dv], so a block is never dequantized
+    whole (the scales fold into q and p); `n` is None (one block, `read(0)`) or an int32 count of
+    blocks (a `fori_loop`, so a store is read and scored one block at a time, never materialized whole).
     A key slot is visible to query t iff it is not hidden and its position is <= q_pos[b, t] (and, with
     a sliding `window` (static), > q_pos[b, t] - window: Gemma 3's local layers, HF's
     `sliding_window_overlay`; with `sink` (static) too, positions below it stay visible: a streaming
@@ -57,14 +60,15 @@ def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | No
 
     def one_block(carry, kb, vb, pb, hidden):
         m, l, acc = carry  # [B, K, GT], [B, K, GT], [B, K, GT, Dv]
-        sc = jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
+        sc = kb.scores(qf) if hasattr(kb, "scores") else jnp.einsum("bkqd,bksd->bkqs", qf, kb.astype(jnp.float32))
         sc = jnp.where(_visible(qf_pos, pb, hidden, window, sink), sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(sc - m_safe[..., None])
         corr = jnp.exp(m - m_safe)
         l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkqs,bksd->bkqd", p, vb.astype(jnp.float32))
+        pv = vb.mix(p) if hasattr(vb, "mix") else jnp.einsum("bkqs,bksd->bkqd", p, vb.astype(jnp.float32))
+        acc = acc * corr[..., None] + pv
         return m_new, l, acc
 
     carry = (jnp.full((b, n_kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g * t), jnp.float32),

@@ -412,6 +412,42 @@ def quantize_fp8(x: jax.Array, *, axis: int = -1, group: int | None = None,
                           axis=ax - x.ndim, group=group)
 
 
+def _fp8_to_f32(codes: jax.Array) -> jax.Array:
+    """float8_e4m3fn [...] -> float32, exactly, in integer and float vector ops: XLA:CPU converts
+    float8 element by element in software (~6x slower than int8 -> float32). Bits s eeee mmm:
+    (8 + m) * 2^(e - 10) for e > 0, m * 2^-9 for e = 0, NaN for eeee mmm = 1111 111."""
+    u = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.int32)
+    e, m = (u >> 3) & 15, (u & 7).astype(jnp.float32)
+    two = jax.lax.bitcast_convert_type((e + 117) << 23, jnp.float32)  # 2^(e - 10), a normal float32
+    mag = jnp.where(e == 0, m * 2.0**-9, (m + 8.0) * two)
+    mag = jnp.where((u & 127) == 127, jnp.nan, mag)
+    return jnp.where(u >= 128, -mag, mag)
+
+
+def as_bytes(qa: QuantizedArray) -> QuantizedArray:
+    """`qa` with float8 codes reinterpreted as their uint8 bits (`codes_f32` reads both): XLA:CPU
+    widens a float8 array to float16 whole before any slice of it, so a reader slicing blocks of a
+    float8 store must slice its bytes."""
+    if qa.codes.dtype.itemsize != 1 or not jnp.issubdtype(qa.codes.dtype, jnp.floating):
+        return qa
+    return dataclasses.replace(qa, codes=jax.lax.bitcast_convert_type(qa.codes, jnp.uint8))
+
+
+def codes_f32(qa: QuantizedArray) -> jax.Array:
+    """The codes of `qa` as float32 [..., C] in the original shape: unpacked integers ("uniform"),
+    their code points ("nuq": levels[code]), or the int8 / fp8 numbers; no scale applied."""
+    if qa.kind in ("uniform", "nuq"):
+        codes = unpack(qa.codes, qa.bits, qa.shape[-1])
+        if qa.kind == "nuq":
+            return jnp.asarray(qa.levels, jnp.float32)[codes.astype(jnp.int32)]
+        return codes.astype(jnp.float32)
+    if qa.kind == "int8":
+        return qa.codes.astype(jnp.float32)
+    if qa.kind == "fp8":
+        return _fp8_to_f32(qa.codes)
+    raise ValueError(f"dequantize: unknown kind {qa.kind!r}; expected one of {KINDS}")
+
+
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(qa: QuantizedArray, dtype=None) -> jax.Array:
     """codes * scale (+ zero) (levels[codes] for "nuq"), outliers written back; computed in float32
@@ -421,15 +457,7 @@ def dequantize(qa: QuantizedArray, dtype=None) -> jax.Array:
     """
     shape = qa.shape
     ax = qa.axis % len(shape)
-    if qa.kind in ("uniform", "nuq"):
-        codes = unpack(qa.codes, qa.bits, shape[-1])
-    elif qa.kind in ("int8", "fp8"):
-        codes = qa.codes
-    else:
-        raise ValueError(f"dequantize: unknown kind {qa.kind!r}; expected one of {KINDS}")
-    c = _groups(codes, ax, qa.group)
-    c = (jnp.asarray(qa.levels, jnp.float32)[c.astype(jnp.int32)] if qa.kind == "nuq"
-         else c.astype(jnp.float32))
+    c = _groups(codes_f32(qa), ax, qa.group)
     out = c * jnp.expand_dims(qa.scale.astype(jnp.float32), ax + 1)
     if qa.zero is not None:
         out = out + jnp.expand_dims(qa.zero.astype(jnp.float32), ax + 1)
@@ -439,6 +467,112 @@ def dequantize(qa: QuantizedArray, dtype=None) -> jax.Array:
             at = functools.partial(jax.lax.slice_in_dim, start_index=j, limit_index=j + 1, axis=ax + 1)
             out = jnp.where(iota == at(qa.outlier_idx).astype(jnp.int32), at(qa.outlier_val).astype(jnp.float32), out)
     return out.reshape(shape).astype(qa.scale.dtype if dtype is None else dtype)
+
+
+def _foldable(qa: QuantizedArray) -> bool:
+    """Scales fold out of a product with `qa` for token (-2) or channel (-1) groups without outliers."""
+    return qa.outlier_val is None and qa.axis in (-1, -2)
+
+
+def _to_planar(x: jax.Array, n: int, cpb: int) -> jax.Array:
+    """x [..., C] with the channels of each group of n reordered as `planar_codes` holds them: the
+    code i of every packed block first (block position i * n/cpb + j <- channel j * cpb + i)."""
+    c = x.shape[-1]
+    return x.reshape(*x.shape[:-1], c // n, n // cpb, cpb).swapaxes(-1, -2).reshape(x.shape)
+
+
+def _from_planar(x: jax.Array, n: int, cpb: int) -> jax.Array:
+    """Inverse of `_to_planar`."""
+    c = x.shape[-1]
+    return x.reshape(*x.shape[:-1], c // n, cpb, n // cpb).swapaxes(-1, -2).reshape(x.shape)
+
+
+def planar_codes(qa: QuantizedArray, n: int) -> jax.Array:
+    """float32 [..., C] codes of `qa` (as `codes_f32`) with the channels of each group of n in planar
+    order (`_to_planar`): plane i holds code i of every packed block, so unpacking is a shift and a
+    mask over contiguous bytes, with no interleave of the codes back into channel order."""
+    cpb, bpb = _BLOCK[qa.bits]
+    if qa.kind not in ("uniform", "nuq") or cpb == 1:
+        return codes_f32(qa)
+    c = qa.shape[-1]
+    by = qa.codes.astype(jnp.uint32).reshape(*qa.codes.shape[:-1], c // n, n // cpb, bpb)
+    word = functools.reduce(jnp.bitwise_or, [by[..., j] << (8 * j) for j in range(bpb)])  # [..., C/n, n/cpb]
+    shifts = (jnp.arange(cpb, dtype=jnp.uint32) * qa.bits)[:, None]  # one shift per plane (no concatenate)
+    codes = ((word[..., None, :] >> shifts) & (2**qa.bits - 1)).reshape(qa.shape)
+    if qa.kind == "nuq":
+        return jnp.asarray(qa.levels, jnp.float32)[codes.astype(jnp.int32)]
+    return codes.astype(jnp.float32)
+
+
+def scores(q: jax.Array, qa: QuantizedArray) -> jax.Array:
+    """q @ dequantize(qa)^T without the dequantized array: float32 [..., M, S].
+
+    q: float [..., M, C]; qa quantizes x [..., S, C] (leading axes alike). Only the code -> float32
+    conversion touches every element of x; scales and zeros apply to q or to partial sums:
+      per channel (axis -2, groups of n tokens; scale, zero [..., S/n, C]):
+        q . (s_g * c + z_g) = (q * s_g) . c + q . z_g;
+      per token (axis -1, groups of n channels; scale, zero [..., S, C/n]):
+        q . x_s = sum_j s_sj (q_j . c_sj) + z_sj sum(q_j).
+    The codes are unpacked in planar order (`planar_codes`) and q and the scales reordered to match.
+    Outliers (or other axes) fall back to the dequantized product.
+    """
+    q = q.astype(jnp.float32)
+    if not _foldable(qa):
+        return jnp.einsum("...mc,...sc->...ms", q, dequantize(qa, jnp.float32))
+    (*lead, s, c), n, cpb = qa.shape, qa.group, _BLOCK[qa.bits][0]
+    sc, zero = qa.scale.astype(jnp.float32), qa.zero
+    if qa.axis == -2:
+        x = planar_codes(qa, c)
+        qs = _to_planar(q, c, cpb)[..., :, None, :] * _to_planar(sc, c, cpb)[..., None, :, :]  # [..., M, S/n, C]
+        out = jnp.einsum("...mgc,...gtc->...mgt", qs, x.reshape(*lead, s // n, n, c)).reshape(*lead, -1, s)
+        if zero is not None:
+            out = out + jnp.repeat(jnp.einsum("...mc,...gc->...mg", q, zero.astype(jnp.float32)), n, axis=-1)
+        return out
+    x = planar_codes(qa, n)
+    qg = _to_planar(q, n, cpb).reshape(*q.shape[:-1], c // n, n)                       # [..., M, C/n, n]
+    if c == n:  # one group per token: a plain product, scaled per token
+        out = jnp.einsum("...mc,...sc->...ms", qg[..., 0, :], x) * jnp.swapaxes(sc, -1, -2)
+    else:
+        part = jnp.einsum("...mjc,...sjc->...msj", qg, x.reshape(*lead, s, c // n, n))  # [..., M, S, C/n]
+        out = jnp.sum(part * sc[..., None, :, :], axis=-1)
+    if zero is not None:
+        out = out + jnp.einsum("...mj,...sj->...ms", qg.sum(-1), zero.astype(jnp.float32))
+    return out
+
+
+def mix(p: jax.Array, qa: QuantizedArray) -> jax.Array:
+    """p @ dequantize(qa) without the dequantized array: float32 [..., M, C].
+
+    p: float [..., M, S]; qa quantizes x [..., S, C]. Scales and zeros apply to p or to partial sums:
+      per token (axis -1, groups of n channels; scale, zero [..., S, C/n]):
+        sum_s p_s (s_sj c_s + z_sj) = (p * s_j) @ c + p @ z_j;
+      per channel (axis -2, groups of n tokens; scale, zero [..., S/n, C]):
+        sum_g s_g * (p_g @ c_g) + sum(p_g) z_g.
+    The codes are unpacked in planar order (`planar_codes`) and the product put back in channel order.
+    Outliers (or other axes) fall back to the dequantized product.
+    """
+    p = p.astype(jnp.float32)
+    if not _foldable(qa):
+        return jnp.einsum("...ms,...sc->...mc", p, dequantize(qa, jnp.float32))
+    (*lead, s, c), n, cpb = qa.shape, qa.group, _BLOCK[qa.bits][0]
+    sc, zero = qa.scale.astype(jnp.float32), qa.zero
+    if qa.axis == -1:
+        x = planar_codes(qa, n)
+        if c == n:  # one group per token
+            out = jnp.einsum("...ms,...sc->...mc", p * jnp.swapaxes(sc, -1, -2), x)
+        else:
+            ps = p[..., :, :, None] * sc[..., None, :, :]                              # [..., M, S, C/n]
+            out = jnp.einsum("...msj,...sjc->...mjc", ps, x.reshape(*lead, s, c // n, n)).reshape(*p.shape[:-1], c)
+        out = _from_planar(out, n, cpb)
+        if zero is not None:
+            out = out + jnp.repeat(jnp.einsum("...ms,...sj->...mj", p, zero.astype(jnp.float32)), n, axis=-1)
+        return out
+    pg = p.reshape(*p.shape[:-1], s // n, n)                                          # [..., M, S/n, n]
+    part = jnp.einsum("...mgt,...gtc->...mgc", pg, planar_codes(qa, c).reshape(*lead, s // n, n, c))
+    out = _from_planar(jnp.einsum("...mgc,...gc->...mc", part, _to_planar(sc, c, cpb)), c, cpb)
+    if zero is not None:
+        out = out + jnp.einsum("...mg,...gc->...mc", pg.sum(-1), zero.astype(jnp.float32))
+    return out
 
 
 # ------------------------------------------------------------------------------------ debugging

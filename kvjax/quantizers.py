@@ -20,6 +20,7 @@ import abc
 import dataclasses
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +29,8 @@ from kvjax.methods.base import _REGISTRY, check_positive, register_quantizer
 from kvjax.methods.base import registry as _registry
 from kvjax.methods.spec import instantiate, resolve
 from kvjax.models.rope import rope_inv_freq
-from kvjax.models.rope import apply_rope
+from kvjax.models.rope import apply_rope, rotate
+from kvjax.states.base import EMPTY_POS
 
 _register = register_quantizer  # quantizers share kvjax.methods' registry (kind "quantizer")
 
@@ -66,6 +68,15 @@ class Quantizer(abc.ABC):
 
     def dequantize_values(self, qa, dtype):
         return quant.dequantize(qa, dtype)
+
+    def key_scores(self, q, qa, pos):
+        """q [B, K, M, D] . keys^T of a block (qa, pos [B, K, S]) -> float32 [B, K, M, S]; by default
+        with the scales folded into q (`quant.scores`), the keys never dequantized."""
+        return quant.scores(q, qa)
+
+    def value_mix(self, p, qa):
+        """p [B, K, M, S] . values of a block -> float32 [B, K, M, D] (`quant.mix`)."""
+        return quant.mix(p, qa)
 
     def for_model(self, cfg) -> "Quantizer":
         """Validate against the model config (ValueError, before anything compiles); the quantizer
@@ -231,6 +242,31 @@ class KVQuant(Quantizer):
 
     def dequantize_keys(self, qa, pos, dtype):
         return self.rotate(quant.dequantize(qa, jnp.float32), pos, 1).astype(dtype)
+
+    def key_scores(self, q, qa, pos):
+        """Pre-RoPE keys of a block: dequantized (outliers written back), rotated (`rotate_block`),
+        then the product."""
+        return jnp.einsum("...mc,...sc->...ms", q, self.rotate_block(quant.dequantize(qa, jnp.float32), pos))
+
+    def rotate_block(self, k, pos):
+        """RoPE of a block of keys k [B, K, S, D] at pos int32 [B, K, S], without a sin or cos per key
+        where each row's used slots hold consecutive positions p0 + j (a flushed block of the store):
+        the rotation by p0 + j is that by p0 (one sin/cos per row) composed with a constant table of
+        j theta. Other blocks (tokens evicted between them, or slots refilled out of order) rotate per
+        key, as `rotate(k, pos, 1)`. XLA:CPU spends ~2.5 ns per sin or cos: per key, the rotation
+        costs more than the rest of the block's attention."""
+        s = pos.shape[-1]
+        p0 = pos[..., :1]
+        consecutive = jnp.all((pos == p0 + jnp.arange(s, dtype=pos.dtype)) | (pos == EMPTY_POS))
+
+        def run(k):
+            inv = np.asarray(self.inv_freq, np.float32)
+            step = np.arange(s, dtype=np.float64)[:, None] * inv.astype(np.float64)   # [S, D/2]
+            a0 = p0[..., None].astype(jnp.float32) * inv                              # [B, K, 1, D/2]
+            c0, s0, cj, sj = jnp.cos(a0), jnp.sin(a0), np.cos(step).astype(np.float32), np.sin(step).astype(np.float32)
+            return rotate(k, c0 * cj - s0 * sj, s0 * cj + c0 * sj)
+
+        return jax.lax.cond(consecutive, run, lambda k: self.rotate(k, pos, 1), k)
 
     def quantize_values(self, v):
         return quant.quantize(v, self.bits, axis=-1, outliers=self.n_outliers(v.shape[-1]),

@@ -42,6 +42,10 @@ def apply_rope(x, positions, inv_freq):
     """Rotate-half RoPE. x [..., D], positions int [...] (x's leading axes, or broadcastable to them);
     rotating by -positions undoes it."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return rotate(x, jnp.cos(angles), jnp.sin(angles))
+
+
+def rotate(x, cos, sin):
+    """Rotate-half RoPE of x [..., D] by the angles whose cos and sin [..., D/2] are given."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -62,6 +62,36 @@ def split(n, quantizer, hold=None):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class KeyBlock:
+    """Keys [B, K, S_blk, D] of a store block as `online_attention` reads them: `scores(qf)` = qf . k^T
+    without the dequantized keys (`Quantizer.key_scores`)."""
+
+    qa: quant.QuantizedArray
+    pos: jax.Array  # int32 [B, K, S_blk]
+    quantizer: object = dataclasses.field(metadata=dict(static=True), default=None)
+
+    shape = property(lambda self: self.qa.shape)
+
+    def scores(self, qf):
+        return self.quantizer.key_scores(qf, self.qa, self.pos)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ValueBlock:
+    """Values [B, K, S_blk, Dv] of a store block: `mix(p)` = p . v (`Quantizer.value_mix`)."""
+
+    qa: quant.QuantizedArray
+    quantizer: object = dataclasses.field(metadata=dict(static=True), default=None)
+
+    shape = property(lambda self: self.qa.shape)
+
+    def mix(self, p):
+        return self.quantizer.value_mix(p, self.qa)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class QuantStore:
     """Attributes:
       kq, vq: `QuantizedArray` of [B, Hs, S, D] (the quantizer's key / value layouts).
@@ -285,12 +315,14 @@ class QuantStore:
         slots [0, n_q) from its `address` start (`base`: pool regions), and its residual slots [0, n_r).
 
         The store is read `block` slots at a time (rounded to a multiple of R; None: the whole store in
-        one block) and each block dequantized as it is scored: no full-precision copy of the store is
-        made, and blocks no head uses are not read (KVQuant's RoPE and outliers apply per block too).
+        one block) as `KeyBlock` / `ValueBlock`s, scored with the scales folded into the query and the
+        probabilities: no full-precision copy of the store is made, and blocks no head uses are not
+        read (KVQuant's keys are dequantized, outliers written back and RoPE applied per block).
         """
-        r, s, dt = self.residual, self.slots, self.k_res.dtype
+        r, s = self.residual, self.slots
         blk = s if block is None else min(round_to(block, r), s)  # S is a multiple of R
         n_q = self.per_head(self.n_q)
+        kq, vq = quant.as_bytes(self.kq), quant.as_bytes(self.vq)
 
         def read_store(i):
             first = i * blk
@@ -302,10 +334,9 @@ class QuantStore:
             else:  # pool: each head's block of its region
                 read = lambda tree: self.read_blocks(tree, base + start, blk)  # noqa: E731
             pos = read(self.pos)
-            k = self.quantizer.dequantize_keys(read(self.kq), pos, dt)
-            v = self.quantizer.dequantize_values(read(self.vq), dt)
             slot = (start + jnp.arange(blk))[None, None, :]
-            return k, v, pos, (slot < first) | (slot >= n_q[..., None])
+            return (KeyBlock(read(kq), pos, self.quantizer), ValueBlock(read(vq), self.quantizer), pos,
+                    (slot < first) | (slot >= n_q[..., None]))
 
         def side(k, v, pos, n):
             return lambda i: (k, v, pos, jnp.arange(pos.shape[2])[None, None, :] >= n[..., None])

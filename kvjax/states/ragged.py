@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.attention import online_attention, score_block
+from kvjax.attention import online_attention
 from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.ragged_decode_attention import ragged_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState
@@ -76,7 +76,8 @@ class RaggedKV(LayerState):
         time (None: P slots, one block) -> [B, T, H, D]; other heads' slots are not read."""
         if return_lse:
             raise ValueError("RaggedKV does not provide observations for eviction (compress a fresh prefill)")
-        block = score_block(block, q, self.start.shape[1]) or self.capacity
+        block = block or self.capacity  # not widened for decode (`score_block`): blocks are gathered, and
+        # 512-slot blocks that stay in cache take ~0.6x the time of wider ones (experiments/bench_attend.py)
         return online_attention(q, q_pos, [region_blocks((self.k, self.v, self.pos), self.start, self.length, block)])
 
     def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
