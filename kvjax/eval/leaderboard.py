@@ -49,7 +49,7 @@ OUT = Path("experiments/results/leaderboard")
 GRID = (
     ("eviction", "streaming_llm"), ("eviction", "snapkv"), ("eviction", "pyramidkv"), ("eviction", "tova"),
     ("eviction", "knorm"), ("eviction", "expected_attention"), ("eviction", "adakv:snapkv"),
-    ("eviction", "kvzip"), ("eviction", "keydiff"), ("latent", "think"), ("cross-layer", "cla"),
+    ("eviction", "kvzip"), ("eviction", "keydiff"), ("latent", "think:snapkv"), ("cross-layer", "cla"),
     ("cross-layer", "kvsharer"), ("cross-layer", "duo"), ("composition", "compose(snapkv, kivi-4)"),
     ("composition", "compose(tova, int8)"),
 )
