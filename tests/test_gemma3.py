@@ -317,6 +317,7 @@ def test_tokenizer_equals_sentencepiece(gemma3, golden):
     assert tk.encode("<start_of_turn>user\nhi<end_of_turn>") == [2, 105, 2364, 107, 2202, 106]
 
 
+@pytest.mark.slow  # a CLI subprocess on the real model: tests/test_cli.py covers the CLI on SmolLM2
 def test_cli_generates_with_snapkv_end_to_end(gemma3):
     prompt = Path(__file__).parents[1] / "examples" / "long_prompt.txt"  # 458 tokens: SnapKV's window is 64
     cmd = [sys.executable, "-m", "kvjax.cli", "generate", "--model", "gemma3-270m", "--method", "snapkv",
