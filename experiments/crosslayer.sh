@@ -4,7 +4,7 @@
 # KIVI-4, by perplexity and passkey against the cache bytes each configuration really holds.
 # Run from the repository root with the project's virtualenv active:  bash experiments/crosslayer.sh [STEP...]
 # Steps: plans (KVSharer searches, skipped if present), train (healing, skipped if present), ppl, passkey,
-# report (tables and plot). Wall times are appended to experiments/results/crosslayer/times.txt.
+# report (tables and plot). Wall times are appended to experiments/results/crosslayer/cla_kvsharer_times.txt.
 set -euo pipefail
 OUT=experiments/results/crosslayer
 DATA=../shared/data
@@ -15,7 +15,7 @@ timed() {  # timed NAME COMMAND...
   local name=$1; shift
   local t0=$(date +%s)
   "$@"
-  echo "$name: $(( $(date +%s) - t0 )) s ($*)" >> "$OUT/times.txt"
+  echo "$name: $(( $(date +%s) - t0 )) s ($*)" >> "$OUT/cla_kvsharer_times.txt"
 }
 METHODS=(full cla "cla(layers=all)" "compose(cla,kivi-4)" "compose(cla(layers=all),kivi-4)" kivi-4 snapkv)
 for t in $THRESHOLDS; do METHODS+=("kvsharer(plan=$OUT/kvsharer_t$t.json)"); done
@@ -35,18 +35,19 @@ for step in "${steps[@]}"; do
     train)
       [ -d "$HEALED/checkpoints" ] || timed train_cla kvjax train cla --spec cla --data "$DATA/wikitext-2/valid.txt" \
         --steps 40 --batch-size 4 --seq-len 128 --lr 3e-4 --warmup 4 --save-every 10 --log-every 2 --out "$HEALED"
-      cp "$HEALED/metrics.jsonl" "$OUT/train_cla_metrics.jsonl" ;;
+      cp "$HEALED/metrics.jsonl" "$OUT/cla_train_metrics.jsonl" ;;
     ppl)
       timed ppl kvjax eval ppl --method "${METHODS[@]}" --ratio $RATIOS --text "$DATA/wikitext-2/test.txt" \
-        --context-len 512 --eval-len 64 --n 2 --batch 2 --out "$OUT/ppl.csv" --overwrite --seed 0 --no-plots
+        --context-len 512 --eval-len 64 --n 2 --batch 2 --out "$OUT/cla_kvsharer_ppl.csv" --overwrite --seed 0 \
+        --no-plots
       timed ppl_healed kvjax eval ppl --model "$HEALED" --method cla "compose(cla,kivi-4)" \
         --text "$DATA/wikitext-2/test.txt" --context-len 512 --eval-len 64 --n 2 --batch 2 \
-        --out "$OUT/ppl_healed.csv" --overwrite --seed 0 --no-plots ;;
+        --out "$OUT/cla_kvsharer_ppl_healed.csv" --overwrite --seed 0 --no-plots ;;
     passkey)
       timed passkey kvjax eval passkey --method "${METHODS[@]}" --ratio $RATIOS --lengths 512 --n 4 --batch 4 \
-        --out "$OUT/passkey.csv" --overwrite --seed 0 --no-plots
+        --out "$OUT/cla_kvsharer_passkey.csv" --overwrite --seed 0 --no-plots
       timed passkey_healed kvjax eval passkey --model "$HEALED" --method cla --lengths 512 --n 4 --batch 4 \
-        --out "$OUT/passkey_healed.csv" --overwrite --seed 0 --no-plots ;;
+        --out "$OUT/cla_kvsharer_passkey_healed.csv" --overwrite --seed 0 --no-plots ;;
     report) python experiments/crosslayer_report.py "$OUT" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

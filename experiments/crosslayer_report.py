@@ -50,7 +50,8 @@ def main(out: Path) -> None:
     md = ["# Cross-layer sharing on SmolLM2-135M (issue 19)", "",
           "Made by `bash experiments/crosslayer.sh` (see its header for the settings); bytes are the "
           "`cache_bytes` of each row: what the compressed cache holds after the prefill (exact `nbytes`).", ""]
-    ppl = [(r, False) for r in rows(out / "ppl.csv")] + [(r, True) for r in rows(out / "ppl_healed.csv")]
+    ppl = [(r, False) for r in rows(out / "cla_kvsharer_ppl.csv")]
+    ppl += [(r, True) for r in rows(out / "cla_kvsharer_ppl_healed.csv")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if ppl:
         groups = grouped(ppl, "ppl")
@@ -61,7 +62,8 @@ def main(out: Path) -> None:
             axes[0].scatter(g["bytes"] / 2 ** 20, math.exp(nll))
             axes[0].annotate(name, (g["bytes"] / 2 ** 20, math.exp(nll)), fontsize=6)
         axes[0].set(xlabel="cache MiB (512-token context)", ylabel="perplexity", title="perplexity vs real cache bytes")
-    passkey = [(r, False) for r in rows(out / "passkey.csv")] + [(r, True) for r in rows(out / "passkey_healed.csv")]
+    passkey = [(r, False) for r in rows(out / "cla_kvsharer_passkey.csv")]
+    passkey += [(r, True) for r in rows(out / "cla_kvsharer_passkey_healed.csv")]
     if passkey:
         groups = grouped(passkey, "correct")
         md += ["## Passkey (512 tokens, 4 samples)", "", "| configuration | cache bytes | of full | correct |",
@@ -74,7 +76,7 @@ def main(out: Path) -> None:
         axes[1].set(xlabel="cache MiB (512-token context)", ylabel="accuracy", title="passkey vs real cache bytes")
         md.append("")
     fig.tight_layout()
-    fig.savefig(out / "crosslayer.png", dpi=130)
+    fig.savefig(out / "cla_kvsharer.png", dpi=130)
     plans = sorted(out.glob("kvsharer_*.json"))
     if plans:
         md += ["## KVSharer plans (calibration: 30 x 64 tokens of generated prose)", "",
@@ -85,18 +87,18 @@ def main(out: Path) -> None:
             shared = ", ".join(f"{i}->{r}" for i, r in enumerate(plan["route"]) if r != i) or "none"
             md.append(f"| {p.name} | {plan['order']} | {plan['threshold']} | {shared} | {len(plan['tried'])} |")
         md.append("")
-    metrics = out / "train_cla_metrics.jsonl"
+    metrics = out / "cla_train_metrics.jsonl"
     if metrics.is_file():
         recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         md += ["## Healing `cla` (consumers' q/o, KL to the unconverted model)", "",
                "| step | KL | student CE |", "|---:|---:|---:|"]
         md += [f"| {r['step']} | {r['kl']:.4f} | {r['ce']:.3f} |" for r in recs]
         md.append("")
-    times = out / "times.txt"
+    times = out / "cla_kvsharer_times.txt"
     if times.is_file():
         md += ["## Wall times (2-core CPU shared with other jobs)", "", "```", times.read_text().strip(), "```", ""]
-    (out / "README.md").write_text("\n".join(md))
-    print(f"wrote {out / 'README.md'} and {out / 'crosslayer.png'}")
+    (out / "cla_kvsharer.md").write_text("\n".join(md))
+    print(f"wrote {out / 'cla_kvsharer.md'} and {out / 'cla_kvsharer.png'}")
 
 
 if __name__ == "__main__":
