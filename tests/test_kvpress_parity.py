@@ -3,7 +3,8 @@
 Reference files come from `tests/golden/make_kvpress_reference.py` (kvpress 0.5.5, transformers, float32,
 same SmolLM2 weights, a 998-token essay prompt, ratios 0.25 / 0.5 / 0.75). Where kvpress's scores at
 the cut are (near-)tied, torch and XLA may break the tie differently: there a (layer, head) may differ
-by at most two swapped positions; everywhere else the sets must be identical.
+by at most two swapped positions; everywhere else the sets must be identical. KVzip (KVzipPress) has its
+own prompt (the chat template's prefix + the essay) and one cut over all layers (`test_kvzip_...`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax import generation, pipeline
+from kvjax.shapes import bucket
+from kvjax.states.cache import model_cache
 
 REF = Path(__file__).parent / "golden" / "smollm2-135m" / "kvpress"
 PRESSES = {  # reference file -> kvjax method (or a function of the reference file and the ratio)
@@ -89,3 +93,45 @@ def test_merged_values_as_kvpress(smollm2, prompt_ids, ratio):
             tied = set(np.argsort(-sim[near], -1)[:, :2].ravel().tolist())
             assert set(np.nonzero(bad[h])[0].tolist()) <= tied, f"layer {layer} head {h}: merged values differ"
             assert bad[h].sum() <= 4, f"layer {layer} head {h}: {bad[h].sum()} merged rows differ"
+
+
+
+KVZIP = {"kvzip": "kvzip", "kvzip_c256": "kvzip(chunk_size=256)", "kvzip_layerwise": "kvzip(layerwise=True)"}
+KVZIP_REPLAYS = (("kvzip", "kvzip_layerwise"), ("kvzip_c256",))  # references sharing one replay (chunk size)
+KVZIP_TIE = 1e-5  # |kvpress score - cut| (attention probabilities) within which a pair may land on either side
+
+
+@pytest.mark.parametrize("ref_names", KVZIP_REPLAYS, ids=lambda names: names[0])
+def test_kvzip_keeps_the_pairs_kvpress_keeps(smollm2, ref_names):
+    # KVzipPress on its own prompt (the chat template's prefix, then the essay): one prefill and one replay,
+    # compressed at the three ratios by the eval runner's path (`pipeline.branch`). kvjax's reconstruction
+    # scores equal kvpress's, and so do the kept (layer, head, position) sets, but for pairs scoring at the cut.
+    refs = {name: np.load(REF / f"{name}.npz") for name in ref_names}
+    first = refs[ref_names[0]]
+    ids = first["ids"].tolist()
+    text = json.loads((REF / "prompt.json").read_text())["text"]
+    assert smollm2.encode(smollm2.tokenizer.chat_frame()[0] + text) == ids
+    cfg, t = smollm2.cfg, len(ids)
+    plan = lambda name, ratio: pipeline.plan(cfg, [t], KVZIP[name], ratio=ratio, tokenizer=smollm2.tokenizer)  # noqa: E731
+    p = plan(ref_names[0], 0.5)
+    assert p.replay.prefix == int(first["prefix"])
+    tokens = np.asarray([ids + [0] * (bucket(t) - t)], np.int32)
+    _, cache, _ = generation.prefill(smollm2.params, cfg, tokens, np.asarray([t]), model_cache(cfg, 1, bucket(t)))
+    cache, obs = pipeline.replay(smollm2.params, cfg, p, cache, tokens, np.asarray([t]))
+    ours = np.stack([np.asarray(p.method.importance(o.replay))[0, :, :t] for o in obs])  # [L, K, T]
+    for name, ref in refs.items():
+        theirs = ref["scores"]  # the sinks at kvpress's max + 1, ours at 2
+        np.testing.assert_allclose(np.where(theirs > 1, 2.0, ours), np.where(theirs > 1, 2.0, theirs), atol=2e-6,
+                                   rtol=1e-3)
+        for ratio in (25, 50, 75):
+            kept = kvjax.kept_positions(pipeline.branch(cache, obs, cfg, plan(name, ratio / 100), 0))
+            cut = ref[f"cut_r{ratio}"]
+            differ = 0
+            for layer, heads in enumerate(kept):
+                expected = ref[f"kept_r{ratio}_layer{layer}"]
+                c = cut[layer] if np.ndim(cut) else cut
+                for h, ours_h in enumerate(heads):
+                    diff = set(expected[h][expected[h] >= 0].tolist()) ^ set(ours_h[0].tolist())
+                    assert all(abs(theirs[layer, h, i] - c) < KVZIP_TIE for i in diff), (name, layer, h, sorted(diff))
+                    differ += len(diff)
+            assert differ <= 8, f"{name} ratio {ratio}: {differ} pairs differ"

@@ -47,6 +47,9 @@ Presses (kvpress defaults unless noted), each at compression ratios 0.25, 0.5, 0
   adakv_critical_snapkv AdaKVPress(CriticalKVPress(SnapKVPress(64, 5)))
   merging_snapkv       MergingPress(SnapKVPress(64, 5))                (similarity_threshold 0, merge_fraction 1)
   leverage             LeverageScorePress(sketch_dimension=48): random; only r=0.5, torch seeds 0..4
+  kvzip                KVzipPress() (layerwise False, n_sink 4, chunk_size 2048)      (own prompt, see below)
+  kvzip_c256           KVzipPress(chunk_size=256): four replay chunks, later ones start with 8 context tokens
+  kvzip_layerwise      KVzipPress(layerwise=True)
 All but observed_attention run with attn_implementation="sdpa" (AdaKV refuses eager; SnapKV/TOVA then
 compute their window attention themselves, as kvpress does with sdpa/flash attention).
 
@@ -62,6 +65,14 @@ The wrappers that gather (chunkkv, block, per_layer, critical) are read off the 
 each cached key/value row is matched, bit for bit, to the one position of the press-free run holding
 it; for chunkkv, per_layer and critical this is also checked against the rule re-applied to the recorded
 scores. CriticalAdaKV masks like AdaKV and is checked against a float64 re-implementation of its rule.
+
+KVzip's prompt is the chat template's text before a user message (SmolLM2's system turn and user header)
+followed by the same essay text, tokenized as one string, as kvpress's pipeline formats a context: KVzip
+reads that prefix's length off the template and reconstructs only what follows. KVzipPress loads its
+tokenizer by `model.config.name_or_path`; here that is the GGUF's folder, so `AutoTokenizer` in kvzip_press is
+pointed at the GGUF's own tokenizer (chat template included). Its kept set of head h is all positions minus
+`module.masked_key_indices` of head h (it only masks), checked against an independent global bottom-k of the
+recorded scores (`score_val` after the sinks got max + 1).
 
 Files written to --out (default tests/golden/smollm2-135m/kvpress/):
   prompt.json     {"essay", "text", "ids", "T", "kvpress_version", "transformers_version",
@@ -87,6 +98,11 @@ Files written to --out (default tests/golden/smollm2-135m/kvpress/):
                   float32 [D, 8] (a fixed Gaussian projection: small, and any wrong merge shows).
                   leverage: kept_s{seed}_layer{i} int16 [K, n_kept] at ratio 0.5 for torch seeds 0..4 (its
                   Gaussian sketch comes from torch's generator: compared in distribution).
+  kvzip*.npz      ids int32 [T] (the prompt: chat prefix + essay text), prefix int (its chat-prefix tokens),
+                  kept_r{25,50,75}_layer{i} as AdaKV's, n_kept_r{..} [L, K], scores float32 [L, K, T] (the
+                  reconstruction scores with the sinks at max + 1; ratio-free), cut_r{..} float32 (the global
+                  cut: the largest pruned score; layerwise: [L], per layer), gap_r{..} (smallest kept minus
+                  largest pruned score, same shape).
 """
 from __future__ import annotations
 
@@ -111,6 +127,8 @@ from kvpress import (AdaKVPress, BlockPress, ChunkKVPress, CriticalAdaKVPress, C
                      LeverageScorePress, NonCausalAttnPress,
                      ObservedAttentionPress, PerLayerCompressionPress, PyramidKVPress, ScorerPress, SnapKVPress,
                      StreamingLLMPress, TOVAPress)
+from kvpress import KVzipPress  # noqa: E402
+from kvpress.presses import kvzip_press  # noqa: E402
 from kvpress.utils import compute_n_kept  # noqa: E402
 
 ESSAY = "addiction.txt"  # not worked.txt / avg.txt (used by make_golden.py)
@@ -162,6 +180,9 @@ def make_press(name: str, ratio: float):
                                                                                  kernel_size=5))), "sdpa"),
         "leverage": lambda: (LeverageScorePress(ratio, sketch_dimension=48), "sdpa"),
         "merging_snapkv": lambda: (MergingPress(SnapKVPress(ratio, window_size=64, kernel_size=5)), "sdpa"),
+        "kvzip": lambda: (KVzipPress(ratio), "sdpa"),
+        "kvzip_c256": lambda: (KVzipPress(ratio, chunk_size=256), "sdpa"),
+        "kvzip_layerwise": lambda: (KVzipPress(ratio, layerwise=True), "sdpa"),
     }[name]()
 
 
@@ -443,6 +464,78 @@ def capture_critical_adakv(name, ratio, model, ids, ref_cache, L, K, T):
     return kept, n_kept, gaps, scores, dt, cuts
 
 
+def kvzip_prompt(hf_tok, encode, text: str) -> tuple[list[int], int]:
+    """(ids of the chat template's prefix + `text` as one string, prefix tokens): kvpress's context format."""
+    sep = "\n" + "#" * len("dummy context")
+    frame = hf_tok.apply_chat_template([{"role": "user", "content": "dummy context" + sep}], add_generation_prompt=True,
+                                       tokenize=False, enable_thinking=False)
+    prefix = frame.split(sep)[0].split("dummy context")[0]
+    return encode(prefix + text), len(encode(prefix))
+
+
+def capture_kvzip(name, model, hf_tok, ids_list: list[int], prefix: int, L: int, K: int) -> dict[str, np.ndarray]:
+    """kvpress's KVzip kept sets at every ratio on the chat-formatted prompt, with its scores."""
+    kvzip_press.AutoTokenizer = type("GGUFTokenizer", (), {"from_pretrained": staticmethod(lambda *a, **k: hf_tok)})
+    ids = torch.tensor([ids_list])
+    T = len(ids_list)
+    arrs = dict(ids=np.array(ids_list, np.int32), prefix=np.int32(prefix))
+    for r in RATIOS:
+        press, _ = make_press(name, r)
+        assert press.prefix_length == 0
+        seen = {}
+        post = press.compress_post
+
+        def compress_post(m, press=press, post=post, seen=seen):
+            out = post(m)
+            seen["scores"] = press.score_val[:, 0].detach().float().clone()  # [L, K, T], sinks at max + 1
+            seen["prefix"] = press.prefix_length
+            return out
+
+        press.compress_post = compress_post
+        ref = prefill(model, ids)
+        cache = prefill(model, ids, press)
+        assert seen["prefix"] == prefix, (seen["prefix"], prefix)
+        s = seen["scores"]
+        tag = f"r{round(r * 100)}"
+        if press.layerwise:
+            n_pruned = int(K * T * r)
+            flat = [s[i].flatten().sort().values for i in range(L)]
+            cut = np.array([float(f[n_pruned - 1]) for f in flat], np.float32)
+            gap = np.array([float(f[n_pruned] - f[n_pruned - 1]) for f in flat], np.float32)
+        else:
+            f = s.flatten().sort().values
+            n_pruned = int(s.numel() * r)
+            cut, gap = np.float32(f[n_pruned - 1]), np.float32(f[n_pruned] - f[n_pruned - 1])
+        width, kept, n_kept = 0, {}, np.zeros((L, K), np.int32)
+        for layer in range(L):
+            attn = model.model.layers[layer].self_attn
+            _, h, pos = attn.masked_key_indices
+            attn.masked_key_indices = None
+            masked = torch.zeros(K, T, dtype=torch.bool)
+            masked[h, pos] = True
+            assert torch.equal(cache.layers[layer].keys, ref.layers[layer].keys)  # KVzipPress only masks
+            kept[layer] = [torch.nonzero(~masked[k]).flatten() for k in range(K)]
+            n_kept[layer] = [len(x) for x in kept[layer]]
+            width = max(width, int(n_kept[layer].max()))
+            c = cut[layer] if press.layerwise else cut
+            below = (s[layer] < c) & ~masked  # a kept pair scoring below the cut: a rule violation
+            above = (s[layer] > c) & masked
+            assert not below.any() and not above.any(), f"{name} r={r} layer {layer}: masks disagree with the scores"
+        if not press.layerwise:
+            assert int(n_kept.sum()) == L * K * T - int(s.numel() * r)
+        for layer in range(L):
+            arr = np.full((K, width), -1, np.int32)
+            for k, x in enumerate(kept[layer]):
+                arr[k, :len(x)] = x.numpy()
+            arrs[f"kept_{tag}_layer{layer}"] = arr
+        arrs[f"n_kept_{tag}"], arrs[f"cut_{tag}"], arrs[f"gap_{tag}"] = n_kept, cut, gap
+        if r == 0.5:
+            arrs["scores"] = s.numpy().astype(np.float32)
+        print(f"{name:26s} r={r}: kept {int(n_kept.sum())} pairs, per-layer {n_kept.sum(1).min()}..{n_kept.sum(1).max()}, "
+              f"cut {np.min(cut):.4g}, min gap {np.min(gap):.3g}")
+    return arrs
+
+
 def sanity(name: str, res: dict, ref_cache, T: int, L: int) -> list[str]:
     """Facts about the kept sets; asserts the ones that kvpress's semantics guarantee."""
     facts = []
@@ -519,7 +612,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(min(8, os.cpu_count() or 1))
 
-    _, encode = make_encoder(gguf)
+    hf_tok, encode = make_encoder(gguf)
     text = prefix_with_tokens((args.essays / ESSAY).read_text(encoding="utf-8"), encode, N_TOKENS)
     ids_list = encode(text)
     T = len(ids_list)
@@ -555,6 +648,10 @@ def main() -> None:
     summary = []
     for name in names:
         impl = make_press(name, 0.5)[1]
+        if name.startswith("kvzip"):
+            ids_kv, prefix = kvzip_prompt(hf_tok, encode, text)
+            np.savez_compressed(args.out / f"{name}.npz", **capture_kvzip(name, models[impl], hf_tok, ids_kv, prefix, L, K))
+            continue
         if name == "leverage":
             np.savez_compressed(args.out / f"{name}.npz", **capture_seeds(name, models[impl], ids, refs[impl], L, K, T))
             print(f"{name:26s} [{impl}] kept sets at r=0.5 for torch seeds 0..4")
