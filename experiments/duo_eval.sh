@@ -18,10 +18,15 @@ for step in "${steps[@]}"; do
         --steps 40 --batch-size 1 --seq-len 384 --sink 16 --recent 48 --n-keys 4 --warmup 3 --save-every 10 \
         --log-every 2 --out "$RUN" ;;
     export) python experiments/duo_gates.py export --run "$RUN" --out "$OUT" ;;
+    # on the fly, each layer streams round(ratio * 3) of its 3 KV heads: 0.5 and 0.75 both give 2, 0.33 gives 1
     passkey) kvjax eval passkey --method "${METHODS[@]}" --ratio 0.5 0.75 --lengths 1024 --n 10 --batch 10 \
-        --out "$OUT/duo_passkey.csv" --overwrite --seed 0 ;;
+        --out "$OUT/duo_passkey.csv" --overwrite --seed 0
+      kvjax eval passkey --method "duo($W)" --ratio 0.33 --lengths 1024 --n 10 --batch 10 \
+        --out "$OUT/duo_passkey.csv" --resume --seed 0 ;;
     ppl) kvjax eval ppl --method "${METHODS[@]}" --ratio 0.5 0.75 --context-len 1024 --eval-len 128 --n 4 --batch 4 \
-        --out "$OUT/duo_ppl.csv" --overwrite --seed 0 ;;
+        --out "$OUT/duo_ppl.csv" --overwrite --seed 0
+      kvjax eval ppl --method "duo($W)" --ratio 0.33 --context-len 1024 --eval-len 128 --n 4 --batch 4 \
+        --out "$OUT/duo_ppl.csv" --resume --seed 0 ;;
     report) python experiments/duo_gates.py report --out "$OUT" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

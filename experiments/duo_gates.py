@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_common import cpu_line
+
 
 def export(run: str, model: str, out: Path, seed: int = 0) -> None:
     import kvjax
@@ -64,13 +66,29 @@ def report(out: Path) -> None:
     fig.savefig(out / "duo_gates_hist.png", dpi=120)
     passkey = rows(out / "duo_passkey.csv", "score")
     ppl = rows(out / "duo_ppl.csv", "nll")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for i, (table, name, f) in enumerate(((passkey, "passkey %", lambda v: 100 * v), (ppl, "perplexity", np.exp))):
+        for k in sorted({k for k, _ in table}):
+            pts = sorted((b, f(v)) for (kk, _), (b, v, _) in table.items() if kk == k)
+            ax[i].plot(*zip(*pts), "o-" if len(pts) > 1 else "*", label=k)
+        ax[i].set(xlabel="cache bytes / full", ylabel=name)
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "duo_bytes.png", dpi=120)
     lines = ["| heads ranked by | sparsity | bytes / full (passkey) | passkey % | bytes / full (ppl) | perplexity |",
              "|---|---|---|---|---|---|"]
     for key in sorted(set(passkey) | set(ppl), key=lambda k: (k[0] != "full", k[1], k[0])):
         pb, ps, pn = passkey.get(key, (np.nan, np.nan, 0))
         qb, qn, _ = ppl.get(key, (np.nan, np.nan, 0))
         lines.append(f"| {key[0]} | {key[1]} | {pb:.3f} | {100 * ps:.1f} | {qb:.3f} | {np.exp(qn):.2f} |")
-    (out / "duo.md").write_text("\n".join(lines) + "\n")
+    head = ["# DuoAttention on SmolLM2-135M-Instruct: head rankings at equal sparsity", "",
+            "Made by `RUN=<run dir> bash experiments/duo_eval.sh` (train, export, passkey, ppl, report); "
+            "streaming heads keep sink 16 + recent 48 tokens; passkey: 10 prompts of 1024 tokens; perplexity: "
+            "4 WikiText-2 chunks, 1024 context + 128 scored tokens. Bytes are `cache_bytes / full_cache_bytes` "
+            "of the eval rows (the cache really held). Gates: `duo_gates.npy` (histogram `duo_gates_hist.png`), "
+            "random ranking: `duo_random_gates.npy` (uniform, seed 0). Plot: `duo_bytes.png`. Per-configuration detail: "
+            "`duo_passkey.md`, `duo_ppl.md`.", "", cpu_line(), ""]
+    (out / "duo.md").write_text("\n".join(head + lines) + "\n")
     print("\n".join(lines))
 
 
