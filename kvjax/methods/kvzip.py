@@ -142,8 +142,9 @@ class KVzip(EvictionMethod):
                 span[r] = (min(self.n_sink, start), start, start + len(part))
             obs = tuple(dataclasses.replace(o, span=jnp.asarray(span)) for o in obs)
             for s0 in range(0, int(n_valid.max()), chunk):
-                part_valid = np.clip(n_valid - s0, 0, chunk).astype(np.int32)
-                _, cache, obs = generation.prefill_chunk(params, jnp.asarray(ids[:, s0:s0 + chunk]),
+                width = min(chunk, bucket(int(n_valid.max()) - s0))  # the last call: no more padding than needed
+                part_valid = np.clip(n_valid - s0, 0, width).astype(np.int32)
+                _, cache, obs = generation.prefill_chunk(params, jnp.asarray(ids[:, s0:s0 + width]),
                                                          jnp.asarray(part_valid), cache, last, obs, cfg=cfg,
                                                          observe=spec)
             cache = _rewind(cache, jnp.asarray(lengths))
