@@ -101,7 +101,7 @@ class MLAKV(StoreBacked):
         """`online_attention` parts whose blocks read (k^R, c, pos, hidden) [B, K, blk, ...]: the dense
         store's slots, or the quantized store's sink | store blocks (dequantized one at a time) | residual."""
         if isinstance(self.store, QuantKV):
-            return self.store.store.attention_parts(block)
+            return self.store.store.attention_parts(block, dequantized=True)  # blocks are concatenated
         return [slot_blocks((self.store.k, self.store.v, self.store.pos), self.store.length, block)]
 
     def attend_jnp(self, q, q_pos, block: int | None = None, return_lse: bool = False):

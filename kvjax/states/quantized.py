@@ -310,7 +310,7 @@ class QuantStore:
             vq=regroup(self.vq, v, lambda qa, p: q.dequantize_values(qa, dt), lambda x, p: q.quantize_values(x)))
 
     # ---------------------------------------------------------------------------------- reading
-    def attention_parts(self, block: int | None = None, base=None) -> list:
+    def attention_parts(self, block: int | None = None, base=None, dequantized: bool = False) -> list:
         """`kvjax.attention.online_attention` parts over what each head holds: its sink, its store
         slots [0, n_q) from its `address` start (`base`: pool regions), and its residual slots [0, n_r).
 
@@ -318,6 +318,8 @@ class QuantStore:
         one block) as `KeyBlock` / `ValueBlock`s, scored with the scales folded into the query and the
         probabilities: no full-precision copy of the store is made, and blocks no head uses are not
         read (KVQuant's keys are dequantized, outliers written back and RoPE applied per block).
+        `dequantized`: blocks come as dequantized arrays instead (readers that transform the keys and
+        values themselves: MLA's [c; k^R] blocks).
         """
         r, s = self.residual, self.slots
         blk = s if block is None else min(round_to(block, r), s)  # S is a multiple of R
@@ -335,8 +337,11 @@ class QuantStore:
                 read = lambda tree: self.read_blocks(tree, base + start, blk)  # noqa: E731
             pos = read(self.pos)
             slot = (start + jnp.arange(blk))[None, None, :]
-            return (KeyBlock(read(kq), pos, self.quantizer), ValueBlock(read(vq), self.quantizer), pos,
-                    (slot < first) | (slot >= n_q[..., None]))
+            k, v = KeyBlock(read(kq), pos, self.quantizer), ValueBlock(read(vq), self.quantizer)
+            if dequantized:
+                dt = self.k_res.dtype
+                k, v = self.quantizer.dequantize_keys(k.qa, pos, dt), self.quantizer.dequantize_values(v.qa, dt)
+            return k, v, pos, (slot < first) | (slot >= n_q[..., None])
 
         def side(k, v, pos, n):
             return lambda i: (k, v, pos, jnp.arange(pos.shape[2])[None, None, :] >= n[..., None])
