@@ -12,7 +12,8 @@ prefill per press: kvpress compresses inside the forward pass), then feed the su
 assistant header, answer prefix) at positions T, T+1, ... and decode greedily (`generate_answer`:
 10 tokens, stop on EOS). The token ids are the ones kvjax builds, so both tools see the same prompts.
 With PyramidKV (layers of different lengths) the suffix is fed one token at a time: transformers 5.23
-builds a multi-token mask from layer 0's length, which does not fit the other layers.
+builds a multi-token mask from layer 0's length, which does not fit the other layers. AdaKV and KVzip
+only mask evicted keys (`masked_key_indices`), cleared before every prompt.
 Writes one CSV row per prompt x configuration and prints the wall time of the sweep (model loading
 excluded) and a table of passkey accuracy per press and ratio.
 """
@@ -34,17 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "golden")
 from make_kvpress_reference import default_gguf, make_press  # noqa: E402  (imports kvpress)
 
 import kvpress  # noqa: E402
+from kvpress.presses import kvzip_press  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 PRESSES = {  # kvjax method name -> make_kvpress_reference press name
     "streaming_llm": "streaming_llm", "snapkv": "snapkv", "pyramidkv": "pyramidkv", "tova": "tova",
     "knorm": "knorm", "observed_attention": "observed_attention", "expected_attention": "expected_attention",
-    "adakv:snapkv": "adakv_snapkv"}
+    "adakv:snapkv": "adakv_snapkv", "kvzip": "kvzip"}
 
 
 @torch.no_grad()
 def answer(model, context: list[int], suffix: list[int], press, max_new_tokens: int, eos: int) -> list[int]:
     """kvpress's pipeline `_forward` + `generate_answer` for one question, on token ids."""
+    for layer in model.model.layers:  # masks a masking press (AdaKV, KVzip) left from the previous prompt
+        layer.self_attn.masked_key_indices = None
     ids = torch.tensor([context])
     cache = DynamicCache(config=model.config)
     kw = dict(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1]))
@@ -91,6 +95,8 @@ def main(argv=None) -> int:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     decode = Tokenizer.from_str(tok.backend_tokenizer.to_str()).decode
+    # KVzipPress loads its tokenizer (chat template) by model.config.name_or_path, the GGUF's folder here
+    kvzip_press.AutoTokenizer = type("GGUFTokenizer", (), {"from_pretrained": staticmethod(lambda *a, **k: tok)})
     eos = 2  # <|im_end|>
     configs = [(m, r) for m in args.methods for r in ([None] if m == "full" else args.ratios)]
     rows = []
