@@ -8,7 +8,8 @@
 set -euo pipefail
 OUT=experiments/results/crosslayer
 DATA=../shared/data
-HEALED=runs/cla_healed
+HEALED=runs/cla_healed  # 40 steps; HEALED100 continues it to 100 steps (the schedule stretched on resume)
+HEALED100=runs/cla_healed100
 THRESHOLDS="0.9 0.8"
 mkdir -p "$OUT"
 timed() {  # timed NAME COMMAND...
@@ -35,19 +36,25 @@ for step in "${steps[@]}"; do
     train)
       [ -d "$HEALED/checkpoints" ] || timed train_cla kvjax train cla --spec cla --data "$DATA/wikitext-2/valid.txt" \
         --steps 40 --batch-size 4 --seq-len 128 --lr 3e-4 --warmup 4 --save-every 10 --log-every 2 --out "$HEALED"
-      cp "$HEALED/metrics.jsonl" "$OUT/cla_train_metrics.jsonl" ;;
+      [ -d "$HEALED100/checkpoints" ] || { cp -r "$HEALED" "$HEALED100" && timed train_cla_100 kvjax train cla \
+        --spec cla --data "$DATA/wikitext-2/valid.txt" --steps 100 --batch-size 4 --seq-len 128 --lr 3e-4 \
+        --warmup 4 --save-every 10 --log-every 2 --out "$HEALED100" --resume; }
+      cp "$HEALED100/metrics.jsonl" "$OUT/cla_train_metrics.jsonl" ;;
     ppl)
       timed ppl kvjax eval ppl --method "${METHODS[@]}" --ratio $RATIOS --text "$DATA/wikitext-2/test.txt" \
         --context-len 512 --eval-len 64 --n 2 --batch 2 --out "$OUT/cla_kvsharer_ppl.csv" --overwrite --seed 0 \
         --no-plots
       timed ppl_healed kvjax eval ppl --model "$HEALED" --method cla "compose(cla,kivi-4)" \
         --text "$DATA/wikitext-2/test.txt" --context-len 512 --eval-len 64 --n 2 --batch 2 \
-        --out "$OUT/cla_kvsharer_ppl_healed.csv" --overwrite --seed 0 --no-plots ;;
+        --out "$OUT/cla_kvsharer_ppl_healed.csv" --overwrite --seed 0 --no-plots
+      timed ppl_healed100 kvjax eval ppl --model "$HEALED100" --method cla --text "$DATA/wikitext-2/test.txt" \
+        --context-len 512 --eval-len 64 --n 2 --batch 2 --out "$OUT/cla_kvsharer_ppl_healed100.csv" --overwrite \
+        --seed 0 --no-plots ;;
     passkey)
       timed passkey kvjax eval passkey --method "${METHODS[@]}" --ratio $RATIOS --lengths 512 --n 4 --batch 4 \
         --out "$OUT/cla_kvsharer_passkey.csv" --overwrite --seed 0 --no-plots
-      timed passkey_healed kvjax eval passkey --model "$HEALED" --method cla --lengths 512 --n 4 --batch 4 \
-        --out "$OUT/cla_kvsharer_passkey_healed.csv" --overwrite --seed 0 --no-plots ;;
+      timed passkey_healed100 kvjax eval passkey --model "$HEALED100" --method cla --lengths 512 --n 4 --batch 4 \
+        --out "$OUT/cla_kvsharer_passkey_healed100.csv" --overwrite --seed 0 --no-plots ;;
     report) python experiments/crosslayer_report.py "$OUT" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -16,18 +16,30 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import cpu_line  # noqa: E402
+
 
 def rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open())) if path.is_file() else []
 
 
-def label(r: dict, healed: bool) -> str:
+def label(r: dict, healed: str) -> str:
     name = r["method"].replace("kvsharer(plan=experiments/results/crosslayer/", "kvsharer(").replace(".json", "")
     extra = (f" ratio {r['ratio']}" if r["ratio"] else "") + (f" +{r['quant']}" if r["quant"] else "")
-    return ("healed " if healed else "") + name + extra
+    return (f"{healed} " if healed else "") + name + extra
 
 
-def grouped(table: list[tuple[dict, bool]], value: str) -> dict[str, dict]:
+def healed_rows(out: Path, task: str) -> list[tuple[dict, str]]:
+    """Rows of the healed models' runs, tagged by file: cla_kvsharer_{task}_healed{STEPS}.csv ("healed" = 40 steps)."""
+    tagged = []
+    for path in sorted(out.glob(f"cla_kvsharer_{task}_healed*.csv")):
+        steps = path.stem.rsplit("healed", 1)[1] or "40"
+        tagged += [(r, f"healed {steps} steps:") for r in rows(path)]
+    return tagged
+
+
+def grouped(table: list[tuple[dict, str]], value: str) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r, healed in table:
         g = out.setdefault(label(r, healed), dict(values=[], bytes=int(r["cache_bytes"]),
@@ -49,9 +61,9 @@ def ppl_table(groups: dict) -> list[str]:
 def main(out: Path) -> None:
     md = ["# Cross-layer sharing on SmolLM2-135M (issue 19)", "",
           "Made by `bash experiments/crosslayer.sh` (see its header for the settings); bytes are the "
-          "`cache_bytes` of each row: what the compressed cache holds after the prefill (exact `nbytes`).", ""]
-    ppl = [(r, False) for r in rows(out / "cla_kvsharer_ppl.csv")]
-    ppl += [(r, True) for r in rows(out / "cla_kvsharer_ppl_healed.csv")]
+          "`cache_bytes` of each row: what the compressed cache holds after the prefill (exact `nbytes`).", "",
+          cpu_line(), ""]
+    ppl = [(r, "") for r in rows(out / "cla_kvsharer_ppl.csv")] + healed_rows(out, "ppl")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if ppl:
         groups = grouped(ppl, "ppl")
@@ -62,8 +74,7 @@ def main(out: Path) -> None:
             axes[0].scatter(g["bytes"] / 2 ** 20, math.exp(nll))
             axes[0].annotate(name, (g["bytes"] / 2 ** 20, math.exp(nll)), fontsize=6)
         axes[0].set(xlabel="cache MiB (512-token context)", ylabel="perplexity", title="perplexity vs real cache bytes")
-    passkey = [(r, False) for r in rows(out / "cla_kvsharer_passkey.csv")]
-    passkey += [(r, True) for r in rows(out / "cla_kvsharer_passkey_healed.csv")]
+    passkey = [(r, "") for r in rows(out / "cla_kvsharer_passkey.csv")] + healed_rows(out, "passkey")
     if passkey:
         groups = grouped(passkey, "correct")
         md += ["## Passkey (512 tokens, 4 samples)", "", "| configuration | cache bytes | of full | correct |",
@@ -92,7 +103,7 @@ def main(out: Path) -> None:
         recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         md += ["## Healing `cla` (consumers' q/o, KL to the unconverted model)", "",
                "| step | KL | student CE |", "|---:|---:|---:|"]
-        md += [f"| {r['step']} | {r['kl']:.4f} | {r['ce']:.3f} |" for r in recs]
+        md += [f"| {r['step']} | {r['kl']:.4f} | {r['ce']:.3f} |" for r in recs if r["step"] % 10 == 0]
         md.append("")
     times = out / "cla_kvsharer_times.txt"
     if times.is_file():
