@@ -48,7 +48,7 @@ class Runs:
 
     @property
     def cpu_best(self) -> float:
-        return max(self.cpu_tok_s)
+        return max(self.cpu_tok_s, default=float("nan"))
 
     def spread(self) -> str:
         return f"{min(self.tok_s):.1f}-{max(self.tok_s):.1f}"
@@ -60,23 +60,32 @@ def decode_runs(lm, ids, configs: dict, new_tokens: int, repeats: int) -> dict:
     decoding `new_tokens` on top of the kept cache (the prompt's last token fed again), so a round
     costs the decode only and long contexts can be repeated. Compile time is excluded from decode time.
     Each run is also timed in process CPU time (the whole `generate` call, one-token feed included),
-    which other jobs on a shared machine disturb far less than the wall clock."""
+    which other jobs on a shared machine disturb far less than the wall clock. Decode-time eviction
+    (`capacity=`) cannot be prefilled apart: its rounds run `generate` on the prompt (decode time
+    still apart from the prefill's), its bytes are those of the prefill without the bound, and it
+    has no CPU-time figure."""
     out, caches = {}, {}
     bar = tqdm(total=len(configs) * (repeats + 1), desc="decode runs", file=sys.stderr)
     for name, kw in configs.items():
         first = lm.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False, **kw)
+        pre = {k: v for k, v in kw.items() if k != "capacity"}  # decode-time eviction: `generate` builds it
         t0 = time.perf_counter()
-        caches[name] = jax.block_until_ready(lm.prefill(ids, **kw))
+        cache = jax.block_until_ready(lm.prefill(ids, **pre))
         prefill_s = time.perf_counter() - t0
-        out[name] = Runs([], [], [prefill_s], first.compile_s, kvjax.cache_nbytes(caches[name]),
-                         kvjax.memory_report(caches[name])["bits_per_element"])
+        if "capacity" not in kw:
+            caches[name] = cache
+        out[name] = Runs([], [], [prefill_s], first.compile_s, kvjax.cache_nbytes(cache),
+                         kvjax.memory_report(cache)["bits_per_element"])
         bar.update()
     for _ in range(repeats):
         for name, kw in configs.items():
-            kw = {k: v for k, v in kw.items() if k in ("attention_impl",)}  # the cache holds the rest
             c0 = time.process_time()
-            r = lm.generate(ids[-1:], cache=caches[name], max_new_tokens=new_tokens, stop_at_eos=False, **kw)
-            out[name].cpu_tok_s.append((len(r.ids) - 1) / (time.process_time() - c0))
+            if name in caches:  # decode on the kept cache, which holds the method and quantizer
+                kw = {k: v for k, v in kw.items() if k == "attention_impl"}
+                r = lm.generate(ids[-1:], cache=caches[name], max_new_tokens=new_tokens, stop_at_eos=False, **kw)
+                out[name].cpu_tok_s.append((len(r.ids) - 1) / (time.process_time() - c0))
+            else:  # the prompt again (its CPU time would count the prefill: not reported)
+                r = lm.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False, **kw)
             out[name].tok_s.append((len(r.ids) - 1) / r.decode_s)
             bar.update()
     bar.close()
