@@ -73,7 +73,8 @@ def main(out: Path) -> None:
             nll = sum(math.log(v) for v in g["values"]) / len(g["values"])
             axes[0].scatter(g["bytes"] / 2 ** 20, math.exp(nll))
             axes[0].annotate(name, (g["bytes"] / 2 ** 20, math.exp(nll)), fontsize=6)
-        axes[0].set(xlabel="cache MiB (512-token context)", ylabel="perplexity", title="perplexity vs real cache bytes")
+        axes[0].set(xlabel="cache MiB (512-token context)", ylabel="perplexity (log)", yscale="log",
+                    title="perplexity vs real cache bytes")
     passkey = [(r, "") for r in rows(out / "cla_kvsharer_passkey.csv")] + healed_rows(out, "passkey")
     if passkey:
         groups = grouped(passkey, "correct")
