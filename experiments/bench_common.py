@@ -62,13 +62,15 @@ def decode_runs(lm, ids, configs: dict, new_tokens: int, repeats: int) -> dict:
     Each run is also timed in process CPU time (the whole `generate` call, one-token feed included),
     which other jobs on a shared machine disturb far less than the wall clock. Decode-time eviction
     (`capacity=`) cannot be prefilled apart: its rounds run `generate` on the prompt (decode time
-    still apart from the prefill's), its bytes are those of the prefill without the bound, and it
-    has no CPU-time figure."""
+    still apart from the prefill's), its bytes and prefill time are those of the method with a
+    budget of `capacity` tokens, and it has no CPU-time figure."""
     out, caches = {}, {}
     bar = tqdm(total=len(configs) * (repeats + 1), desc="decode runs", file=sys.stderr)
     for name, kw in configs.items():
         first = lm.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False, **kw)
-        pre = {k: v for k, v in kw.items() if k != "capacity"}  # decode-time eviction: `generate` builds it
+        pre = {k: v for k, v in kw.items() if k != "capacity"}  # decode-time eviction: `generate` builds it;
+        if "capacity" in kw:  # its bytes are those of `capacity` kept tokens per head, as a budget gives
+            pre["budget"] = kw["capacity"]
         t0 = time.perf_counter()
         cache = jax.block_until_ready(lm.prefill(ids, **pre))
         prefill_s = time.perf_counter() - t0
