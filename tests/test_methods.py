@@ -612,8 +612,9 @@ ROWS = [(13, 1), (21, 2)]  # (length, seed) of the two prompts
 N_NEW = 8
 
 
-# need a trained run, or build their own states: tested there
-TRAINED = {"locret": "test_locret.py", "matryoshka": "test_train_matryoshka.py", "duo": "test_duo.py"}
+# need a trained run, a second model pass (kvzip) or their own states or layer sharing: tested there
+TRAINED = {"locret": "test_locret.py", "matryoshka": "test_train_matryoshka.py", "duo": "test_duo.py",
+           "kvzip": "test_kvzip.py", "cla": "test_crosslayer.py", "kvsharer": "test_crosslayer.py"}
 
 
 def test_method_table_covers_the_registry():
