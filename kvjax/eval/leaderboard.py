@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvjax import methods
-from kvjax.eval.plots import pyplot
+from kvjax.eval.plots import pyplot, save_figure
 from kvjax.eval.records import read_rows
 from kvjax.eval.summary import number
 
@@ -277,9 +277,4 @@ def plot_pareto(pts: list[Point], front: set[Point], path: Path, title: str, met
     if "perplexity" in metric:
         ax.set_yscale("log")
     ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

@@ -103,11 +103,16 @@ def plot_ppl(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("cache bytes per sequence (MiB)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    return save_figure(fig, ax, path)
+
+
+def save_figure(fig, ax, path: Path) -> Path:
+    """Grid, legend, tight layout; write the figure to `path` and free it."""
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
