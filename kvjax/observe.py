@@ -38,6 +38,7 @@ class ObsSpec:
     nc_chunk: int = 0  # block size of non-causal chunked column sums (0: none)
     wov: bool = False  # L1 norms of the output-projected values (CriticalKV)
     replay: "ReplaySpec | None" = None  # reconstruction attention of a replay pass (KVzip)
+    hidden: int = 0  # width E of the attention inputs kept per prompt slot (KVzap's scorer input; 0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class LayerObs:
       replay: float32 [B, K, S] reconstruction attention of each prompt slot (max so far).
       span: int32 [B, 3] (sinks, start, end) of the replay: slots [0, sinks) and [start, end) are the
         prompt keys its queries see, `prompt_len` the slot where the replay tokens begin.
+      hidden: [B, S, E] each prompt slot's attention input (the normed hidden state; slot = position).
     """
 
     q_win: jax.Array
@@ -77,6 +79,7 @@ class LayerObs:
     wov: jax.Array = None
     replay: jax.Array = None
     span: jax.Array = None
+    hidden: jax.Array = None
 
 
 def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity: int, dtype,
@@ -98,11 +101,12 @@ def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity
         wov=jnp.zeros((b, n_heads, capacity if spec.wov else 0), jnp.float32),
         replay=jnp.zeros((b, n_kv_heads if spec.replay else 0, capacity if spec.replay else 0), jnp.float32),
         span=jnp.zeros((b, 3), jnp.int32),
+        hidden=jnp.zeros((b, capacity if spec.hidden else 0, spec.hidden), dtype),
     )
 
 
 def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, state, lse, block,
-                  attention_impl: str = "xla", values=None, wo=None) -> LayerObs:
+                  attention_impl: str = "xla", values=None, wo=None, hidden=None) -> LayerObs:
     """Fold one prefill chunk into a layer's observations.
 
     Args:
@@ -111,6 +115,7 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
         chunk was appended.  lse: [B, K, G*T] log-sum-exp of the chunk's attention (col sums only).
       attention_impl: "pallas"/"auto" sum columns with the key-major kernel (`kvjax.kernels`), "xla" in jnp.
       values: [B, T, K, D] the chunk's values, wo: [H * D, E] the layer's o_proj kernel (`wov` only).
+      hidden: [B, T, E] the chunk's attention inputs (`hidden` only).
     """
     valid = jnp.arange(q.shape[1])[None, :] < n_valid[:, None]  # [B, T]
     updates = {}
@@ -142,6 +147,13 @@ def observe_chunk(spec: ObsSpec, obs: LayerObs, q_pre, q, positions, n_valid, st
             raise ValueError("this model's attention does not pass its values and o_proj weights to the "
                              "observations: CriticalKV cannot score it")
         updates["wov"] = obs.wov + projected_value_norms(values, wo, positions, valid, obs.wov.shape[2])
+    if spec.hidden:
+        if hidden is None:
+            raise ValueError("this model's attention does not pass its hidden states to the observations: "
+                             "KVzap cannot score it")
+        rows = jnp.where(valid, positions, obs.hidden.shape[1])  # padding: out of range, dropped
+        updates["hidden"] = obs.hidden.at[jnp.arange(q.shape[0])[:, None], rows].set(
+            hidden.astype(obs.hidden.dtype), mode="drop")
     if spec.replay is not None:
         updates["replay"] = reconstruction_attention(q, positions, valid, state, obs.span, obs.prompt_len, obs.replay,
                                                      spec.replay)

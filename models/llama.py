@@ -99,7 +99,7 @@ class Attention(nn.Module):
                 spec = dataclasses.replace(self.observe, col_sums=False) if local else self.observe
                 wo = o_proj.variables["params"]["kernel"] if spec.wov else None
                 obs = observe_chunk(spec, obs, q_pre, q, positions, n_valid, state, lse, self.attn_block, impl,
-                                    values=v if self.writes else None, wo=wo)
+                                    values=v if self.writes else None, wo=wo, hidden=x)
         return out, state, obs
 
 

@@ -8,6 +8,8 @@
     kvjax eval ppl --model runs/cla --method cla    # the healed model (its consumers' q/o) with its conversion
     kvjax train duo --model smollm2-135m --steps 200 --out runs/duo --data essays/ [--n-keys 10]
     kvjax generate --method "duo(gates=runs/duo, sparsity=0.5)" --prompt "..."
+    kvjax train kvzap --model smollm2-135m --steps 300 --out runs/kvzap --data essays/ [--hidden 0: linear]
+    kvjax generate --method "kvzap(checkpoint=runs/kvzap)" --ratio 0.5 --prompt "..."   # or threshold= in the name
 
 Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
 `--cache-fraction` the greedy per-layer ranks meeting that fraction of the full K/V bytes to
@@ -26,8 +28,9 @@ from pathlib import Path
 from kvjax import distributed
 from kvjax.hub import DEFAULT_MODEL
 
-METHODS = ("locret", "matryoshka", "duo", "cla")
-DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3, "duo": 0.02, "cla": 1e-4}  # locret, duo: the references' rates
+METHODS = ("locret", "matryoshka", "duo", "cla", "kvzap")
+# locret, duo, kvzap: the references' rates
+DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3, "duo": 0.02, "cla": 1e-4, "kvzap": 5e-3}
 
 
 def add_parser(sub) -> None:
@@ -44,7 +47,7 @@ def add_parser(sub) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: locret 5e-4, matryoshka 1e-3, duo 0.02, cla 1e-4)")
+                   help="peak learning rate (default: locret 5e-4, matryoshka 1e-3, duo 0.02, cla 1e-4, kvzap 5e-3)")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--clip", type=float, default=1.0)
@@ -54,7 +57,9 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--devices", type=int, default=None, help="data-parallel devices (default: all)")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    t.add_argument("--hidden", type=int, default=1024, help="locret: the retaining heads' hidden size")
+    t.add_argument("--hidden", type=int, default=None,
+                   help="locret: the retaining heads' hidden size (default 1024); kvzap: the MLP's (default 512; "
+                        "0: the linear scorer)")
     t.add_argument("--response", type=float, default=0.25,
                    help="locret: fraction of each window whose tokens are the queries that label the rest")
     distributed.add_args(t)
@@ -66,6 +71,9 @@ def add_parser(sub) -> None:
     t.add_argument("--recent", type=int, default=256, help="duo: the streaming heads' recent window")
     t.add_argument("--n-keys", type=int, default=10, help="duo: pass keys hidden in each training window")
     t.add_argument("--key-digits", type=int, default=5, help="duo: digits of each pass key")
+    t.add_argument("--windows", type=int, default=48, help="kvzap: text windows whose KVzip scores are the targets")
+    t.add_argument("--context", type=int, default=512, help="kvzap: tokens per text window")
+    t.add_argument("--sample", type=int, default=256, help="kvzap: tokens drawn from each window as training rows")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -76,6 +84,7 @@ def run(args: argparse.Namespace) -> None:
     from kvjax.train.cla import CLATask
     from kvjax.train.locret import LocretTask
     from kvjax.train.matryoshka import MatryoshkaTask
+    from kvjax.train.kvzap import KVzapTask, RowBatches, collect, load_or_collect
 
     lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
@@ -93,16 +102,27 @@ def run(args: argparse.Namespace) -> None:
     try:
         lm = kvjax.load(args.model, dtype=args.dtype)
         if args.method == "locret":
-            task = LocretTask(lm.cfg, model_name=args.model, hidden=args.hidden, response=args.response,
-                              seed=args.seed)
+            task = LocretTask(lm.cfg, model_name=args.model, hidden=1024 if args.hidden is None else args.hidden,
+                              response=args.response, seed=args.seed)
             task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
         elif args.method == "matryoshka":
             task = MatryoshkaTask(lm.cfg, model_name=args.model, n_levels=args.n_levels)
         elif args.method == "cla":
             task = CLATask(lm.cfg, model_name=args.model, spec=args.spec)
+        elif args.method == "kvzap":
+            task = KVzapTask(lm.cfg, model_name=args.model, hidden=512 if args.hidden is None else args.hidden,
+                             seed=args.seed)
         tokens = load_tokens(args.data, lm.tokenizer, args.seed)
-        extra = {}
-        if args.method == "duo":  # synthetic multi-passkey windows over the text
+        extra, backbone = {}, lm.params
+        if args.method == "kvzap":  # a table of (hidden state, log KVzip score) rows, computed once per run
+            extra = dict(windows=args.windows, context=args.context, sample=args.sample)
+            key = json.dumps(dict(extra, data=data_digest(tokens), model=task.meta()["model"], seed=args.seed))
+            backbone = load_or_collect(args.out, key, lambda: collect(
+                lm.params, lm.cfg, lm.tokenizer, tokens, n_windows=args.windows, context=args.context,
+                sample=args.sample, seed=args.seed))
+            batches = RowBatches(len(backbone["y"]), cfg.seq_len, cfg.batch_size, cfg.seed)
+            backbone = {"x": backbone["x"], "y": backbone["y"]}
+        elif args.method == "duo":  # synthetic multi-passkey windows over the text
             batches = PasskeyBatches(tokens, lm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, args.n_keys,
                                      args.key_digits)
             task = DuoTask(lm.cfg, model_name=args.model, answer_len=batches.answer_len, sink=args.sink,
@@ -115,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
                   f"{cfg.batch_size} x {cfg.seq_len} on {mesh.shape['data']} device(s) in {procs.count} "
                   f"process(es) -> {args.out}")
         settings = dict(data=data_digest(tokens), data_source=args.data, dtype=lm.cfg.dtype, **extra)
-        result = train(task, lm.params, batches, cfg, args.out, resume=args.resume, mesh=mesh, settings=settings)
+        result = train(task, backbone, batches, cfg, args.out, resume=args.resume, mesh=mesh, settings=settings)
         if args.cache_fraction is not None:
             state = result.state
             ranks_k, ranks_v, kl = task.search_ranks(state.params, state.const, lm.params, batches[cfg.steps],
