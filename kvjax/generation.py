@@ -119,6 +119,7 @@ class DecodeState:
       key: PRNG key for sampling.
       out: int32 [B, N] tokens emitted in this call (-1 after a row is done).
       step: int32 [] tokens emitted so far in this call.
+      carry: decode-time compression's state (`kvjax.recompress.DecodeCarry`), or None.
     """
 
     cache: KVCache
@@ -127,15 +128,19 @@ class DecodeState:
     key: jax.Array
     out: jax.Array
     step: jax.Array
+    carry: object = None
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "eos_ids", "n_buffer"), donate_argnames=("cache",))
-def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaConfig, sampler: Sampler,
-           eos_ids: tuple[int, ...], n_buffer: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "eos_ids", "n_buffer", "compressor"),
+                   donate_argnames=("cache",))
+def decode(params, cache: KVCache, logits, done, key, max_steps, carry=None, *, cfg: LlamaConfig, sampler: Sampler,
+           eos_ids: tuple[int, ...], n_buffer: int, compressor=None):
     """Sample up to min(max_steps, N) tokens per row: sample from `logits`, feed the token, repeat.
 
     Returns (out int32 [B, N] with -1 where nothing was emitted, final DecodeState).
     The token sampled last is fed too, so the returned logits/cache continue the sequence.
+    With `compressor` (`kvjax.recompress.Compressor`), each token is fed by its `step`, which re-scores
+    and evicts every N steps; `carry` (its `DecodeCarry`) goes in and comes back in the final state.
     """
     b = done.shape[0]
     model = model_for(cfg)(cfg)
@@ -153,13 +158,17 @@ def decode(params, cache: KVCache, logits, done, key, max_steps, *, cfg: LlamaCo
         token = jnp.where(s.done, -1, token)
         out = jax.lax.dynamic_update_slice_in_dim(s.out, token[:, None], s.step, axis=1)
         active = (~s.done).astype(jnp.int32)
-        logits, cache = model.apply({"params": params}, jnp.maximum(token, 0)[:, None],
-                                    s.cache.next_pos[:, None], s.cache, active)
+        if compressor is None:
+            logits, cache = model.apply({"params": params}, jnp.maximum(token, 0)[:, None],
+                                        s.cache.next_pos[:, None], s.cache, active)
+            carry = None
+        else:
+            logits, cache, carry = compressor.step(params, cfg, jnp.maximum(token, 0), s.cache, active, s.carry)
         done = s.done | jnp.isin(token, eos)
         logits = jnp.where(s.done[:, None], s.logits, logits[:, 0])
-        return DecodeState(cache=cache, logits=logits, done=done, key=key, out=out, step=s.step + 1)
+        return DecodeState(cache=cache, logits=logits, done=done, key=key, out=out, step=s.step + 1, carry=carry)
 
     init = DecodeState(cache=cache, logits=logits, done=done, key=key,
-                       out=jnp.full((b, n_buffer), -1, jnp.int32), step=jnp.zeros((), jnp.int32))
+                       out=jnp.full((b, n_buffer), -1, jnp.int32), step=jnp.zeros((), jnp.int32), carry=carry)
     final = jax.lax.while_loop(cond, body, init)
     return final.out, final

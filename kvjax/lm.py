@@ -18,7 +18,8 @@ import numpy as np
 
 from kvjax import generation, pipeline
 from kvjax.generation import Sampler
-from kvjax.shapes import bucket
+from kvjax import recompress
+from kvjax.shapes import MIN_BUCKET, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
 from kvjax.methods.crosslayer import healed_run, load_healed
@@ -93,7 +94,7 @@ class LM:
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
                 budget: int | None = None, quant=None, check_finite: bool = False,
                 attention_impl: str | None = None, checkpoint=None, return_logits: bool = False,
-                compress_local: bool = False):
+                compress_local: bool = False, chunked_compression=None):
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
@@ -107,23 +108,26 @@ class LM:
         xla on CPU). `checkpoint`: the run directory of a trained method (`kvjax train locret`).
         With `return_logits`, returns (logits float32 [B, V] at each row's last token, cache).
         `compress_local`: a model's sliding-window layers are evicted too (by default they keep their
-        window and compression applies to global layers only).
+        window and compression applies to global layers only). `chunked_compression` (True: chunks of
+        `PREFILL_CHUNK` tokens, or a chunk size): compress after every prefill chunk, so no layer and head
+        ever holds more than the budget plus a chunk (`kvjax.recompress`).
         """
         impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
         plan = self._plan(rows, method, ratio, budget, quant=quant, checkpoint=checkpoint,
-                          compress_local=compress_local)
+                          compress_local=compress_local, chunked_compression=chunked_compression)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
         logits, cache = self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)
         return (logits, cache) if return_logits else cache
 
     def _plan(self, rows, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
-              cache=None, compress_local: bool = False) -> pipeline.Plan | None:
+              cache=None, compress_local: bool = False, chunked_compression=None,
+              decoding=None) -> pipeline.Plan | None:
         """Validate a compression request before anything compiles (`kvjax.pipeline.plan`)."""
         return pipeline.plan(self.cfg, [len(r) for r in rows], method, ratio, budget, capacity, quant, checkpoint,
                              model_name=self.name, fresh=cache is None, compress_local=compress_local, lm=self,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, chunked_compression=chunked_compression, decoding=decoding)
 
     def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
                  attention_impl: str = "xla"):
@@ -131,8 +135,9 @@ class LM:
         then compress / quantize with `plan` (`kvjax.pipeline`)."""
         tokens, lengths = self._pad(rows)
         room = max(tokens.shape[1], extra)
-        if cache is None:
-            cache = self._empty_cache(len(rows), bucket(room), attention_impl)
+        if cache is None:  # chunked compression allocates its own bounded cache
+            cache = self._empty_cache(len(rows), MIN_BUCKET if plan is not None and plan.chunk else bucket(room),
+                                      attention_impl)
         else:
             if cache.batch != len(rows):
                 raise ValueError(f"cache holds {cache.batch} rows but {len(rows)} prompts were given")
@@ -149,7 +154,8 @@ class LM:
                  top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
                  stop_at_eos: bool = True, method=None, ratio: float | None = None,
                  budget: int | None = None, capacity: int | None = None, quant=None,
-                 attention_impl: str | None = None, checkpoint=None, compress_local: bool = False) -> Generation:
+                 attention_impl: str | None = None, checkpoint=None, compress_local: bool = False,
+                 chunked_compression=None, decoding=None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
@@ -163,12 +169,16 @@ class LM:
         with no kernel is a ValueError), "auto" (kernels where they exist) or None (auto on GPU/TPU,
         xla on CPU). `checkpoint`: the run directory of a trained method, e.g. `method="locret"`
         with the --out directory of `kvjax train locret`. `compress_local`: evict in a model's
-        sliding-window layers too (see `prefill`).
+        sliding-window layers too (see `prefill`). `chunked_compression`: see `prefill`. `decoding`
+        (a `kvjax.recompress.DecodeCompression`, kvpress's DecodingPress parameters): every
+        `compression_interval` new tokens, re-score the cache with `method` and keep `target_size` tokens per
+        layer and head, inside the jitted decode loop; with ratio= / budget= the prompt is compressed first.
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
                                   stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
                                   capacity=capacity, quant=quant, attention_impl=attention_impl,
-                                  checkpoint=checkpoint, compress_local=compress_local))
+                                  checkpoint=checkpoint, compress_local=compress_local,
+                                  chunked_compression=chunked_compression, decoding=decoding))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -176,7 +186,7 @@ class LM:
                every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
                budget: int | None = None, capacity: int | None = None, quant=None,
                attention_impl: str | None = None, checkpoint=None,
-               compress_local: bool = False) -> Iterator[Generation]:
+               compress_local: bool = False, chunked_compression=None, decoding=None) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -187,11 +197,19 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
-        plan = self._plan(rows, method, ratio, budget, capacity, quant, checkpoint, cache, compress_local)
+        plan = self._plan(rows, method, ratio, budget, capacity, quant, checkpoint, cache, compress_local,
+                          chunked_compression, decoding)
+        compressor, room = None, max_new_tokens
+        if plan is not None and plan.decoding is not None:  # slots for the most held between two compressions
+            slots = recompress.decode_slots(plan, max(len(r) for r in rows), max_new_tokens)
+            compressor, room = recompress.Compressor(plan.method, plan.decoding, slots), slots - int(plan.n_keep.max())
         c0, t0 = compile_seconds(), time.perf_counter()
-        logits, cache = self._prefill(rows, max(len(r) for r in rows) + max_new_tokens, cache, plan, impl)
+        logits, cache = self._prefill(rows, max(len(r) for r in rows) + room, cache, plan, impl)
         if plan is not None:  # every head's room for the new tokens (per-head pools are packed tight)
-            cache = cache.with_room(max_new_tokens, pipeline.round_step)
+            cache = cache.with_room(room, pipeline.round_step)
+        if compressor is not None:
+            cache = dataclasses.replace(cache, layers=tuple(recompress.resized(x, slots) for x in cache.layers))
+        carry = None if compressor is None else compressor.init(self.cfg, cache)
         logits.block_until_ready()
         prefill_compile = compile_seconds() - c0
         prefill_s = time.perf_counter() - t0 - prefill_compile
@@ -204,10 +222,12 @@ class LM:
         remaining = max_new_tokens
         while True:
             if remaining > 0:
-                out, state = generation.decode(self.params, cache, logits, done, key, jnp.int32(remaining),
-                                               cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer)
+                out, state = generation.decode(self.params, cache, logits, done, key, jnp.int32(remaining), carry,
+                                               cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer,
+                                               compressor=compressor)
                 out = np.asarray(out)
                 cache, logits, done, key = state.cache, state.logits, state.done, state.key
+                carry = state.carry
                 for r, row in enumerate(out):
                     new[r].extend(int(t) for t in row if t >= 0)
                 remaining -= int(state.step)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, methods, quant as quant_ops, quantizers
+from kvjax import generation, methods, quant as quant_ops, quantizers, recompress
 from kvjax.compress import compress, resolve_keep
 from kvjax.models.family import model_for
 from kvjax.shapes import bucket
@@ -55,6 +55,8 @@ class Plan:
       replay: the replay prompt of a method that replays (`EvictionMethod.replays`: KVzip), from `tokenizer=`.
       share: with a cross-layer method (`kvjax.methods.crosslayer`), the cache's layer -> state map
         (`KVCache.share`) the prompt is prefilled onto; None: one state per layer.
+      chunk, chunk_keep, decoding: compression while the cache fills (`kvjax.recompress`): after every prefill
+        chunk of `chunk` tokens, and every `decoding.compression_interval` decode steps.
     """
 
     method: object = None
@@ -68,6 +70,9 @@ class Plan:
     local: tuple[int | None, ...] | None = None  # compress_local: each layer's sliding window (None: global)
     replay: object = None  # a replaying method's prompt pieces in the model's tokenizer (KVzip's `ReplayPrompt`)
     share: tuple[int, ...] | None = None
+    chunk: int | None = None  # chunked compression: tokens per prefill chunk (`kvjax.recompress`)
+    chunk_keep: np.ndarray | None = None  # int32 [n_chunks, L, B] kept after each chunk
+    decoding: "recompress.DecodeCompression | None" = None  # decode-time compression
 
     def kept(self, n_layers: int, length: int) -> tuple[int, ...]:
         """Tokens each layer holds after compression (the longest row)."""
@@ -78,7 +83,7 @@ class Plan:
 
 def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
          model_name: str = "", fresh: bool = True, compress_local: bool = False, lm=None,
-         tokenizer=None) -> Plan | None:
+         tokenizer=None, chunked_compression=None, decoding=None) -> Plan | None:
     """Validate a compression request for prompts of `lengths` tokens: a `Plan`, or None for none.
 
     `method`: None / "full", a name, a spec with parameters ("snapkv(window=16)"), "wrapper:name",
@@ -90,7 +95,13 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     any; `lm` (the model) lets one that calibrates on first use do so. Every error is a ValueError raised
     here, before any compile.
     `tokenizer`: the model's, for a method that replays a prompt it builds (KVzip).
+    `chunked_compression` (True or a chunk size) and `decoding` (a `recompress.DecodeCompression`): compress
+    while the cache fills, after every prefill chunk and every N decode steps (`kvjax.recompress`).
     """
+    chunk = recompress.chunk_size(chunked_compression)
+    if decoding is not None and not isinstance(decoding, recompress.DecodeCompression):
+        raise ValueError(f"decoding= takes a kvjax.recompress.DecodeCompression, got {type(decoding).__name__}")
+    filling = ("chunked compression" if chunk else "decode-time compression") if chunk or decoding else None
     token, quantizer = (None, None) if method is None or method == "full" else methods.split(method)
     if quant is not None:
         if quantizer is not None:
@@ -110,6 +121,9 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
                              f"method, e.g. {token.name}(press=snapkv)")
         share = route_share(token.route(cfg, model_name, lm))
         token = token.evictor()
+    if filling and (token is None or quantizer is not None or capacity is not None or compress_local or share):
+        raise ValueError(f"{filling} needs a score method= on a dense full-precision cache, without quant=, "
+                         "capacity=, compress_local or a cross-layer method")
     if token is None:
         if ratio is not None or budget is not None or capacity is not None:
             raise ValueError("ratio= / budget= / capacity= need a method= to compress with")
@@ -133,6 +147,11 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
                              "budget=; capacity= (decode-time eviction) applies to global layers only")
         n_keep = _rolling_keep(token, capacity, ratio, budget, lengths, cfg.n_layers)
         return Plan(token, quantizer, n_keep, rolling=int(capacity), model_name=model_name, share=share)
+    if filling:
+        recompress.check_method(token, cfg, filling)
+    if ratio is None and budget is None and decoding is not None and not chunk:  # kvpress DecodingPress alone
+        return Plan(token, n_keep=np.array([lengths] * cfg.n_layers, np.int32), model_name=model_name,
+                    decoding=_decoding(token, decoding, lengths))
     if ratio is None and budget is None:
         raise ValueError(f"method {token.name!r} needs ratio= (fraction removed), budget= (tokens kept) "
                          "or capacity= (cache bound while decoding)")
@@ -140,12 +159,23 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     local = _local_plan(cfg, token, quantizer, ratio, budget, lengths, n_keep) if compress_local else None
     p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name, local=local, share=share)
     p = dataclasses.replace(p, replay=_replay_prompt(cfg, token, tokenizer))
+    if chunk:
+        recompress.check_chunk(token, chunk)
+        p = dataclasses.replace(p, chunk=chunk, chunk_keep=recompress.chunk_keeps(
+            token, methods.Budget(ratio=ratio, tokens=budget), lengths, cfg.n_layers, chunk))
+    if decoding is not None:
+        p = dataclasses.replace(p, decoding=_decoding(token, decoding, lengths))
     if token.prefills_itself:
         if any(getattr(cfg, "windows", None) or ()):
             raise ValueError(f"method {token.name!r} builds its own state for every layer, and this model has "
                              "sliding-window layers (which keep their ring): use a score method or a quantizer")
         token.prepare(cfg, p)  # load (and check) trained weights before compiling
     return p
+
+
+def _decoding(token, decoding, lengths):
+    recompress.check_decoding(token, decoding, min(lengths) + decoding.compression_interval)
+    return decoding
 
 
 def _replay_prompt(cfg, token, tokenizer):
@@ -238,6 +268,8 @@ def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray
     if p is None:
         logits, cache, _ = generation.prefill(params, cfg, tokens, lengths, cache)
         return logits, cache
+    if p.chunk:
+        return recompress.prefill(params, cfg, p, tokens, lengths, cache.batch, cache.attention_impl, room)
     method = p.method
     if method is not None and method.prefills_itself:
         chunk = min(tokens.shape[1], generation.PREFILL_CHUNK)
@@ -252,7 +284,7 @@ def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray
     else:
         observe = method.observations() if method is not None else None
         logits, cache, obs = generation.prefill(params, cfg, tokens, lengths, cache, observe=observe)
-        if method is not None:
+        if method is not None and not (p.decoding and p.ratio is None and p.budget is None):  # not DecodingPress alone
             cache = compress(cache, obs, jnp.asarray(p.n_keep), method=method, cfg=cfg, capacities=capacities(p, room),
                              rolling=p.rolling is not None, local=p.local is not None)
     return logits, quantize(cache, p, room, tuple(n + room for n in p.kept(cfg.n_layers, int(lengths.max()))))
