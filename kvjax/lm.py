@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, pipeline
+from kvjax import generation, pipeline, sharding
 from kvjax.generation import Sampler
 from kvjax import recompress
 from kvjax.shapes import MIN_BUCKET, bucket
@@ -56,6 +56,21 @@ class LM:
 
     def __init__(self, cfg: LlamaConfig, params: Mapping, tokenizer: Tokenizer, name: str = ""):
         self.cfg, self.params, self.tokenizer, self.name = cfg, params, tokenizer, name
+        self.mesh, self.rules = None, None  # set by `shard`
+
+    def shard(self, mesh, rules: dict | None = None) -> "LM":
+        """This model on a device mesh (`kvjax.sharding.make_mesh`): the parameters placed by their logical
+        axes (query and KV heads and MLP columns over `model`), and every cache it builds by its layer
+        states' (KV heads over `model`, rows over `data`); `jit` partitions the rest. Greedy generation
+        equals one device's. `rules`: logical axis -> mesh axis, default `kvjax.sharding.RULES`."""
+        sharding.check_mesh(mesh, self.cfg.n_kv_heads)
+        lm = LM(self.cfg, sharding.shard_params(self.params, mesh, rules), self.tokenizer, self.name)
+        lm.mesh, lm.rules = mesh, rules
+        return lm
+
+    def _place(self, cache: KVCache) -> KVCache:
+        """`cache` on this model's mesh by its states' logical axes (unchanged without a mesh)."""
+        return cache if self.mesh is None else sharding.shard_state(cache, self.mesh, self.rules)
 
     def __repr__(self):
         c = self.cfg
@@ -147,7 +162,9 @@ class LM:
             cache = dataclasses.replace(cache, attention_impl=attention_impl)
         self._check_positions(cache, lengths)
         # `extra` beyond the prompt is room for decoding
-        return pipeline.prefill(self.params, self.cfg, plan, tokens, lengths, cache, max(0, extra - int(lengths.max())))
+        logits, cache = pipeline.prefill(self.params, self.cfg, plan, tokens, lengths, self._place(cache),
+                                         max(0, extra - int(lengths.max())))
+        return logits, self._place(cache)
 
     # ------------------------------------------------------------------------------ generate
     def generate(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -206,7 +223,7 @@ class LM:
         c0, t0 = compile_seconds(), time.perf_counter()
         logits, cache = self._prefill(rows, max(len(r) for r in rows) + room, cache, plan, impl)
         if plan is not None:  # every head's room for the new tokens (per-head pools are packed tight)
-            cache = cache.with_room(room, pipeline.round_step)
+            cache = self._place(cache.with_room(room, pipeline.round_step))
         if compressor is not None:
             cache = dataclasses.replace(cache, layers=tuple(recompress.resized(x, slots) for x in cache.layers))
         carry = None if compressor is None else compressor.init(self.cfg, cache)
@@ -226,7 +243,7 @@ class LM:
                                                cfg=self.cfg, sampler=sampler, eos_ids=eos, n_buffer=n_buffer,
                                                compressor=compressor)
                 out = np.asarray(out)
-                cache, logits, done, key = state.cache, state.logits, state.done, state.key
+                cache, logits, done, key = self._place(state.cache), state.logits, state.done, state.key
                 carry = state.carry
                 for r, row in enumerate(out):
                     new[r].extend(int(t) for t in row if t >= 0)

@@ -39,6 +39,8 @@ class KVCache:
     attention_impl: str = dataclasses.field(default="xla", metadata=dict(static=True))
     route: jax.Array | None = None
 
+    AXES = {"route": (None,)}  # logical axes (`kvjax.sharding`): the route is per layer, not per row
+
     @property
     def batch(self) -> int:
         return self.next_pos.shape[0]
@@ -65,6 +67,12 @@ class KVCache:
         """Model layer `layer` is the first to read its state: it appends its K/V there."""
         s = self.state_index(layer)
         return all(self.state_index(j) != s for j in range(layer))
+
+    def reader(self, layer: int) -> int:
+        """Which reader of its state model layer `layer` is: 0 for the producer, j for the j-th later layer
+        reading the same state (`LayerState.reading`)."""
+        s = self.state_index(layer)
+        return sum(self.state_index(j) == s for j in range(layer))
 
     def with_room(self, n: int, round_up=lambda c: c) -> "KVCache":
         """Grow each state so it has at least `n` free slots past its longest row (host-side).

@@ -50,6 +50,8 @@ class LatentKV(StoreBacked):
     uk: jax.Array
     uv: jax.Array
 
+    AXES = {"uk": ("kv_heads",), "uv": ("kv_heads",)}  # logical axes (`kvjax.sharding`): bases per KV head
+
     @property
     def ck(self) -> jax.Array:
         return self.store.k

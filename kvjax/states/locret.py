@@ -69,6 +69,8 @@ class LocretKV(StoreBacked):
     local: jax.Array
     head: dict
 
+    AXES = {"head": ()}  # logical axes (`kvjax.sharding`): the retaining head's weights are replicated
+
     @classmethod
     def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, budget, stabilizers, local,
              head: dict) -> "LocretKV":

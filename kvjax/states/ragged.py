@@ -44,6 +44,9 @@ class RaggedKV(LayerState):
     def capacity(self) -> int:
         return self.k.shape[1]
 
+    # logical axes (`kvjax.sharding`): the pool holds the heads' regions in head order, sharded like them
+    AXES = {"k": ("batch", "kv_pool"), "v": ("batch", "kv_pool"), "pos": ("batch", "kv_pool")}
+
     @classmethod
     def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype) -> "RaggedKV":
         """An empty pool of `capacity` slots per row shared equally by the heads (capacity // K each)."""
