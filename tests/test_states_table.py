@@ -88,6 +88,8 @@ ROWS = {
     "WindowKV": Row((B, K, S, D, F32)),
     # KV head 1 streams with 2 sinks and 8 recent slots: every appended token is within them
     "DuoKV": Row((B, K, S, D, F32, (1,), 2, 8)),
+    # pages of 4 slots: the 6 tokens of row 0 span two pages per head (eviction: tests/test_paged.py)
+    "PagedKV": Row((B, K, S, D, F32, 4)),
 }
 
 

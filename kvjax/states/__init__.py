@@ -10,6 +10,7 @@
 * `WindowKV` (`window`): a ring of the last W tokens of a sliding-window layer (Gemma 3's local layers).
 * `DuoKV` (`duo`): DuoAttention's retrieval heads (every token) beside its streaming heads (sinks + a
   recent window, evicting while decoding).
+* `PagedKV` (`paged`): a page pool with a page table per row and KV head; eviction frees pages.
 * `QuantStore` (`quantized`): keys and values stored quantized (codes, scales, zeros, outliers, the
   full-precision residual window and sink), held by a layout in the place of its K/V: `QuantKV`
   (`dense`, rows) and `QuantRaggedKV` (`ragged`, a per-head pool); `RollingKV` and `LatentKV` hold a
@@ -29,9 +30,10 @@ from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
 from kvjax.states.rolling import RollingKV
 from kvjax.states.window import WindowKV
 from kvjax.states.duo import DuoKV
+from kvjax.states.paged import PagedKV
 
-STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV, DuoKV)
+STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV, DuoKV, PagedKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "DuoKV", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "DuoKV", "PagedKV", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]

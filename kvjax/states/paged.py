@@ -1,0 +1,282 @@
+"""`PagedKV`: a paged layer state in which eviction frees pages (issue 22).
+
+One pool of NP pages of P slots is shared by every row and KV head; each (row, KV head) has a page
+table of MP entries (vLLM's PagedAttention, Kwon et al. 2023, arXiv 2309.06180, with one table per KV
+head so that per-head eviction frees pages too). Logical slot s of head k of row b lives in pool page
+table[b, k, s // P] at offset s % P. Free pages are a stack (`free[:n_free]`); appending pops the
+pages a head needs, so rows of very different lengths hold only ceil(fill / P) pages each.
+
+**Eviction** (`evict`, from any keep mask: `keep_top` for a score method's scores, `keep_top_pairs`
+for Ada-KV's per-head budgets, `roll` for decode-time streaming) writes `EMPTY_POS` into the dropped
+slots (holes: no query position reaches it) and returns every page left with no token to the free
+list, where any row's next append takes it. When a head's fragmentation (the fraction of the slots of
+the pages it holds that hold no token) passes `threshold` and packing would free a page, the head is
+**compacted**: its tokens move, in logical order, into its first ceil(n / P) held pages, and the rest
+are freed. Everything is one jittable function of arrays with static shapes (the pool, the tables and
+the free stack never change shape); vLLM's RFC for eviction from its paged cache is still open.
+
+**Memory**: `nbytes()` is the allocated pool (capacity: NP pages whether held or not, plus tables);
+`held_bytes()` = pages held x `page_bytes` is what the layout uses (what a shared pool would charge
+this layer).
+
+Legend: B batch, T new tokens, K KV heads, D head dim, NP pool pages, P page size (slots), MP table
+entries per head, L = MP * P logical slots per head.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.attention import online_attention
+from kvjax.kernels.paged_decode_attention import paged_decode_attention
+from kvjax.states.base import EMPTY_POS, LayerState
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKV(LayerState):
+    """Attributes:
+      k, v: [NP, P, D] the page pool (post-RoPE keys, values).
+      pos: int32 [NP, P] position of each pool slot's token (`EMPTY_POS`: none: evicted, unwritten, free).
+      table: int32 [B, K, MP] pool page of each logical page of each head (-1: none / freed).
+      fill: int32 [B, K] logical slots written per head (appends go there; holes below it are not reused).
+      length: int32 [B, K] tokens held per head.
+      free: int32 [NP] a stack: free[:n_free] are the free pages.  n_free: int32 [].
+      threshold: static fragmentation above which `evict` compacts a head.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    table: jax.Array
+    fill: jax.Array
+    length: jax.Array
+    free: jax.Array
+    n_free: jax.Array
+    threshold: float = dataclasses.field(default=0.25, metadata=dict(static=True))
+
+    # logical axes (`kvjax.sharding`): the pool and its free stack are shared by every row and head, so
+    # replicated; the tables, fills and lengths are [B, K] (the convention)
+    AXES = {"k": (), "v": (), "pos": (), "free": ()}
+
+    # ------------------------------------------------------------------------------ shapes
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def n_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Logical slots per head (L = MP * P)."""
+        return self.table.shape[2] * self.page_size
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page: its K and V and its slots' positions."""
+        return self.page_size * (2 * self.k.shape[2] * self.k.dtype.itemsize + 4)
+
+    def pages_held(self) -> jax.Array:
+        """int32 []: pages taken from the pool."""
+        return self.n_pages - self.n_free
+
+    def held_bytes(self) -> jax.Array:
+        """Memory used: pages held x page bytes (`nbytes()` is the allocated pool)."""
+        return self.pages_held() * self.page_bytes
+
+    def used_pages(self) -> jax.Array:
+        """int32 [B, K]: table entries in use per head (ceil(fill / P); freed holes among them)."""
+        return _cdiv(self.fill, self.page_size)
+
+    @classmethod
+    def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, page_size: int = 16,
+             n_pages: int | None = None, threshold: float = 0.25) -> "PagedKV":
+        """An empty pool: tables of ceil(capacity / P) entries per head, `n_pages` pages in all (default:
+        enough for every head to fill its table, the dense cache's size). `page_size` must be a power
+        of two, so it tiles the kernel's (power-of-two) block."""
+        check_page_size(page_size)
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"fragmentation threshold must be in [0, 1], got {threshold!r}")
+        n_table = _cdiv(capacity, page_size)
+        n_pages = batch * n_kv_heads * n_table if n_pages is None else n_pages
+        return cls(k=jnp.zeros((n_pages, page_size, head_dim), dtype), v=jnp.zeros((n_pages, page_size, head_dim), dtype),
+                   pos=jnp.full((n_pages, page_size), EMPTY_POS, jnp.int32),
+                   table=jnp.full((batch, n_kv_heads, n_table), -1, jnp.int32),
+                   fill=jnp.zeros((batch, n_kv_heads), jnp.int32), length=jnp.zeros((batch, n_kv_heads), jnp.int32),
+                   free=jnp.arange(n_pages - 1, -1, -1, dtype=jnp.int32), n_free=jnp.asarray(n_pages, jnp.int32),
+                   threshold=threshold)
+
+    # ------------------------------------------------------------------------------ writing
+    def has_room(self, n: int = 1) -> jax.Array:
+        """bool []: every head can take `n` more tokens (table entries and free pages)."""
+        last = _cdiv(self.fill + n, self.page_size)
+        return (jnp.max(last) <= self.table.shape[2]) & (jnp.sum(last - self.used_pages()) <= self.n_free)
+
+    def append(self, k, v, pos, n_valid, features=None) -> "PagedKV":
+        """Write the first n_valid[b] of T tokens per row after each head's fill, popping the pages
+        they open from the free stack (padding tokens are not written). k, v: [B, K, T, D]; pos: int32
+        [B, T]; n_valid: int32 [B]. Callers guarantee the room (`has_room`)."""
+        b, n_kv, t, d = k.shape
+        p, n_table, n_pool = self.page_size, self.table.shape[2], self.n_pages
+        n_new = n_valid.astype(jnp.int32)[:, None]  # [B, 1]
+        first, last = self.used_pages(), _cdiv(self.fill + n_new, p)
+        opened = (last - first).reshape(-1)  # pages each head opens, [B*K]
+        offset = (jnp.cumsum(opened) - opened).reshape(b, n_kv, 1)
+        u = jnp.arange(-(-t // p) + 1)
+        take = u < (last - first)[..., None]  # [B, K, U]
+        ids = self.free[jnp.clip(self.n_free - 1 - offset - u, 0, n_pool - 1)]  # popped from the top
+        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None]
+        table = self.table.at[rows, heads, jnp.where(take, first[..., None] + u, n_table)].set(ids, mode="drop")
+        slot = self.fill[..., None] + jnp.arange(t)  # [B, K, T] logical slots
+        page = jnp.take_along_axis(table, jnp.minimum(slot // p, n_table - 1), axis=2)
+        flat = jnp.where(jnp.arange(t) < n_new[..., None], page * p + slot % p, n_pool * p).reshape(-1)
+        put = lambda pool, new: pool.reshape((n_pool * p,) + pool.shape[2:]).at[flat].set(  # noqa: E731
+            new.reshape((-1,) + pool.shape[2:]).astype(pool.dtype), mode="drop").reshape(pool.shape)
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v),
+                                   pos=put(self.pos, jnp.broadcast_to(pos[:, None, :], (b, n_kv, t))),
+                                   table=table, fill=self.fill + n_new, length=self.length + n_new,
+                                   n_free=self.n_free - jnp.sum(opened))
+
+    # ------------------------------------------------------------------------------ reading
+    def physical(self) -> jax.Array:
+        """int32 [B, K, L]: the flat pool slot (page * P + offset) of every logical slot (NP * P for a
+        slot whose page is freed or not taken)."""
+        p = self.page_size
+        slot = jnp.arange(self.capacity)
+        page = self.table[:, :, slot // p]
+        return jnp.where(page >= 0, page * p + slot % p, self.n_pages * p)
+
+    def logical(self):
+        """(k, v [B, K, L, D], pos int32 [B, K, L]) every head's slots in logical order (`EMPTY_POS`
+        where no token is held): the dense view a score method scores (a copy of the pool)."""
+        flat = self.physical()
+        get = lambda x, fill: jnp.concatenate(  # noqa: E731  the out-of-pool index reads `fill`
+            [x.reshape((-1,) + x.shape[2:]), jnp.full((1,) + x.shape[2:], fill, x.dtype)])[flat]
+        return get(self.k, 0), get(self.v, 0), get(self.pos, EMPTY_POS)
+
+    def positions(self) -> jax.Array:
+        """int32 [B, K, L] original position of every logical slot (`EMPTY_POS` where none is held)."""
+        return self.logical()[2]
+
+    def attend_jnp(self, q, q_pos, block=None, return_lse: bool = False):
+        """Causal attention of q [B, T, H, D] over each head's pages, gathered `block // P` table
+        entries at a time (default 512 slots); freed entries and entries past `used_pages` are hidden."""
+        p, n_table = self.page_size, self.table.shape[2]
+        per = max(1, min(block or 512, self.capacity) // p)  # table entries per block
+        used = self.used_pages()
+        b, n_kv = used.shape
+
+        def read(i):
+            entry = i * per + jnp.arange(per)
+            page = self.table[:, :, jnp.minimum(entry, n_table - 1)]  # [B, K, per]
+            hidden = (page < 0) | (entry >= used[..., None])
+            ids = jnp.maximum(page, 0)
+            blk = lambda x: x[ids].reshape((b, n_kv, per * p) + x.shape[2:])  # noqa: E731
+            return blk(self.k), blk(self.v), blk(self.pos), jnp.repeat(hidden, p, axis=2)
+
+        return online_attention(q, q_pos, [(read, _cdiv(jnp.max(used), per))], return_lse)
+
+    def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
+        """`kernels.paged_decode_attention`: each head reads only its own pages."""
+        if return_lse:
+            raise ValueError("PagedKV gives no prefill observations in the Pallas path")
+        return paged_decode_attention(q, self.k, self.v, self.pos, self.table, self.used_pages(), q_pos,
+                                      interpret=interpret)
+
+    # ------------------------------------------------------------------------------ eviction
+    def evict(self, keep) -> "PagedKV":
+        """Drop every held token where `keep` bool [B, K, L] (logical slots) is false; free the pages
+        left empty; compact the heads whose fragmentation passes `threshold` (when that frees a page).
+        Freed pages return to the free stack for any row's next append."""
+        b, n_kv, n_table = self.table.shape
+        p, n_pool = self.page_size, self.n_pages
+        src = self.physical()  # [B, K, L]
+        held = self.positions() != EMPTY_POS
+        drop = held & ~keep
+        held = held & keep
+        count = held.reshape(b, n_kv, n_table, p).sum(-1)  # [B, K, MP] tokens per logical page
+        length = held.sum(-1).astype(jnp.int32)
+        nonempty = count > 0
+        n_held = nonempty.sum(-1)
+        need = _cdiv(length, p)
+        frag = 1.0 - length / jnp.maximum(n_held * p, 1)
+        compact = (frag > self.threshold) & (need < n_held)  # [B, K]
+        # compacted heads: tokens packed, in logical order, into their first `need` non-empty pages
+        page_rank = jnp.cumsum(nonempty, -1) - 1  # [B, K, MP]
+        keeps_page = nonempty & jnp.where(compact[..., None], page_rank < need[..., None], True)
+        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None]
+        packed = jnp.full_like(self.table, -1).at[rows, heads, jnp.where(keeps_page, page_rank, n_table)].set(
+            self.table, mode="drop")
+        table = jnp.where(compact[..., None], packed, jnp.where(nonempty, self.table, -1))
+        freed = (self.table >= 0) & ~keeps_page
+        # data: the compacted heads' tokens move to slot (rank) of their packed pages
+        rank = jnp.cumsum(held, -1) - 1
+        dst_page = jnp.take_along_axis(packed, jnp.clip(rank // p, 0, n_table - 1), axis=2)
+        moves = held & compact[..., None]
+        dst = jnp.where(moves, dst_page * p + rank % p, n_pool * p).reshape(-1)
+        vacate = jnp.where(drop | moves, src, n_pool * p).reshape(-1)
+        k, v, pos = self.logical()
+
+        def move(pool, new, clear=None):
+            flat = pool.reshape((n_pool * p,) + pool.shape[2:])
+            if clear is not None:
+                flat = flat.at[vacate].set(clear, mode="drop")
+            return flat.at[dst].set(new.reshape((-1,) + pool.shape[2:]), mode="drop").reshape(pool.shape)
+
+        # the freed pages go on the free stack
+        order = (jnp.cumsum(freed.reshape(-1)) - 1).reshape(freed.shape)
+        free = self.free.at[jnp.where(freed, self.n_free + order, n_pool)].set(self.table, mode="drop")
+        last = jnp.max(jnp.where(held, jnp.arange(self.capacity) + 1, 0), axis=-1)
+        return dataclasses.replace(self, k=move(self.k, k), v=move(self.v, v), pos=move(self.pos, pos, EMPTY_POS),
+                                   table=table, fill=jnp.where(compact, length, last).astype(jnp.int32),
+                                   length=length, free=free, n_free=self.n_free + jnp.sum(freed).astype(jnp.int32))
+
+    def keep_top(self, scores, n_keep) -> jax.Array:
+        """bool [B, K, L]: each head's `n_keep` ([B] or [B, K]) held tokens of highest `scores`
+        [B, K, L] (logical slots; any score method's, e.g. scored on `logical()`)."""
+        s = jnp.where(self.positions() != EMPTY_POS, scores.astype(jnp.float32), -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1)
+        n_keep = jnp.asarray(n_keep).reshape(s.shape[0], -1, 1)
+        return (rank < n_keep) & jnp.isfinite(s)
+
+    def keep_top_pairs(self, scores, n_keep, alpha_safeguard: float = 0.2) -> jax.Array:
+        """bool [B, K, L]: Ada-KV's per-head budgets (Feng et al. 2024, arXiv 2407.11550; as
+        `methods.adakv.AdaKV.select`): each row keeps its K * n_keep[b] best (head, token) pairs over
+        all heads together, each head's top floor(alpha * n_keep) first (the safeguard)."""
+        b, n_kv, n = scores.shape
+        n_keep = jnp.asarray(n_keep).reshape(b)
+        held = self.positions() != EMPTY_POS
+        s = jnp.where(held, scores.astype(jnp.float32), -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1)
+        n_safe = jnp.floor(n_keep * alpha_safeguard).astype(jnp.int32)
+        s = jnp.where(held & (rank < n_safe[:, None, None]), jnp.finfo(jnp.float32).max, s)
+        flat = jnp.argsort(jnp.argsort(-s.reshape(b, n_kv * n), axis=-1), axis=-1).reshape(b, n_kv, n)
+        return (flat < (n_kv * n_keep)[:, None, None]) & held
+
+    def roll(self, capacity: int, n_sink: int = 4) -> "PagedKV":
+        """Decode-time streaming eviction (StreamingLLM, Xiao et al. 2023, as `RollingKV`'s "streaming"
+        rule): each head holding more than `capacity` tokens drops its oldest token past the `n_sink`
+        first positions. Called after each one-token append, the window's oldest page empties and is
+        freed once every one of its tokens has rolled out."""
+        pos = self.positions()
+        key = jnp.where(pos < n_sink, EMPTY_POS, pos)  # sinks and empty slots never chosen
+        victim = jnp.argmin(key, axis=-1)  # [B, K]
+        over = (self.length > capacity) & (jnp.min(key, axis=-1) != EMPTY_POS)
+        drop = over[..., None] & (jnp.arange(self.capacity) == victim[..., None])
+        return self.evict(~drop)
+
+
+def check_page_size(page_size: int) -> None:
+    """One-line error for a page size that cannot tile the kernel's block (a power of two)."""
+    if not isinstance(page_size, (int, np.integer)) or page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page size {page_size!r} does not tile the kernel's block: pages must be a power of two "
+                         "of slots (the paged kernel reads blocks of whole pages)")

@@ -1,0 +1,235 @@
+"""`PagedKV` (a page pool, page tables per row and KV head, free-page accounting) and its Pallas kernel.
+
+Hand-computable cases on tiny shapes: which pages each head takes and gives back, that a freed page
+goes to another row, compaction past the fragmentation threshold, score-method / Ada-KV / rolling
+eviction against an independent float64 reference over exactly the tokens kept, the kernel against
+its jnp reference (GPU and TPU variants in the interpreter, compiled on a GPU/TPU), the GPU/TPU
+lowering, and the page-size errors.
+
+Legend: B batch, K KV heads, G = H/K, D head dim, N tokens, P page size.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_cases import KernelCase, close, normal
+from kvjax.kernels import lowering, paged_decode_attention, paged_decode_attention_reference
+from kvjax.methods.adakv import AdaKV
+from kvjax.methods.knorm import Knorm
+from kvjax.states import EMPTY_POS, DenseKV, PagedKV
+
+F32, I32 = jnp.float32, jnp.int32
+D, G = 16, 2
+
+
+def tokens(b, n_kv, n, seed=0):
+    rng = np.random.default_rng(seed)
+    k, v = (jnp.asarray(rng.normal(size=(b, n_kv, n, D)), F32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(b, 1, n_kv * G, D)), F32)
+    return k, v, q
+
+
+def reference(q, q_pos, k, v, held):
+    """float64 attention of q [B, 1, H, D] over the tokens `held` bool [B, K, N] of k, v [B, K, N, D]
+    (token i has position i)."""
+    q, k, v, held = (np.asarray(x, np.float64) for x in (q, k, v, held))
+    b, _, h, d = q.shape
+    out = np.zeros((b, 1, h, d))
+    for r in range(b):
+        for hh in range(h):
+            kh = hh // G
+            seen = (held[r, kh] > 0) & (np.arange(k.shape[2]) <= np.asarray(q_pos)[r, 0])
+            s = k[r, kh][seen] @ q[r, 0, hh] / np.sqrt(d)
+            if seen.any():
+                p = np.exp(s - s.max())
+                out[r, 0, hh] = p @ v[r, kh][seen] / p.sum()
+    return out
+
+
+def filled(k, v, n_valid, chunk=None, **kw):
+    """A PagedKV with the first n_valid[b] of k, v's tokens appended (in chunks of `chunk` tokens)."""
+    b, n_kv, n, _ = k.shape
+    state = PagedKV.init(b, n_kv, kw.pop("capacity", n), D, F32, **kw)
+    chunk = chunk or n
+    append = jax.jit(lambda s, k, v, p, nv: s.append(k, v, p, nv))
+    for c in range(0, n, chunk):
+        pos = jnp.broadcast_to(jnp.arange(c, c + chunk, dtype=I32), (b, chunk))
+        state = append(state, k[:, :, c:c + chunk], v[:, :, c:c + chunk], pos,
+                       jnp.asarray(np.clip(np.asarray(n_valid) - c, 0, chunk), I32))
+    return state
+
+
+def check_attention(state, q, k, v, held, q_pos=None, impls=("xla",)):
+    """Both attentions (`impls`: "pallas" runs the kernel in the interpreter on CPU) equal `reference`."""
+    q_pos = jnp.full((q.shape[0], 1), k.shape[2], I32) if q_pos is None else q_pos
+    want = reference(q, q_pos, k, v, held)
+    for impl in impls:
+        out = jax.jit(lambda s, q, p, impl=impl: s.attend(q, p, block=8, impl=impl))(state, q, q_pos)
+        np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5, err_msg=impl)
+
+
+def held_positions(state, b, kh):
+    pos = np.asarray(state.positions())[b, kh]
+    return pos[pos != EMPTY_POS].tolist()
+
+
+def test_rows_of_different_lengths_hold_only_the_pages_they_need():
+    k, v, q = tokens(3, 2, 32)
+    n_valid = np.array([32, 3, 17])
+    state = filled(k, v, n_valid, chunk=8, page_size=4)  # prefill in 4 chunks, padding not written
+    assert np.asarray(state.used_pages()).tolist() == [[8, 8], [1, 1], [5, 5]]
+    assert int(state.pages_held()) == 2 * (8 + 1 + 5) and int(state.n_free) == state.n_pages - 28
+    assert int(state.held_bytes()) == 28 * 4 * (2 * D * 4 + 4) and state.nbytes() > int(state.held_bytes())
+    held = np.arange(32)[None, None, :] < n_valid[:, None, None]
+    check_attention(state, q, k, v, np.broadcast_to(held, (3, 2, 32)), jnp.asarray([[32], [3], [17]], I32))
+    pages = np.asarray(state.table)
+    assert len(set(pages[pages >= 0].tolist())) == 28  # no page given twice
+
+
+def test_eviction_frees_the_emptied_page_and_another_row_reuses_it():
+    k, v, q = tokens(2, 1, 16, seed=1)
+    state = filled(k, v, [12, 4], capacity=16, page_size=4, n_pages=5, threshold=1.0)
+    # pages are popped in order: row 0 takes 0, 1, 2, row 1 takes 3
+    assert np.asarray(state.table)[:, 0].tolist() == [[0, 1, 2, -1], [3, -1, -1, -1]]
+    keep = np.ones((2, 1, 16), bool)
+    keep[0, 0, 4:8] = False  # every token of row 0's page 1
+    keep[0, 0, 9] = False  # one token of page 2: the page stays
+    state = jax.jit(lambda s, m: s.evict(m))(state, jnp.asarray(keep))
+    assert np.asarray(state.table)[0, 0].tolist() == [0, -1, 2, -1]
+    assert int(state.n_free) == 2 and int(state.free[1]) == 1  # page 1 on top of the stack
+    assert held_positions(state, 0, 0) == [0, 1, 2, 3, 8, 10, 11]
+    # row 1 appends 4 more tokens: its next page is the freed page 1
+    state = state.append(k[:, :, 12:16], v[:, :, 12:16], jnp.asarray([[12, 13, 14, 15]] * 2, I32),
+                         jnp.asarray([0, 4], I32))
+    assert np.asarray(state.table)[1, 0].tolist() == [3, 1, -1, -1] and int(state.n_free) == 1
+    held = np.zeros((2, 1, 16), bool)
+    held[0, 0, [0, 1, 2, 3, 8, 10, 11]] = True
+    held[1, 0, [0, 1, 2, 3, 12, 13, 14, 15]] = True
+    check_attention(state, q, k, v, held, jnp.asarray([[16], [16]], I32), impls=("xla", "pallas"))
+
+
+@pytest.mark.parametrize("threshold,table,n_free", [(0.25, [0, 1, -1, -1], 2), (1.0, [0, 1, 2, -1], 1)])
+def test_compaction_past_the_fragmentation_threshold(threshold, table, n_free):
+    k, v, q = tokens(1, 1, 16, seed=2)
+    state = filled(k, v, [12], page_size=4, n_pages=4, threshold=threshold)
+    keep = jnp.asarray((np.arange(16) % 2 == 0)[None, None])  # every other token: 6 left in 3 pages
+    state = jax.jit(lambda s, m: s.evict(m))(state, keep)
+    # fragmentation 1 - 6 / 12 = 0.5: above 0.25 the 6 tokens pack into pages 0 and 1, page 2 is freed
+    assert np.asarray(state.table)[0, 0].tolist() == table and int(state.n_free) == n_free
+    assert held_positions(state, 0, 0) == [0, 2, 4, 6, 8, 10]
+    assert int(state.fill[0, 0]) == (6 if threshold < 0.5 else 11) and int(state.length[0, 0]) == 6
+    check_attention(state, q, k, v, np.asarray(keep) & (np.arange(16) < 12))
+    state = state.append(k[:, :, 12:13], v[:, :, 12:13], jnp.asarray([[12]], I32), jnp.asarray([1], I32))
+    check_attention(state, q, k, v, np.asarray(keep) & (np.arange(16) < 13), jnp.asarray([[13]], I32))
+
+
+def test_a_score_method_and_adakv_evict_to_pages():
+    """Knorm's scores on the logical view; per-head top-k (one budget) and Ada-KV's pairs (per-head
+    budgets, the same kept sets as `AdaKV.select` on a dense state)."""
+    b, n_kv, n = 2, 2, 24
+    k, v, q = tokens(b, n_kv, n, seed=3)
+    state = filled(k, v, [n, n], page_size=4, threshold=0.0)
+    lk, lv, lpos = state.logical()
+    used = (lpos != EMPTY_POS).any(1)
+    scores = Knorm().score(DenseKV(k=lk, v=lv, pos=lpos, length=used.sum(-1)))
+    top = state.keep_top(scores, jnp.asarray([12, 6], I32))
+    kept = jax.jit(lambda s, m: s.evict(m))(state, top)
+    assert np.asarray(kept.length).tolist() == [[12, 12], [6, 6]]
+    assert int(kept.pages_held()) == 2 * 3 + 2 * 2  # threshold 0: every head packed into ceil(n / P) pages
+    check_attention(kept, q, k, v, np.asarray(top)[..., :n])
+    pairs = state.keep_top_pairs(scores, jnp.asarray([12, 6], I32))
+    ada = jax.jit(lambda s, m: s.evict(m))(state, pairs)
+    dense = DenseKV(k=k, v=v, pos=jnp.broadcast_to(jnp.arange(n, dtype=I32), (b, n_kv, n)), length=jnp.full((b,), n, I32))
+    ragged = AdaKV(press=Knorm()).select(None, dense, scores[..., :n], jnp.asarray([12, 6], I32), n)
+    for r in range(b):
+        for kh in range(n_kv):
+            s, ln = int(ragged.start[r, kh]), int(ragged.length[r, kh])
+            assert held_positions(ada, r, kh) == sorted(np.asarray(ragged.pos)[r, s:s + ln].tolist())
+    length = np.asarray(ada.length)
+    assert int(ada.pages_held()) == int(np.sum(-(-length // 4))) and length[0, 0] != length[0, 1]
+    check_attention(ada, q, k, v, np.asarray(pairs)[..., :n], impls=("xla", "pallas"))
+
+
+def test_decode_time_rolling_frees_the_window_pages():
+    """Streaming with 2 sinks and a capacity of 8 over 40 one-token steps: the held pages stay bounded
+    and every freed page is reused; the held tokens are the sinks and the 6 newest."""
+    n, cap = 40, 8
+    k, v, q = tokens(2, 1, n, seed=4)
+    state = PagedKV.init(2, 1, n, D, F32, page_size=4, n_pages=8, threshold=0.5)
+
+    def step(i, st):
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, axis=2)  # noqa: E731
+        st = st.append(sl(k), sl(v), jnp.full((2, 1), i, I32), jnp.ones((2,), I32))
+        return st.roll(cap, n_sink=2)
+
+    state = jax.jit(lambda s: jax.lax.fori_loop(0, n, step, s))(state)
+    want = [0, 1] + list(range(n - 6, n))
+    assert held_positions(state, 0, 0) == want and held_positions(state, 1, 0) == want
+    assert int(state.pages_held()) <= 2 * 4  # 8 tokens in at most 4 pages per row, 40 tokens appended
+    held = np.isin(np.arange(n), want)[None, None].repeat(2, 0)
+    check_attention(state, q, k, v, held, jnp.full((2, 1), n, I32), impls=("xla", "pallas"))
+
+
+def test_page_sizes_that_do_not_tile_the_block_are_refused():
+    with pytest.raises(ValueError, match="page size 24 does not tile the kernel's block"):
+        PagedKV.init(1, 1, 64, D, F32, page_size=24)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        PagedKV.init(1, 1, 64, D, F32, page_size=16, threshold=2.0)
+    q, k, pos = jnp.zeros((1, 1, 2, 64)), jnp.zeros((4, 16, 64)), jnp.zeros((4, 16), I32)
+    args = (q, k, k, pos, jnp.zeros((1, 1, 4), I32), jnp.ones((1, 1), I32), jnp.zeros((1, 1), I32))
+    with pytest.raises(ValueError, match=r"page size 16 does not tile the kernel's block of 40 slots.*xla"):
+        paged_decode_attention(*args, block_k=40, interpret=True)
+    small = (q, k[:, :8], k[:, :8], pos[:, :8]) + args[4:]
+    with lowering.target("gpu"), pytest.raises(ValueError, match=r"page size 8 does not tile.*>= 16 on gpu"):
+        lowering.lower(paged_decode_attention, *small)
+
+
+class PagedCases(KernelCase):
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    @pytest.mark.parametrize("group,block_k", [(1, 16), (3, 32), (8, 64)])
+    def test_matches_reference(self, group, block_k, dtype):
+        rng = np.random.default_rng(group)
+        n_pages, page, d = 12, 16, 64
+        k, v = (normal(rng, (n_pages, page, d), dtype) for _ in range(2))
+        pos = jnp.asarray(rng.integers(0, 100, size=(n_pages, page)), I32)
+        pos = pos.at[5, 7:].set(EMPTY_POS)  # holes inside a page
+        # freed entries (-1) among used ones, an empty head, entries past `used` not read
+        table = jnp.asarray([[[3, -1, 5, 0], [1, 2, -1, -1]], [[4, 6, 7, 8], [9, 10, 11, -1]]], I32)
+        used = jnp.asarray([[3, 2], [4, 0]], I32)
+        q = normal(rng, (2, 2, 2 * group, d), dtype)
+        q_pos = jnp.asarray([[60, 99], [30, 90]], I32)
+        out = paged_decode_attention(q, k, v, pos, table, used, q_pos, block_k=block_k, n_splits=2,
+                                     interpret=self.INTERPRET)
+        close(out, paged_decode_attention_reference(q, k, v, pos, table, used, q_pos), dtype)
+        assert not np.any(np.asarray(out[1, :, group:], np.float32))  # the empty head gives zeros
+
+
+class TestPaged(PagedCases):
+    INTERPRET = False
+
+
+class TestPagedInterpret(PagedCases):
+    INTERPRET = True
+
+
+class TestPagedTpuInterpret(PagedCases):
+    INTERPRET = True
+    TARGET = "tpu"
+
+
+@pytest.mark.parametrize("platform,kind", [("gpu", None), ("tpu", None), ("tpu", "TPU v6 lite")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_for_gpu_and_tpu(platform, kind, dtype):
+    """The kernel lowers for GPU (Triton, MLIR-verified) and TPU (Mosaic), pages of 16 and 64 slots."""
+    S = jax.ShapeDtypeStruct
+    for page in (16, 64):
+        pool = S((300, page, 64), dtype)
+        args = (S((2, 1, 6, 64), dtype), pool, pool, S((300, page), I32), S((2, 2, 40), I32), S((2, 2), I32),
+                S((2, 1), I32))
+        with lowering.target(platform, kind):
+            text = lowering.lower(paged_decode_attention, *args).mlir_module()
+        assert {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform] in text
+        assert "kvjax_paged_decode_attention" in text
