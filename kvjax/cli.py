@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax import compile_cache, hub, interrupt, methods, timing
+from kvjax import compile_cache, hub, interrupt, methods, sharding, timing
 from kvjax.methods import kvsharer
 from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compress-local", action="store_true",
                    help="evict in sliding-window layers too (Gemma 3's local layers; by default compression "
                         "applies to global layers only)")
+    g.add_argument("--mesh", default=None, metavar="data=N,model=M",
+                   help="shard over a device mesh (kvjax.sharding): KV heads over model, rows over data; on CPU "
+                        "simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N")
     add_import_arg(g)
 
     m = sub.add_parser("methods", help="list the compression methods, quantizers and their parameters")
@@ -170,7 +173,10 @@ def _read_prompt(args) -> str:
 
 def _generate(args) -> None:
     text = _read_prompt(args)
+    mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh)) if args.mesh else None  # bad input: before loading
     lm = kvjax.load(args.model, dtype=args.dtype)
+    if mesh is not None:
+        lm = lm.shard(mesh)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": text}]
@@ -192,6 +198,9 @@ def _generate(args) -> None:
     sys.stdout.write(result.text[len(shown):] + "\n")
     print(_stats_line(len(ids), result))
     rep = kvjax.memory_report(result.cache)
+    if lm.mesh is not None:
+        print(f"[KV cache per device: {sharding.bytes_per_device(result.cache):,} bytes on a "
+              f"{' x '.join(f'{k}={v}' for k, v in lm.mesh.shape.items())} mesh]")
     if rep["local_bytes"]:
         print(f"[KV cache by layer kind: sliding-window layers {rep['local_bytes']:,} bytes, global layers "
               f"{rep['global_bytes']:,} bytes]")

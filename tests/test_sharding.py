@@ -133,3 +133,11 @@ def test_generation_on_eight_devices_equals_one_device():
     assert per_device == (total - 4 * 4) // 8 + 4 * 4 // 2
     placed, k_bytes = out["placed"]
     assert placed * 8 == k_bytes
+
+
+def test_the_cli_refuses_a_bad_mesh_before_loading_a_model(capsys):
+    from kvjax.cli import main
+    assert main(["generate", "--prompt", "x", "--model", "no-such-model", "--mesh", "data=2,rows=4"]) == 2
+    assert "--mesh takes data=N,model=M" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--model", "no-such-model", "--mesh", "data=64"]) == 2
+    assert "needs 64 devices" in capsys.readouterr().err
