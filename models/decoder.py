@@ -45,10 +45,14 @@ def decoder_stack(module: nn.Module, block: Callable, norm: Callable, tokens, po
     else:
         states, new_obs = list(cache.layers), []
         for i in range(cfg.n_layers):
+            # a state several layers read may hold something per reader (MiniCache's magnitudes, xKV's bases):
+            # the layer reads it as its reader (`LayerState.reading`); readers of such a state keep their own K/V
             s = cache.state_index(i)
-            x, states[s], layer_obs = block(cfg, i, module.attn_block, module.observe, cache.writes(i),
-                                            name=f"layers_{i}")(
-                x, positions, states[s], n_valid, None if obs is None else obs[i], cache.attention_impl)
+            state = states[s].reading(cache.reader(i))
+            x, state, layer_obs = block(cfg, i, module.attn_block, module.observe,
+                                        cache.writes(i) or state.readers_write, name=f"layers_{i}")(
+                x, positions, state, n_valid, None if obs is None else obs[i], cache.attention_impl)
+            states[s] = state.reading(0)
             new_obs.append(layer_obs)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, E]

@@ -88,6 +88,10 @@ ROWS = {
     "WindowKV": Row((B, K, S, D, F32)),
     # KV head 1 streams with 2 sinks and 8 recent slots: every appended token is within them
     "DuoKV": Row((B, K, S, D, F32, (1,), 2, 8)),
+    # merged layer groups (MiniCache, xKV) holding no prompt: appended tokens go to the reading member's own tail
+    # (the merged prompt: tests/test_layermerge.py)
+    "SlerpKV": Row((B, K, 0, D, F32, 0, 2, S)),
+    "SharedBasisKV": Row((B, K, 0, D, F32, 8, 8, 2, S)),
     # pages of 4 slots: the 6 tokens of row 0 span two pages per head (eviction: tests/test_paged.py)
     "PagedKV": Row((B, K, S, D, F32, 4)),
 }
@@ -188,7 +192,7 @@ def test_decode_only_and_scoring_states_refuse_what_they_cannot_take():
 
 # state -> (tokens, room) of `quantize`: what a dense layout will hold, what a per-head pool may add
 QUANTIZABLE = {"DenseKV": (T, 0), "RaggedKV": (T, 2), "RollingKV": (S, 0), "LatentKV": (T, 0), "MLAKV": (T, 0),
-               "ChannelKV": (T, 0), "DuoKV": (T, 0)}
+               "ChannelKV": (T, 0), "DuoKV": (T, 0), "SlerpKV": (T, 0), "SharedBasisKV": (T, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZABLE))

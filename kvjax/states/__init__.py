@@ -24,6 +24,7 @@ from kvjax.states.dense import DenseKV, QuantKV
 from kvjax.states.latent import LatentKV, latent_cache
 from kvjax.states.channels import ChannelKV
 from kvjax.states.locret import LocretKV
+from kvjax.states.merged import SharedBasisKV, SlerpKV
 from kvjax.states.mla import MLAKV
 from kvjax.states.quantized import QuantStore
 from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
@@ -32,8 +33,9 @@ from kvjax.states.window import WindowKV
 from kvjax.states.duo import DuoKV
 from kvjax.states.paged import PagedKV
 
-STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV, DuoKV, PagedKV)
+STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV, DuoKV, PagedKV,
+          SlerpKV, SharedBasisKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "DuoKV", "PagedKV", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "DuoKV", "PagedKV", "SlerpKV", "SharedBasisKV", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]

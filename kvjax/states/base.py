@@ -57,6 +57,14 @@ class LayerState(abc.ABC):
     """Base of every layer state (subclasses are frozen, pytree-registered dataclasses)."""
 
     sliding = False  # a sliding-window layer's state (`WindowKV`): bounded already, compression leaves it
+    # every layer reading the state computes and appends its own K/V (a state read by several layers whose
+    # readers keep their own new tokens: `kvjax.states.merged`); False: only the first reader writes (CLA)
+    readers_write = False
+
+    def reading(self, reader: int) -> "LayerState":
+        """The state as its `reader`-th reading layer sees it (`KVCache.reader`; 0 = the first). States that
+        hold something per reader (`kvjax.states.merged.MemberKV`) return themselves marked; others, themselves."""
+        return self
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
