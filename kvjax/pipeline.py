@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, methods, quant as quant_ops, quantizers, recompress
+from kvjax import generation, methods, quant as quant_ops, quantizers, recompress, sharding
 from kvjax.compress import compress, resolve_keep
 from kvjax.models.family import model_for
 from kvjax.shapes import bucket
@@ -395,10 +395,16 @@ def branch(cache: KVCache, obs, cfg, p: Plan | None, room: int) -> KVCache:
 
 
 # -------------------------------------------------------------------------------------- memory
-def abstract(cfg, p: Plan | None, length: int, batch: int = 1) -> KVCache:
+def abstract(cfg, p: Plan | None, length: int, batch: int = 1, mesh=None, rules: dict | None = None) -> KVCache:
     """The cache `LM.prefill` builds for `batch` rows of `length` tokens under `p`, as shapes and dtypes
     only (`jax.eval_shape`: nothing is computed or allocated); `cache_nbytes` of it is exact. The plan's
-    `n_keep` must be for rows of `length` tokens."""
+    `n_keep` must be for rows of `length` tokens. With a `mesh` (`kvjax.sharding`), each shape carries
+    the sharding `LM.shard(mesh, rules)` gives it: `sharding.bytes_per_device` of it is exact."""
+    cache = _abstract(cfg, p, length, batch)
+    return cache if mesh is None else sharding.abstract_sharded(cache, mesh, rules)
+
+
+def _abstract(cfg, p: Plan | None, length: int, batch: int) -> KVCache:
     capacity = bucket(length)
     cache = jax.eval_shape(lambda: model_cache(cfg, batch, capacity, share=None if p is None else p.share))
     if p is None:

@@ -91,7 +91,7 @@ CHILD = r"""
 import json, sys
 import jax, numpy as np
 from jax.sharding import PartitionSpec as P
-from kvjax import sharding
+from kvjax import pipeline, sharding
 from kvjax.states import DenseKV
 from kvjax.testing import random_ids, tiny_lm
 
@@ -113,6 +113,8 @@ out["cache_spec"] = str(cache.layers[0].k.sharding.spec)
 out["q_spec"] = str(sharded.params["layers_0"]["attn"]["q_proj"]["kernel"].sharding.spec)
 abstract = DenseKV.abstract(4, 4, 64, 8, np.float32)
 out["per_device"] = [sharding.state_bytes_per_device(abstract, mesh), abstract.nbytes()]
+ab = pipeline.abstract(lm.cfg, None, 31, batch=4, mesh=mesh)
+out["abstract"] = [sharding.bytes_per_device(ab), sharding.bytes_per_device(cache)]
 out["placed"] = [sharding.bytes_per_device(cache.layers[0].k), cache.layers[0].k.nbytes]
 print("RESULT", json.dumps(out))
 """
@@ -131,6 +133,7 @@ def test_generation_on_eight_devices_equals_one_device():
     per_device, total = out["per_device"]
     # k, v, pos split 8 ways; the per-row lengths [B] split over data only
     assert per_device == (total - 4 * 4) // 8 + 4 * 4 // 2
+    assert out["abstract"][0] == out["abstract"][1]  # pipeline.abstract(mesh=) == the placed cache, per device
     placed, k_bytes = out["placed"]
     assert placed * 8 == k_bytes
 
