@@ -10,6 +10,8 @@ Legend: B batch, K KV heads, G = H/K, D head dim, N tokens, P page size.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,9 @@ from kernel_cases import KernelCase, close, normal
 from kvjax.kernels import lowering, paged_decode_attention, paged_decode_attention_reference
 from kvjax.methods.adakv import AdaKV
 from kvjax.methods.knorm import Knorm
-from kvjax.states import EMPTY_POS, DenseKV, PagedKV
+from kvjax.models.family import model_for
+from kvjax.states import EMPTY_POS, DenseKV, KVCache, PagedKV, init_cache
+from kvjax.testing import random_ids, tiny_lm
 
 F32, I32 = jnp.float32, jnp.int32
 D, G = 16, 2
@@ -173,6 +177,43 @@ def test_decode_time_rolling_frees_the_window_pages():
     check_attention(state, q, k, v, held, jnp.full((2, 1), n, I32), impls=("xla", "pallas"))
 
 
+def test_the_model_on_a_paged_cache_equals_the_dense_cache_through_eviction():
+    """The tiny model prefills two rows of different lengths into pages, decodes, evicts each layer by
+    Knorm (the same scores and kept sets as `DenseKV.keep_top`) and decodes on: the logits equal the
+    dense cache's at every step."""
+    lm = tiny_lm()
+    cfg, b, n, cap = lm.cfg, 2, 12, 24
+    model = model_for(cfg)(cfg)
+    n_valid = jnp.asarray([12, 5], I32)
+    ids = jnp.asarray(random_ids(b * n, seed=5).reshape(b, n), I32)
+    dense = init_cache(cfg.n_layers, b, cfg.n_kv_heads, cap, cfg.head_dim, F32)
+    paged = KVCache(layers=tuple(PagedKV.init(b, cfg.n_kv_heads, cap, cfg.head_dim, F32, page_size=4)
+                                 for _ in range(cfg.n_layers)), next_pos=jnp.zeros((b,), I32))
+    run = jax.jit(lambda c, t, p, nv: model.apply({"params": lm.params}, t, p, c, nv, logits_at=nv - 1))
+
+    def step(caches, tok):
+        pos = caches[0].next_pos[:, None]
+        outs = [run(c, tok, pos, jnp.ones((b,), I32)) for c in caches]
+        np.testing.assert_allclose(np.asarray(outs[1][0]), np.asarray(outs[0][0]), atol=1e-5, rtol=1e-5)
+        return [o[1] for o in outs], jnp.argmax(outs[0][0], -1)[:, None].astype(I32)
+
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=I32), (b, n))
+    (ld, dense), (lp, paged) = (run(c, ids, pos, n_valid) for c in (dense, paged))
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(ld), atol=1e-5, rtol=1e-5)
+    caches, tok = step([dense, paged], jnp.argmax(ld, -1)[:, None].astype(I32))
+    keep = jnp.asarray([6, 3], I32)
+    layers_d, layers_p = [], []
+    for ds, ps in zip(caches[0].layers, caches[1].layers):
+        scores = Knorm().score(ds)  # slots in the same order in both: no holes yet
+        layers_d.append(ds.keep_top(scores, keep, cap))
+        layers_p.append(ps.evict(ps.keep_top(jnp.where(jnp.arange(cap) < ds.length[:, None, None], scores, -jnp.inf),
+                                              keep)))
+        assert int(layers_p[-1].pages_held()) == 2 * (2 + 1)  # 6 and 3 tokens per head in pages of 4
+    caches = [dataclasses.replace(c, layers=tuple(ls)) for c, ls in zip(caches, (layers_d, layers_p))]
+    for _ in range(2):
+        caches, tok = step(caches, tok)
+
+
 def test_page_sizes_that_do_not_tile_the_block_are_refused():
     with pytest.raises(ValueError, match="page size 24 does not tile the kernel's block"):
         PagedKV.init(1, 1, 64, D, F32, page_size=24)
@@ -188,11 +229,10 @@ def test_page_sizes_that_do_not_tile_the_block_are_refused():
 
 
 class PagedCases(KernelCase):
-    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-    @pytest.mark.parametrize("group,block_k", [(1, 16), (3, 32), (8, 64)])
+    @pytest.mark.parametrize("group,block_k,dtype", [(1, 16, jnp.float32), (3, 32, jnp.bfloat16), (8, 64, jnp.float32)])
     def test_matches_reference(self, group, block_k, dtype):
         rng = np.random.default_rng(group)
-        n_pages, page, d = 12, 16, 64
+        n_pages, page, d = 12, 16, 32
         k, v = (normal(rng, (n_pages, page, d), dtype) for _ in range(2))
         pos = jnp.asarray(rng.integers(0, 100, size=(n_pages, page)), I32)
         pos = pos.at[5, 7:].set(EMPTY_POS)  # holes inside a page
@@ -220,16 +260,15 @@ class TestPagedTpuInterpret(PagedCases):
     TARGET = "tpu"
 
 
-@pytest.mark.parametrize("platform,kind", [("gpu", None), ("tpu", None), ("tpu", "TPU v6 lite")])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_lowers_for_gpu_and_tpu(platform, kind, dtype):
+@pytest.mark.parametrize("platform,kind,dtype,page", [("gpu", None, jnp.float32, 16), ("gpu", None, jnp.bfloat16, 64),
+                                                     ("tpu", None, jnp.bfloat16, 16), ("tpu", "TPU v6 lite", jnp.float32, 64)])
+def test_lowers_for_gpu_and_tpu(platform, kind, dtype, page):
     """The kernel lowers for GPU (Triton, MLIR-verified) and TPU (Mosaic), pages of 16 and 64 slots."""
     S = jax.ShapeDtypeStruct
-    for page in (16, 64):
-        pool = S((300, page, 64), dtype)
-        args = (S((2, 1, 6, 64), dtype), pool, pool, S((300, page), I32), S((2, 2, 40), I32), S((2, 2), I32),
-                S((2, 1), I32))
-        with lowering.target(platform, kind):
-            text = lowering.lower(paged_decode_attention, *args).mlir_module()
-        assert {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform] in text
-        assert "kvjax_paged_decode_attention" in text
+    pool = S((300, page, 64), dtype)
+    args = (S((2, 1, 6, 64), dtype), pool, pool, S((300, page), I32), S((2, 2, 40), I32), S((2, 2), I32),
+            S((2, 1), I32))
+    with lowering.target(platform, kind):
+        text = lowering.lower(paged_decode_attention, *args).mlir_module()
+    assert {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform] in text
+    assert "kvjax_paged_decode_attention" in text
