@@ -141,9 +141,15 @@ def chunk_keeps(token: EvictionMethod, budget: Budget, lengths, n_layers: int, c
     the budget rule at the tokens seen so far (raises resolve_keep's error where it falls below the
     method's protected window)."""
     lengths = np.asarray(lengths, np.int64)
-    steps = -(-int(lengths.max()) // chunk)
-    return np.stack([resolve_keep(token, budget, np.minimum(lengths, (i + 1) * chunk), n_layers)
-                     for i in range(steps)])
+    keeps = []
+    for i in range(-(-int(lengths.max()) // chunk)):
+        try:
+            keeps.append(resolve_keep(token, budget, np.minimum(lengths, (i + 1) * chunk), n_layers))
+        except ValueError as e:
+            raise ValueError(f"chunked compression keeps the budget of the tokens seen so far, and after chunk "
+                             f"{i + 1} ({min(int(lengths.min()), (i + 1) * chunk)} tokens) {e}; use a larger "
+                             f"chunk or a smaller ratio") from None
+    return np.stack(keeps)
 
 
 def check_chunk(token: EvictionMethod, chunk: int) -> None:
