@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax import compile_cache, hub, interrupt, methods, sharding, timing
+from kvjax import compile_cache, hub, interrupt, methods, recompress, sharding, timing
 from kvjax.methods import kvsharer
 from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compress-local", action="store_true",
                    help="evict in sliding-window layers too (Gemma 3's local layers; by default compression "
                         "applies to global layers only)")
+    add_filling_args(g)
     g.add_argument("--mesh", default=None, metavar="data=N,model=M",
                    help="shard over a device mesh (kvjax.sharding): KV heads over model, rows over data; on CPU "
                         "simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N")
@@ -147,7 +148,38 @@ def _compression_args(p: argparse.ArgumentParser, required: bool = False) -> Non
 
 def _compression(args) -> dict:
     return dict(method=kvsharer.with_plan(args.method, args.plan), ratio=args.ratio, budget=args.budget,
-                capacity=args.capacity, quant=args.quant, checkpoint=args.checkpoint)
+                capacity=args.capacity, quant=args.quant, checkpoint=args.checkpoint, **filling(args))
+
+
+def add_filling_args(p: argparse.ArgumentParser) -> None:
+    """Compression while the cache fills (`kvjax.recompress`): --chunked-compression [CHUNK] and kvpress
+    DecodingPress's --compression-interval / --target-size / --hidden-states-buffer-size /
+    --target-compression-ratio."""
+    p.add_argument("--chunked-compression", nargs="?", const=True, default=None, type=int, metavar="CHUNK",
+                   help="compress after every prefill chunk (of CHUNK tokens, default 512), so the cache never holds "
+                        "more than the budget plus a chunk per layer and head (needs --method and --ratio/--budget)")
+    p.add_argument("--compression-interval", type=int, default=None, metavar="N",
+                   help="decode-time compression (kvpress DecodingPress): every N new tokens, re-score the cache with "
+                        "--method and keep --target-size tokens per layer and head")
+    p.add_argument("--target-size", type=int, default=None, help="tokens kept at each decode-time compression "
+                                                                 "(default 2048)")
+    p.add_argument("--hidden-states-buffer-size", type=int, default=256,
+                   help="decode steps before a compression whose queries score it, minus one (default 256)")
+    p.add_argument("--target-compression-ratio", type=float, default=None,
+                   help="keep this fraction removed of the tokens seen so far instead of --target-size "
+                        "(kvpress CompressionRatioDecodingPress)")
+
+
+def filling(args) -> dict:
+    """chunked_compression= and decoding= from `add_filling_args`' flags (ValueError on a bad combination)."""
+    decoding = None
+    if args.compression_interval is not None:
+        decoding = recompress.DecodeCompression(args.compression_interval, args.target_size,
+                                                args.hidden_states_buffer_size, args.target_compression_ratio)
+    elif args.target_size is not None or args.target_compression_ratio is not None:
+        raise ValueError("--target-size / --target-compression-ratio are for decode-time compression: give "
+                         "--compression-interval N too")
+    return dict(chunked_compression=args.chunked_compression, decoding=decoding)
 
 
 def _read_prompt(args) -> str:

@@ -52,6 +52,10 @@ def test_info_prints_config_and_kv_bytes(smollm2, capsys):
      "snapkv always keeps 64 tokens (window/sinks) but the budget keeps only 3 of 7 in some layer: the prompt "
      "must have at least 128 tokens for ratio 0.5 (it has 7)"),
     (["generate", "--prompt-file", "no/such/file.txt"], "--prompt-file: no such file no/such/file.txt"),
+    (["generate", "--prompt", "hi", "--method", "knorm", "--budget", "8", "--chunked-compression", "0"],
+     "chunked compression: the chunk size must be a positive integer, got 0"),
+    (["generate", "--prompt", "hi", "--method", "snapkv", "--compression-interval", "512", "--target-size", "32"],
+     "decode-time compression keeps 32 tokens but snapkv always keeps 64 (window/sinks): give target_size >= 64"),
 ])
 def test_bad_input_is_one_line_and_exit_2(smollm2, capsys, argv, message):
     assert main(argv) == 2
