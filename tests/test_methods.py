@@ -607,6 +607,7 @@ METHOD_TABLE = {
                                                          use_local_approximation=False)],
     "non_causal_attention": [dict(chunk_size=8), dict(chunk_size=4)],
     "leverage": [dict(sketch_dimension=4), dict(sketch_dimension=2, seed=3)],
+    "finch": [dict(window=4), dict(window=2, normalize_scores=False, rerotate=False)],
 }
 ROWS = [(13, 1), (21, 2)]  # (length, seed) of the two prompts
 N_NEW = 8
@@ -614,7 +615,8 @@ N_NEW = 8
 
 # need a trained run, a second model pass (kvzip) or their own states or layer sharing: tested there
 TRAINED = {"locret": "test_locret.py", "matryoshka": "test_train_matryoshka.py", "duo": "test_duo.py",
-           "kvzip": "test_kvzip.py", "cla": "test_crosslayer.py", "kvsharer": "test_crosslayer.py"}
+           "kvzip": "test_kvzip.py", "cla": "test_crosslayer.py", "kvsharer": "test_crosslayer.py",
+           "simlayerkv": "test_methods_more.py"}
 
 
 def test_method_table_covers_the_registry():

@@ -1,0 +1,142 @@
+"""kvpress 0.5.5 breadth, second part: SimLayerKV and FINCH on hand-computed cases (the arithmetic in comments),
+their bad input, and each end to end on the tiny model. Parity on the real model: `test_kvpress_parity.py`.
+
+Legend: B batch, K KV heads, G query heads per KV head, H = K*G, S slots, D head dim, T tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import methods
+from kvjax.methods import Budget
+from kvjax.methods.finch import Finch
+from kvjax.methods.simlayerkv import SimLayerKV
+from kvjax.states import DenseKV
+from kvjax.testing import random_ids, tiny_lm
+from kvjax.timing import compile_seconds
+from test_methods import make_ctx, make_obs
+
+
+def weighted_case(w, g=1, length=None):
+    """1 row, K = 1, D = 2: key j = [ln w_j, 0] and one window query [sqrt(2), 0] at the last position, so
+    (scores q.k / sqrt(2)) the query's attention is w_j / sum(w) over the keys it sees."""
+    t = len(w)
+    s = t + 2
+    k = np.zeros((1, 1, s, 2))
+    k[0, 0, :t, 0] = np.log(w)
+    q = np.zeros((1, 1, g, 2))
+    q[..., 0] = math.sqrt(2)
+    obs = make_obs(1, g, 2, q_win=q, win_pos=[[t - 1]])
+    return make_ctx(k, [length or t], g=g, obs=obs)
+
+
+def kept(state) -> list[int]:
+    return np.asarray(state.pos[0, 0, :int(state.length[0])]).tolist()
+
+
+def run_select(method, ctx, n_keep):
+    state = DenseKV(k=ctx.k, v=ctx.v, pos=ctx.pos, length=ctx.length)
+    return method.select(ctx, state, method.score(ctx), jnp.asarray([n_keep], jnp.int32), ctx.k.shape[2])
+
+
+# ------------------------------------------------------------------------------------------ SimLayerKV
+# T = 8, w = [4, 1, 1, 1, 1, 2, 2, 4] (sum 16); n_initial 1, n_recent 3, n_last 1: kvpress drops the window
+# column (slot 7), so the recent keys are slots 4, 5, 6: mass = (4 + 1 + 2 + 2) / 16 = 0.5625. A lazy layer
+# keeps slot 0 and the last n_recent - n_last = 2 slots (6, 7).
+W8 = [4, 1, 1, 1, 1, 2, 2, 4]
+
+
+@pytest.mark.parametrize("threshold,expect", [(0.5, [0, 6, 7]), (0.6, list(range(8))), (1.0, list(range(8)))])
+def test_simlayerkv_hand_computed(threshold, expect):
+    m = SimLayerKV(lazy_threshold=threshold, n_recent=3, n_initial=1)
+    ctx = weighted_case(W8, g=2)
+    assert bool(m.lazy(ctx)[0]) == (expect != list(range(8)))
+    assert kept(run_select(m, ctx, 8)) == expect
+
+
+def test_simlayerkv_short_prompt_not_compressed():
+    # T = 5 <= n_initial + n_recent + n_last = 5: nothing compressed, even at threshold 0
+    m = SimLayerKV(lazy_threshold=0.0, n_recent=3, n_initial=1)
+    assert kept(run_select(m, weighted_case([4, 1, 1, 1, 1]), 5)) == [0, 1, 2, 3, 4]
+
+
+def test_simlayerkv_end_to_end_and_bad_input():
+    lm = tiny_lm()
+    rows = [random_ids(21, 2).tolist()]
+    full = lm.prefill(rows)
+    lazy = lm.prefill(rows, method=SimLayerKV(lazy_threshold=0.0, n_recent=5, n_initial=2))  # every layer lazy
+    for state, ref in zip(lazy.layers, full.layers):
+        n = int(state.length[0])
+        assert n == 2 + 4
+        pos = np.asarray(state.pos[0, :, :n])
+        np.testing.assert_array_equal(pos, np.broadcast_to([0, 1, 17, 18, 19, 20], pos.shape))
+        np.testing.assert_allclose(state.k[0, :, :n], ref.k[0][:, pos[0]], rtol=1e-5, atol=1e-6)
+    keep_all = lm.prefill(rows, method="simlayerkv")  # lazy_threshold 1.0: kvpress compresses nothing
+    assert all(int(s.length[0]) == 21 for s in keep_all.layers)
+    gen = lm.generate(rows, max_new_tokens=3, method="simlayerkv(lazy_threshold=0.0, n_recent=5)",
+                      stop_at_eos=False)
+    assert len(gen.ids[0]) == 3
+    c0 = compile_seconds()
+    for bad, match in [(lambda: SimLayerKV(lazy_threshold=1.5), "lazy_threshold"),
+                       (lambda: SimLayerKV(n_recent=1, n_last=1), "exceed n_last"),
+                       (lambda: SimLayerKV(n_initial=-1), "n_initial"),
+                       (lambda: lm.prefill(rows, method="simlayerkv", ratio=0.5), "own compression")]:
+        with pytest.raises(ValueError, match=match):
+            bad()
+    assert compile_seconds() == c0
+
+
+# --------------------------------------------------------------------------------------------- FINCH
+# T = 6, window 1 (the query at position 5), w = [1, 2, 3, 4, 2, 4] (sum 16): attention over slots 0..4 is
+# [1, 2, 3, 4, 2] / 16; normalize_scores multiplies by the query's position 5: [5, 10, 15, 20, 10] / 16; the
+# window slot 5 gets max + 1 = 36/16.
+def test_finch_scores_hand_computed():
+    ctx = weighted_case([1, 2, 3, 4, 2, 4], g=2)
+    sc = np.asarray(Finch(window=1).score(ctx))[0, 0, :6]
+    np.testing.assert_allclose(sc, np.array([5, 10, 15, 20, 10, 36]) / 16, rtol=1e-6)
+    sc = np.asarray(Finch(window=1, normalize_scores=False).score(ctx))[0, 0, :6]
+    np.testing.assert_allclose(sc, np.array([1, 2, 3, 4, 2, 20]) / 16, rtol=1e-6)
+
+
+def test_finch_chunked_and_rerotated():
+    # chunks of 4 at ratio 0.5: [0..3] keeps int(4 / 2) = 2 of scores [5, 10, 15, 20] -> 2, 3; [4, 5] keeps 1:
+    # the window slot 5. Unchunked: the top 3 of the six -> 2, 3, 5.
+    ctx = weighted_case([1, 2, 3, 4, 2, 4], g=2)
+    m = Finch(window=1, chunk_length=4, rerotate=False).bind(None, ratio=0.5)
+    assert m.layer_keep(Budget(ratio=0.5), 6, 0, 1) == 3
+    assert kept(run_select(m, ctx, 3)) == [2, 3, 5]
+    # chunks of 3: [0..2] keeps 1 (slot 2), [3..5] keeps 1 (the window, 5); T = 6 -> 2 tokens
+    m3 = Finch(window=1, chunk_length=3, rerotate=False).bind(None, ratio=0.5)
+    assert m3.layer_keep(Budget(ratio=0.5), 6, 0, 1) == 2
+    assert kept(run_select(m3, ctx, 2)) == [2, 5]
+    # with rerotate (default) the kept keys sit at positions 0, 1, 2 and are RoPE-rotated by slot - position
+    rot = run_select(Finch(window=1, chunk_length=4).bind(None, ratio=0.5), ctx, 3)
+    assert kept(rot) == [0, 1, 2]
+    assert int(Finch(window=1).next_positions(jnp.asarray([6]), jnp.asarray([3]))[0]) == 3
+
+
+def test_finch_end_to_end_and_bad_input():
+    lm = tiny_lm()
+    rows = [random_ids(21, 2).tolist()]
+    full = lm.prefill(rows)
+    cache = lm.prefill(rows, method=Finch(window=4, rerotate=False), ratio=0.5)
+    for state, ref in zip(cache.layers, full.layers):
+        pos = np.asarray(state.pos[0, :, :10])
+        assert int(state.length[0]) == 10 and {17, 18, 19, 20} <= set(pos[0].tolist())
+        np.testing.assert_allclose(state.v[0, 0, :10], ref.v[0, 0, pos[0]], rtol=1e-5, atol=1e-6)
+    chunked = lm.prefill(rows, method="finch(window=4, chunk_length=10)", ratio=0.5)  # 5 + 5 + max(1, 0)
+    assert [int(s.length[0]) for s in chunked.layers] == [11] * lm.cfg.n_layers
+    np.testing.assert_array_equal(chunked.next_pos, [11])
+    c0 = compile_seconds()
+    for kw, match in [(dict(method="finch(window=4, chunk_length=6)", ratio=0.5), "chunk_length 6 must exceed"),
+                      (dict(method="finch(window=4, chunk_length=10)", budget=8), "give ratio="),
+                      (dict(method="finch(window=0)", ratio=0.5), "window"),
+                      (dict(method="chunkkv:finch", ratio=0.5), "plain scorer")]:
+        with pytest.raises(ValueError, match=match):
+            lm.prefill(rows, **kw)
+    assert compile_seconds() == c0
+    assert methods.spec_of(Finch(window=4).bind(None, ratio=0.5)) == "finch(window=4)"
