@@ -74,6 +74,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--eval-len", type=int, default=256, help="ppl: tokens teacher-forced on top")
     e.add_argument("--new-tokens", type=int, default=64, help="bench: tokens decoded")
     e.add_argument("--no-plots", action="store_true")
+    e.add_argument("--chunked-compression", type=int, default=None, metavar="CHUNK",
+                   help="every evicting configuration compresses after each prefill chunk of CHUNK tokens (its cache "
+                        "never holds more than the budget plus a chunk; kvjax.recompress)")
     distributed.add_args(e)
     leaderboard.add_args(e)
     e.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
@@ -130,7 +133,7 @@ def run_eval(args) -> None:
         if d is not None and not 0 <= d <= 1:
             raise ValueError(f"--depths must be in [0, 1], got {d}")
     quants = [None if q == "none" else q for q in args.quant]
-    configs = runner.make_configs(args.method, args.ratio, args.budget, quants)
+    configs = runner.make_configs(args.method, args.ratio, args.budget, quants, args.chunked_compression)
     out = args.out or Path(f"{args.task}.csv")
     corpus = None
     if args.task in ("niah", "ruler", "bench"):
@@ -147,6 +150,8 @@ def run_eval(args) -> None:
     runner.union_spec(configs)
 
     options = dict(task=args.task, lengths=lengths)
+    if args.chunked_compression is not None:
+        options["chunked_compression"] = args.chunked_compression
     tok = lm.tokenizer
     samples = chunks = bench_prompts = None  # the task's work items: samples, text chunks or bench prompts
     if args.task in ("passkey", "niah", "ruler"):

@@ -45,12 +45,15 @@ Emit = Callable[[list[dict]], None]
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One compression configuration: `method` ("full" or a method spec) with `ratio` (fraction
-    removed) or `budget` (tokens kept per layer and head), and `quant` (a quantizer spec or None)."""
+    removed) or `budget` (tokens kept per layer and head), and `quant` (a quantizer spec or None).
+    `chunk`: compress after every prefill chunk of this many tokens (`kvjax.recompress`; a run-level option,
+    recorded in the CSV's options, not in the key)."""
 
     method: str
     ratio: float | None = None
     budget: int | None = None
     quant: str | None = None
+    chunk: int | None = None
 
     @property
     def evicts(self) -> bool:
@@ -61,9 +64,10 @@ class Config:
 
 
 def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budgets: Sequence[int] = (),
-                 quants: Sequence[str | None] = (None,)) -> list[Config]:
+                 quants: Sequence[str | None] = (None,), chunk: int | None = None) -> list[Config]:
     """Every method x budget x quantizer ("full", a quantizer alone and a cross-layer method keeping every
-    token take no budget); ValueError on a bad combination."""
+    token take no budget); ValueError on a bad combination. `chunk`: every evicting configuration compresses
+    after each prefill chunk of that many tokens (chunked compression)."""
     if ratios and budgets:
         raise ValueError("give --ratio or --budget, not both")
     out = []
@@ -75,8 +79,8 @@ def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budg
                 continue
             if not ratios and not budgets:
                 raise ValueError(f"method {m!r} needs --ratio or --budget")
-            out += [Config(m, ratio=float(r), quant=q) for r in ratios]
-            out += [Config(m, budget=int(b), quant=q) for b in budgets]
+            out += [Config(m, ratio=float(r), quant=q, chunk=chunk) for r in ratios]
+            out += [Config(m, budget=int(b), quant=q, chunk=chunk) for b in budgets]
     if not out:
         raise ValueError("no configuration to evaluate: give at least one --method")
     return list(dict.fromkeys(out))
@@ -85,7 +89,8 @@ def make_configs(method_specs: Sequence[str], ratios: Sequence[float] = (), budg
 def config_plan(cfg: LlamaConfig, config: Config, length: int, batch: int = 1, model_name: str = "", lm=None):
     """The pipeline's plan (`kvjax.pipeline.plan`) of a configuration for `batch` rows of `length` tokens."""
     return pipeline.plan(cfg, [length] * batch, config.method, config.ratio, config.budget, quant=config.quant,
-                         model_name=model_name, lm=lm, tokenizer=None if lm is None else lm.tokenizer)
+                         model_name=model_name, lm=lm, tokenizer=None if lm is None else lm.tokenizer,
+                         chunked_compression=config.chunk)
 
 
 def check_configs(cfg: LlamaConfig, configs: Sequence[Config], lengths: Iterable[int], lm: LM | None = None) -> None:
@@ -151,10 +156,10 @@ def shared_prefill(lm: LM, contexts: Sequence[Sequence[int]], capacity: int, spe
 
 
 def own_prefill(config: Config) -> bool:
-    """The configuration's method works while prefilling (Locret, MatryoshkaKV): it cannot branch off a
-    shared prefill."""
+    """The configuration's method works while prefilling (Locret, MatryoshkaKV, chunked compression): it
+    cannot branch off a shared prefill."""
     token = methods.split(config.method)[0] if config.evicts else None
-    return token is not None and token.prefills_itself
+    return token is not None and (token.prefills_itself or config.chunk is not None)
 
 
 def prefill_alone(lm: LM, contexts: Sequence[Sequence[int]], config: Config, room: int):
@@ -162,7 +167,8 @@ def prefill_alone(lm: LM, contexts: Sequence[Sequence[int]], config: Config, roo
     while prefilling, from its own prefill of `contexts`."""
     length = len(contexts[0])
     return lm.prefill([list(c) for c in contexts], capacity=length + room, method=config.method, ratio=config.ratio,
-                      budget=config.budget, quant=config.quant, return_logits=True)
+                      budget=config.budget, quant=config.quant, return_logits=True,
+                      chunked_compression=config.chunk)
 
 
 def branch(lm: LM, cache, obs, config: Config, length: int, room: int, contexts=None):
