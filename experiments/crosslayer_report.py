@@ -63,7 +63,8 @@ def main(out: Path) -> None:
           "Made by `bash experiments/crosslayer.sh` (see its header for the settings); bytes are the "
           "`cache_bytes` of each row: what the compressed cache holds after the prefill (exact `nbytes`).", "",
           cpu_line(), ""]
-    ppl = [(r, "") for r in rows(out / "cla_kvsharer_ppl.csv")] + healed_rows(out, "ppl")
+    ppl = [(r, "") for r in rows(out / "cla_kvsharer_ppl.csv") + rows(out / "minicache_xkv_ppl.csv")] + \
+        healed_rows(out, "ppl")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if ppl:
         groups = grouped(ppl, "ppl")
@@ -75,7 +76,8 @@ def main(out: Path) -> None:
             axes[0].annotate(name, (g["bytes"] / 2 ** 20, math.exp(nll)), fontsize=6)
         axes[0].set(xlabel="cache MiB (512-token context)", ylabel="perplexity (log)", yscale="log",
                     title="perplexity vs real cache bytes")
-    passkey = [(r, "") for r in rows(out / "cla_kvsharer_passkey.csv")] + healed_rows(out, "passkey")
+    passkey = [(r, "") for r in rows(out / "cla_kvsharer_passkey.csv") + rows(out / "minicache_xkv_passkey.csv")] + \
+        healed_rows(out, "passkey")
     if passkey:
         groups = grouped(passkey, "correct")
         md += ["## Passkey (512 tokens, 4 samples)", "", "| configuration | cache bytes | of full | correct |",
@@ -99,6 +101,10 @@ def main(out: Path) -> None:
             shared = ", ".join(f"{i}->{r}" for i, r in enumerate(plan["route"]) if r != i) or "none"
             md.append(f"| {p.name} | {plan['order']} | {plan['threshold']} | {shared} | {len(plan['tried'])} |")
         md.append("")
+    retained = out / "minicache_retained.md"  # experiments/minicache_retained.py
+    if retained.is_file():
+        md += ["## MiniCache" + retained.read_text().split("\n", 1)[0].split("MiniCache", 1)[1],
+               retained.read_text().split("\n", 1)[1]]
     metrics = out / "cla_train_metrics.jsonl"
     if metrics.is_file():
         recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

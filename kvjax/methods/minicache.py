@@ -14,9 +14,10 @@ kept unmerged; both are here (`retention=`), at most ceil(gamma T) per head (sta
 `retained_fraction(cache)` says how many were actually kept.
 
 Tokens after the prompt (decoding, a fed question) stay per layer and dense: the merge runs once, on the
-prefilled cache. The paper describes merging the prefilled cache and leaves how new tokens are stored to its
-implementation (none was released); keeping them per layer is the conservative choice, and it is what this
-state holds and counts.
+prefilled cache. How the paper stores tokens generated after the prefill could not be confirmed from the text
+available here (no official code was released; xKV's reimplementation, `--layer_merge_impl slerp`, merges the
+prefilled cache only); keeping them per layer is the conservative choice, and it is what this state holds
+and counts.
 Composition: a quantizer stores the merged directions (its key and value layouts) and the decode tokens;
 magnitudes and retained tokens stay in full precision.
 """
