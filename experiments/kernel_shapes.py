@@ -1,7 +1,7 @@
 """Abstract arguments of every kernel at the benchmark's shapes (check_kernels.py, compile_triton.py).
 
 Shapes of `bench_kernels.py`: Llama-3-8B attention (32 query heads, 8 KV heads, head dim 128), decode
-at batch 4 over `context` slots (ragged pools half that per head), prefill a 512-token chunk over 8k.
+at batch 4 over `context` slots (ragged pools half that per head; paged pools in pages of 16), prefill a 512-token chunk over 8k.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def bench_shapes(context: int, dtype=jnp.bfloat16, quants=QUANTS):
             (SDS((B, 1, H, D), jnp.bfloat16), st.kq, st.vq, st.n_q, st.k_res, st.v_res, st.n_r)
     pool = SDS((B, K * context // 2, D), dtype)
     yield "ragged decode", kernels.ragged_decode_attention, (q1, pool, pool, SDS((B, K), I32), SDS((B, K), I32))
+    pages = SDS((B * K * context // 16, 16, D), dtype)  # a paged pool of 16-slot pages, every head's context
+    yield "paged decode", kernels.paged_decode_attention, (q1, pages, pages, SDS(pages.shape[:2], I32),
+                                                           SDS((B, K, context // 16), I32), SDS((B, K), I32), SDS((B, 1), I32))
     s, t = PREFILL_CONTEXT, CHUNK
     qp, kp, pos, kv_pos = SDS((1, t, H, D), dtype), SDS((1, K, s, D), dtype), SDS((1, t), I32), SDS((1, K, s), I32)
     yield "prefill forward", kernels.prefill_attention, (qp, pos, kp, kp, kv_pos, SDS((1,), I32))
