@@ -44,7 +44,8 @@ def collect(params, cfg: LlamaConfig, tokenizer, tokens: np.ndarray, *, n_window
             seed: int = 0, batch: int = 4, chunk_size: int = 2048) -> dict:
     """{"x": [N, L, E] float32 hidden states, "y": [N, L, K] float32 log KVzip scores} of `sample` random
     tokens in each of `n_windows` windows of `context` tokens cut evenly from `tokens` [M]; also "window"
-    int32 [N] (the row's window) and "kvzip" [N, L, K] (the raw scores)."""
+    int32 [N] (the row's window), "slot" int32 [N] (its position in the prompt: the chat frame's tokens, then
+    the window) and "kvzip" [N, L, K] (the raw scores)."""
     if sample > context:
         raise ValueError(f"kvzap: --sample {sample} exceeds the window's {context} tokens")
     if len(tokens) < context:
@@ -54,7 +55,7 @@ def collect(params, cfg: LlamaConfig, tokenizer, tokens: np.ndarray, *, n_window
     prompt = kvzip.replay_prompt(tokenizer)
     before = np.asarray(tokenizer.encode(tokenizer.chat_frame()[0], add_special_tokens=False), np.int32)
     rng = np.random.default_rng(seed)
-    xs, zs, ws = [], [], []
+    xs, zs, ws, ps = [], [], [], []
     for b0 in range(0, n_windows, batch):
         rows = [np.concatenate([before, tokens[s:s + context]]) for s in starts[b0:b0 + batch]]
         ids = np.stack(rows).astype(np.int32)
@@ -70,8 +71,10 @@ def collect(params, cfg: LlamaConfig, tokenizer, tokens: np.ndarray, *, n_window
             xs.append(hidden[r, pick])
             zs.append(scores[r, pick])
             ws.append(np.full(sample, b0 + r, np.int32))
+            ps.append(pick.astype(np.int32))
     z = np.concatenate(zs)
-    return {"x": np.concatenate(xs), "y": np.asarray(log_target(z)), "kvzip": z, "window": np.concatenate(ws)}
+    return {"x": np.concatenate(xs), "y": np.asarray(log_target(z)), "kvzip": z, "window": np.concatenate(ws),
+            "slot": np.concatenate(ps)}
 
 
 def load_or_collect(out_dir: Path, key: str, make) -> dict:
