@@ -26,7 +26,7 @@ import numpy as np
 
 import kvjax
 from kvjax import compile_cache, hub, interrupt, methods, recompress, sharding, timing
-from kvjax.methods import kvsharer
+from kvjax.methods import kvsharer, palu
 from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.plugins import load_plugins
@@ -104,6 +104,19 @@ def _parser() -> argparse.ArgumentParser:
     for name, f in ((f.name, f) for f in dataclasses.fields(kvsharer.KVSharer) if f.name not in ("plan", "press")):
         k.add_argument(f"--{name.replace('_', '-')}", type=type(f.default) if f.default is not None else int,
                        default=f.default, help=f"default {f.default}")
+
+    v = sub.add_parser("convert", help="convert a model's K/V to latent form; write a directory --model DIR opens")
+    v_sub = v.add_subparsers(dest="convert_command", required=True)
+    pc = v_sub.add_parser("palu", help="Palu low-rank K/V from a whitened SVD of calibration activations "
+                                         "(arXiv 2407.21118; no training)")
+    pc.add_argument("--model", default=DEFAULT_MODEL)
+    pc.add_argument("--rank", type=int, required=True, help="latent rank of each group's keys (and values)")
+    pc.add_argument("--rank-v", type=int, default=None, help="latent rank of the values (default: --rank)")
+    pc.add_argument("--group", type=int, default=1, help="KV heads per latent (1: per head; G-LRD groups)")
+    pc.add_argument("--calib", type=Path, default=None, help="calibration text file (default: generated prose)")
+    pc.add_argument("--calib-tokens", type=int, default=4096)
+    pc.add_argument("--out", required=True, type=Path, help="the converted model's directory")
+    pc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
     eval_command.add_parsers(sub)
     for command in added_commands().values():
@@ -297,6 +310,18 @@ def _fields(cls, skip: str = "") -> str:
     return ", ".join(out)
 
 
+def _convert(args) -> None:
+    """`kvjax convert palu`: checks first (before loading), then calibrate and write the directory."""
+    method = palu.Palu(group=args.group, rank_k=args.rank, rank_v=args.rank_v or args.rank, calib=args.calib,
+                       calib_tokens=args.calib_tokens)
+    lm = kvjax.load(args.model, dtype=args.dtype)
+    method.check(lm.cfg)
+    method.ranks(lm.cfg, None)
+    out = palu.save(args.out, lm, method.group, method.rank_k, method.rank_v, method.calib, method.calib_tokens)
+    print(f"wrote {out}: Palu bases of {lm.name} (group {method.group}, ranks k {method.rank_k} / v {method.rank_v}); "
+          f"use --model {out}")
+
+
 def _kvsharer(args) -> None:
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(kvsharer.KVSharer)
                 if f.name not in ("plan", "press")}
@@ -432,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "imports", None):
                 load_plugins(args.imports)  # user methods, before any name is resolved
             {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect, "kvsharer": _kvsharer,
+             "convert": _convert,
              "eval": eval_command.run_eval, "plot": eval_command.run_plot,
              "cache": _cache, **{name: c.run for name, c in added_commands().items()}}[args.command](args)
         except (ValueError, OSError) as e:

@@ -22,7 +22,9 @@ from kvjax import recompress
 from kvjax.shapes import MIN_BUCKET, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
+from kvjax.methods import palu
 from kvjax.methods.crosslayer import healed_run, load_healed
+from kvjax.methods.spec import spec_of
 from kvjax.models.config import LlamaConfig
 from kvjax.states import KVCache, cache_nbytes
 from kvjax.states.cache import model_cache
@@ -57,6 +59,7 @@ class LM:
     def __init__(self, cfg: LlamaConfig, params: Mapping, tokenizer: Tokenizer, name: str = ""):
         self.cfg, self.params, self.tokenizer, self.name = cfg, params, tokenizer, name
         self.mesh, self.rules = None, None  # set by `shard`
+        self.method = None  # a converted model's own cache method (`kvjax convert palu`), used when none is given
 
     def shard(self, mesh, rules: dict | None = None) -> "LM":
         """This model on a device mesh (`kvjax.sharding.make_mesh`): the parameters placed by their logical
@@ -65,7 +68,7 @@ class LM:
         equals one device's. `rules`: logical axis -> mesh axis, default `kvjax.sharding.RULES`."""
         sharding.check_mesh(mesh, self.cfg.n_kv_heads)
         lm = LM(self.cfg, sharding.shard_params(self.params, mesh, rules), self.tokenizer, self.name)
-        lm.mesh, lm.rules = mesh, rules
+        lm.mesh, lm.rules, lm.method = mesh, rules, self.method
         return lm
 
     def _place(self, cache: KVCache) -> KVCache:
@@ -139,7 +142,13 @@ class LM:
     def _plan(self, rows, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
               cache=None, compress_local: bool = False, chunked_compression=None,
               decoding=None) -> pipeline.Plan | None:
-        """Validate a compression request before anything compiles (`kvjax.pipeline.plan`)."""
+        """Validate a compression request before anything compiles (`kvjax.pipeline.plan`). A converted
+        model (`self.method`) prefills with its own method; another method is an error."""
+        if self.method is not None and cache is None:
+            if method not in (None, "full"):
+                raise ValueError(f"{self.name} is a converted model with its own cache ({spec_of(self.method)}): "
+                                 f"method={method!r} does not apply to it")
+            method = self.method
         return pipeline.plan(self.cfg, [len(r) for r in rows], method, ratio, budget, capacity, quant, checkpoint,
                              model_name=self.name, fresh=cache is None, compress_local=compress_local, lm=self,
                              tokenizer=self.tokenizer, chunked_compression=chunked_compression, decoding=decoding)
@@ -312,8 +321,9 @@ class LM:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
-    """Load a model: a known name ("smollm2-135m"), a .gguf file, an HF checkpoint directory, or the run
-    directory of `kvjax train cla` (its base model with the healed projections; use it with its `cla` method).
+    """Load a model: a known name ("smollm2-135m"), a .gguf file, an HF checkpoint directory, the run
+    directory of `kvjax train cla` (its base model with the healed projections; use it with its `cla` method),
+    or a `kvjax convert palu` directory (its base model, prefilling onto its Palu latent cache by default).
 
     dtype defaults to float32 on CPU and bfloat16 on accelerators.
     """
@@ -321,6 +331,12 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    converted = palu.converted(name_or_path)
+    if converted is not None:  # a `kvjax convert palu` directory: its base model with a Palu cache
+        lm = load(converted["model"], dtype)
+        lm = LM(lm.cfg, lm.params, lm.tokenizer, name=str(name_or_path))
+        lm.method = palu.Palu(checkpoint=str(name_or_path), group=converted["group"])
+        return lm
     run = healed_run(name_or_path)
     if run is not None:  # a `kvjax train cla` run: its base model with the healed consumer projections
         base = run["model"].rsplit(" (", 1)[0]

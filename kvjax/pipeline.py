@@ -140,7 +140,10 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
         if capacity is not None or compress_local:
             raise ValueError(f"{token.name} bounds its cache itself: capacity= / compress_local do not apply")
         n_keep = resolve_keep(token, methods.Budget(ratio=0.0), lengths, cfg.n_layers)
-        return Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name)
+        p = Plan(token, quantizer, n_keep, ratio=ratio, budget=budget, model_name=model_name)
+        if token.prefills_itself:
+            token.prepare(cfg, p, lm=lm)  # load (or calibrate) what it builds its states from
+        return p
     if capacity is not None:
         if compress_local:
             raise ValueError("compress_local: sliding-window layers are evicted at the prefill by ratio= or "
@@ -169,7 +172,7 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
         if any(getattr(cfg, "windows", None) or ()):
             raise ValueError(f"method {token.name!r} builds its own state for every layer, and this model has "
                              "sliding-window layers (which keep their ring): use a score method or a quantizer")
-        token.prepare(cfg, p)  # load (and check) trained weights before compiling
+        token.prepare(cfg, p, lm=lm)  # load (and check) trained weights before compiling
     return p
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from kvjax import quantizers
+from kvjax.models.rope import apply_rope
 from kvjax.states import STATES, DenseKV, KVCache, LatentKV, LocretKV, RaggedKV, RollingKV, cache_nbytes, \
     memory_report
 from test_kv_state import naive_attention
@@ -63,6 +64,17 @@ def _pruned_reference(q, q_pos, k, v, kv_pos, length):
     return naive_attention(q, q_pos, np.where(keep, np.asarray(k), 0.0), v, kv_pos, length)
 
 
+PALU_FREQ = 1.0 / (10000.0 ** (np.arange(0, D, 2) / D))
+
+
+def _palu_reference(q, q_pos, k, v, kv_pos, length):
+    """Palu stores the pre-RoPE keys of the tokens' features (full rank: exactly), RoPE re-applied."""
+    features = tokens()[3]
+    k_pre = np.asarray(features)[..., H * D:(H + K) * D].reshape(B, T, K, D).transpose(0, 2, 1, 3)
+    keys = apply_rope(jnp.asarray(k_pre), jnp.asarray(kv_pos), jnp.asarray(PALU_FREQ, F32))
+    return naive_attention(q, q_pos, np.asarray(keys), v, kv_pos, length)
+
+
 def _head():
     rng = np.random.default_rng(7)
     return dict(fc1=dict(kernel=jnp.asarray(rng.normal(size=((H + 2 * K) * D, 4)), F32)),
@@ -88,6 +100,10 @@ ROWS = {
     "WindowKV": Row((B, K, S, D, F32)),
     # KV head 1 streams with 2 sinks and 8 recent slots: every appended token is within them
     "DuoKV": Row((B, K, S, D, F32, (1,), 2, 8)),
+    # full-rank orthonormal bases of each KV head's pre-RoPE keys and values
+    "PaluKV": Row((B, S, jnp.asarray(np.linalg.qr(np.random.default_rng(4).normal(size=(K, D, D)))[0], F32),
+                   jnp.asarray(np.linalg.qr(np.random.default_rng(5).normal(size=(K, D, D)))[0], F32), PALU_FREQ, F32),
+                  atol=1e-4, reference=_palu_reference),
     # merged layer groups (MiniCache, xKV) holding no prompt: appended tokens go to the reading member's own tail
     # (the merged prompt: tests/test_layermerge.py)
     "SlerpKV": Row((B, K, 0, D, F32, 0, 2, S)),

@@ -23,6 +23,7 @@ from kvjax.eval.perplexity import run_ppl, text_chunks
 from kvjax.eval.plots import plot_all
 from kvjax.eval.prompts import cut, sample_rng
 from kvjax.hub import DEFAULT_MODEL
+from kvjax.methods.spec import spec_of
 
 TASKS = ("passkey", "niah", "ruler", "ppl", "bench")
 
@@ -142,6 +143,10 @@ def run_eval(args) -> None:
         corpus = data.resolve("text", args.text, args.seed, min_chars=8 * args.n * (args.context_len + args.eval_len))
     procs = distributed.from_args(args)  # before JAX computes anything
     lm = kvjax.load(args.model, dtype=args.dtype)
+    if lm.method is not None:  # a converted model (`kvjax convert palu`): "full" is its own cache, nothing else
+        if any(c.method != "full" for c in configs):
+            raise ValueError(f"{args.model} is a converted model with its own cache: only --method full applies")
+        configs = [dataclasses.replace(c, method=spec_of(lm.method)) for c in configs]
     lengths = [args.context_len] if args.task == "ppl" else args.lengths
     for n in lengths:
         if n + (args.eval_len if args.task == "ppl" else 0) > lm.cfg.max_positions:

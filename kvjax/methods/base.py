@@ -288,8 +288,9 @@ class PrefillMethod(EvictionMethod):
         raise ValueError(f"{self.name} is a prefill method: it builds its cache while prefilling and has no "
                          "scores for a finished prefill (use it through LM.prefill / LM.generate)")
 
-    def prepare(self, cfg, plan) -> None:
-        """Load (and check) what the method needs before anything compiles (default: nothing)."""
+    def prepare(self, cfg, plan, lm=None) -> None:
+        """Load (and check) what the method needs before anything compiles (default: nothing); `lm`, the
+        model when there is one, lets a method that calibrates on first use do so (Palu)."""
 
     def build_cache(self, cfg, plan, batch: int, capacity: int, chunk: int):
         raise ValueError(f"prefill method {self.name} ({type(self).__qualname__}) defines no build_cache")

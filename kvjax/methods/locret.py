@@ -48,7 +48,7 @@ class Locret(PrefillMethod):
         raise ValueError("Locret scores tokens while prefilling (its retaining heads need each token's q, k, v): "
                          "use it through LM.prefill / LM.generate, not on a finished prefill")
 
-    def prepare(self, cfg, plan) -> None:
+    def prepare(self, cfg, plan, lm=None) -> None:
         """Load (and check) the trained heads before anything compiles."""
         self.heads(cfg, plan.model_name)
 

@@ -42,7 +42,7 @@ class Matryoshka(PrefillMethod):
                              "K/V bytes removed), not budget=")
         return n_tokens
 
-    def prepare(self, cfg, plan) -> None:
+    def prepare(self, cfg, plan, lm=None) -> None:
         """Load (and check) the trained bases before anything compiles."""
         self.bases(cfg, plan.ratio, plan.model_name)
 

@@ -4,6 +4,7 @@
 * `RaggedKV` (`ragged`): per-head budgets in a flat pool (Ada-KV).
 * `RollingKV` (`rolling`): fixed capacity, evicting while decoding (StreamingLLM, H2O, TOVA).
 * `LatentKV` (`latent`): keys and values in learned subspaces (MatryoshkaKV).
+* `PaluKV` (`palu`): low-rank latents of the pre-RoPE keys and of the values, RoPE re-applied (Palu).
 * `MLAKV` (`mla`): multi-head latent attention's latents and shared RoPE keys (DeepSeek-V2).
 * `ChannelKV` (`channels`): keys pruned to fewer channels per KV head (ThinK).
 * `LocretKV` (`locret`): a Locret prefill's cache, scoring tokens with retaining heads.
@@ -26,6 +27,7 @@ from kvjax.states.channels import ChannelKV
 from kvjax.states.locret import LocretKV
 from kvjax.states.merged import SharedBasisKV, SlerpKV
 from kvjax.states.mla import MLAKV
+from kvjax.states.palu import PaluKV
 from kvjax.states.quantized import QuantStore
 from kvjax.states.ragged import QuantRaggedKV, RaggedKV, ragged_from_selection
 from kvjax.states.rolling import RollingKV
@@ -34,8 +36,8 @@ from kvjax.states.duo import DuoKV
 from kvjax.states.paged import PagedKV
 
 STATES = (DenseKV, RaggedKV, RollingKV, LatentKV, LocretKV, QuantKV, QuantRaggedKV, MLAKV, ChannelKV, WindowKV, DuoKV, PagedKV,
-          SlerpKV, SharedBasisKV)
+          SlerpKV, SharedBasisKV, PaluKV)
 
 __all__ = ["EMPTY_POS", "LayerState", "StoreBacked", "KVCache", "DenseKV", "RaggedKV", "RollingKV", "LatentKV",
-           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "DuoKV", "PagedKV", "SlerpKV", "SharedBasisKV", "cache_nbytes", "init_cache", "kept_positions",
+           "LocretKV", "MLAKV", "ChannelKV", "QuantKV", "QuantRaggedKV", "QuantStore", "STATES", "WindowKV", "DuoKV", "PagedKV", "SlerpKV", "SharedBasisKV", "PaluKV", "cache_nbytes", "init_cache", "kept_positions",
            "memory_report", "tree_nbytes", "write_slots", "latent_cache", "ragged_from_selection"]

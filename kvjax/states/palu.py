@@ -1,0 +1,116 @@
+"""`PaluKV`: keys and values stored as low-rank latents of their pre-RoPE form, RoPE re-applied to the
+reconstructed keys (Palu, Chang et al. 2024, arXiv 2407.21118).
+
+Palu factorizes a layer's key (and value) projection W [E, gD] of a group of g KV heads as W ~ A B
+(A [E, r], B [r, gD]; g = 1 is its per-head M-LRD, g > 1 its group-head G-LRD, g = K its joint J-LRD),
+caches the latent h = x A [r] per token and group, and at attention reconstructs k = RoPE(h B) (Sec. 3.1,
+3.4: RoPE cannot be folded into the query, so keys are rebuilt, which Palu's kernel fuses). Its whitened
+SVD (SVD-LLM, Sec. 3.2) minimizes ||X W - X A B|| over calibration inputs X: with X^T X = L L^T and
+L^T W = U S V^T, A = L^-T U_r S_r and B = V_r^T. Then x A = (x W) V_r: the latent is the token's full
+pre-RoPE key projected on V_r, the top right singular vectors, which are also the top eigenvectors of the
+keys' second moment (x W)^T (x W) summed over the calibration tokens (`kvjax.methods.palu`). This state
+stores exactly that projection, h_k = k_pre V_k, h_v = v V_v, taking k_pre from the tokens' features.
+
+Values need no reconstruction: attention's weighted sum of h_v, mapped back by V_v^T per head, equals
+attention over the reconstructed values (Palu fuses B_v into the output projection: the same product).
+At full rank (r = gD) everything is exact.
+
+Legend: B batch, T new tokens, S slots, H query heads, K KV heads, g KV heads per latent group,
+N = K / g groups, D head dim, R_k / R_v latent ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.models.rope import apply_rope
+from kvjax.states.base import StoreBacked
+from kvjax.states.cache import KVCache
+from kvjax.states.dense import DenseKV
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PaluKV(StoreBacked):
+    """Attributes:
+      store: `DenseKV` with k = h_k [B, N, S, R_k] and v = h_v [B, N, S, R_v] (one row per group).
+      uk: [N, gD, R_k] orthonormal columns V_k of each group's pre-RoPE keys (head-major within gD).
+      uv: [N, gD, R_v] orthonormal columns V_v of its values.
+      inv_freq: float32 [D/2] the layer's RoPE frequencies (`models.rope.rope_inv_freq`).
+    """
+
+    store: DenseKV
+    uk: jax.Array
+    uv: jax.Array
+    inv_freq: jax.Array
+
+    # logical axes (`kvjax.sharding`): latent groups are rows of KV heads; the frequencies are shared
+    AXES = {"uk": ("kv_heads",), "uv": ("kv_heads",), "inv_freq": (None,)}
+
+    @property
+    def group(self) -> int:
+        """g: KV heads per latent group."""
+        return self.uk.shape[1] // self.head_dim
+
+    @property
+    def head_dim(self) -> int:
+        return 2 * self.inv_freq.shape[0]
+
+    @classmethod
+    def init(cls, batch: int, capacity: int, uk: jax.Array, uv: jax.Array, inv_freq, dtype) -> "PaluKV":
+        """An empty state of `capacity` slots per row with bases uk [N, gD, R_k], uv [N, gD, R_v]."""
+        store = DenseKV.init(batch, uk.shape[0], capacity, uk.shape[2], dtype, value_dim=uv.shape[2])
+        return cls(store=store, uk=jnp.asarray(uk, dtype), uv=jnp.asarray(uv, dtype),
+                   inv_freq=jnp.asarray(inv_freq, jnp.float32))
+
+    def positions(self) -> jax.Array:
+        """int32 [B, K, S]: each KV head holds its group's tokens."""
+        return jnp.repeat(self.store.pos, self.group, axis=1)
+
+    def append(self, k, v, pos, n_valid, features=None) -> "PaluKV":
+        """Project and write T tokens: k (post-RoPE, unused), v [B, K, T, D]; the pre-RoPE keys come from
+        `features` [B, T, (H + 2K) D] (`models.llama.token_features`)."""
+        if features is None:
+            raise ValueError("a Palu layer stores latents of the pre-RoPE keys: pass features= (the model does)")
+        b, n_kv, t, d = v.shape
+        k_pre = features[..., -2 * n_kv * d: -n_kv * d].reshape(b, t, n_kv * d)  # [B, T, K D], head-major
+        groups = self.uk.shape[0]
+        v_flat = v.transpose(0, 2, 1, 3).reshape(b, t, n_kv * d)
+        hk = jnp.einsum("btnj,njr->bntr", k_pre.reshape(b, t, groups, -1).astype(self.uk.dtype), self.uk)
+        hv = jnp.einsum("btnj,njr->bntr", v_flat.reshape(b, t, groups, -1).astype(self.uv.dtype), self.uv)
+        return dataclasses.replace(self, store=self.store.append(hk, hv, pos, n_valid))
+
+    def keys(self) -> jax.Array:
+        """The reconstructed post-RoPE keys [B, K, S, D]: RoPE(h_k V_k^T) at each slot's position."""
+        b, groups, s, _ = self.store.k.shape
+        g, d = self.group, self.head_dim
+        k_pre = jnp.einsum("bnsr,njr->bnsj", self.store.k, self.uk).reshape(b, groups, s, g, d)
+        k_pre = k_pre.transpose(0, 1, 3, 2, 4).reshape(b, groups * g, s, d)
+        return apply_rope(k_pre, self.positions(), self.inv_freq)
+
+    def attend_jnp(self, q, q_pos, block: int | None = None, return_lse: bool = False):
+        """Attention of q [B, T, H, D] over the reconstructed keys and the value latents, mapped back
+        per head -> [B, T, H, D] (and the lse [B, K, G*T])."""
+        b, t, h, d = q.shape
+        g = self.group
+        n_kv = self.uk.shape[0] * g
+        rebuilt = DenseKV(k=self.keys(), v=jnp.repeat(self.store.v, g, axis=1), pos=self.positions(),
+                          length=self.store.length)
+        out = rebuilt.attend_jnp(q, q_pos, block, return_lse)
+        out, lse = out if return_lse else (out, None)
+        uv = self.uv.reshape(self.uv.shape[0], g, d, -1).reshape(n_kv, d, -1)  # [K, D, R_v]: head k's rows
+        full = jnp.einsum("btkgr,kdr->btkgd", out.reshape(b, t, n_kv, h // n_kv, -1), uv.astype(out.dtype))
+        full = full.reshape(b, t, h, d)
+        return (full, lse) if return_lse else full
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "PaluKV":
+        return dataclasses.replace(self, store=self.store.with_room(n, round_up))
+
+
+def palu_cache(bases_k, bases_v, inv_freqs, batch: int, capacity: int, dtype):
+    """An empty cache of `PaluKV` layers: per layer bases_k[l] [N, gD, R_k], bases_v[l] [N, gD, R_v] and
+    the RoPE frequencies inv_freqs[l] [D/2]."""
+    layers = tuple(PaluKV.init(batch, capacity, uk, uv, f, dtype) for uk, uv, f in zip(bases_k, bases_v, inv_freqs))
+    return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32))
