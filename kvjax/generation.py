@@ -92,7 +92,7 @@ def prefill(params, cfg: LlamaConfig, tokens: np.ndarray, lengths: np.ndarray, c
     obs = None
     if observe is not None:
         obs = tuple(init_layer_obs(observe, np.asarray(cache.next_pos) + lengths, cfg.n_heads, cfg.head_dim,
-                                   cache.layers[cache.state_index(i)].capacity, cfg.jnp_dtype)
+                                   cache.layers[cache.state_index(i)].capacity, cfg.jnp_dtype, d_model=cfg.d_model)
                     for i in range(cfg.n_layers))
     outs = []
     for start in range(0, t_pad, chunk):

@@ -38,7 +38,7 @@ class ObsSpec:
     nc_chunk: int = 0  # block size of non-causal chunked column sums (0: none)
     wov: bool = False  # L1 norms of the output-projected values (CriticalKV)
     replay: "ReplaySpec | None" = None  # reconstruction attention of a replay pass (KVzip)
-    hidden: int = 0  # width E of the attention inputs kept per prompt slot (KVzap's scorer input; 0: none)
+    hidden: bool = False  # the attention input of every prompt slot (KVzap's scorer input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,11 @@ class LayerObs:
 
 
 def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity: int, dtype,
-                   n_kv_heads: int = 0) -> LayerObs:
-    """Empty observations for rows of total prompt lengths `lengths` [B] (`n_kv_heads`: for `replay`)."""
+                   n_kv_heads: int = 0, d_model: int = 0) -> LayerObs:
+    """Empty observations for rows of total prompt lengths `lengths` [B] (`n_kv_heads`: for `replay`,
+    `d_model`: for `hidden`)."""
+    if spec.hidden and d_model < 1:
+        raise ValueError("the hidden-state observation needs the model width: pass d_model=")
     b = lengths.shape[0]
     w = spec.window
     s = capacity if spec.col_sums else 0
@@ -101,7 +104,7 @@ def init_layer_obs(spec: ObsSpec, lengths, n_heads: int, head_dim: int, capacity
         wov=jnp.zeros((b, n_heads, capacity if spec.wov else 0), jnp.float32),
         replay=jnp.zeros((b, n_kv_heads if spec.replay else 0, capacity if spec.replay else 0), jnp.float32),
         span=jnp.zeros((b, 3), jnp.int32),
-        hidden=jnp.zeros((b, capacity if spec.hidden else 0, spec.hidden), dtype),
+        hidden=jnp.zeros((b, capacity if spec.hidden else 0, d_model if spec.hidden else 0), dtype),
     )
 
 

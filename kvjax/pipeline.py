@@ -426,7 +426,8 @@ def _abstract(cfg, p: Plan | None, length: int, batch: int) -> KVCache:
         spec = method.observations()
         lengths = np.full((batch,), length)
         obs = jax.eval_shape(lambda: tuple(init_layer_obs(spec, lengths, cfg.n_heads, cfg.head_dim, capacity,
-                                                          cfg.jnp_dtype) for _ in range(cfg.n_layers)))
+                                                          cfg.jnp_dtype, d_model=cfg.d_model)
+                                           for _ in range(cfg.n_layers)))
         cache = jax.eval_shape(functools.partial(compress, method=method, cfg=cfg, capacities=capacities(p, 0),
                                                  rolling=p.rolling is not None, local=p.local is not None),
                                cache, obs, jnp.asarray(p.n_keep))

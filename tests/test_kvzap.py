@@ -37,14 +37,14 @@ def test_score_reads_the_layers_weights_and_the_hidden_states(monkeypatch):
     w = np.zeros((2, 3, 2), np.float32)
     w[1, 0, 0], w[1, 2, 1] = 1.0, -2.0  # layer 1: head 0 = h0, head 1 = -2 h2 + 1
     weights = {"w": w, "b": np.asarray([[9.0, 9.0], [0.0, 1.0]], np.float32)}
-    method = KVzap(checkpoint="x", model_name="m", d_model=3)
+    method = KVzap(checkpoint="x", model_name="m")
     monkeypatch.setattr(KVzap, "weights", lambda self, cfg, name="": weights)
     hidden = jnp.asarray([[[1.0, 5.0, 2.0], [3.0, 5.0, 0.0]]])  # [B=1, S=2, E=3]
     obs = LayerObs(q_win=None, win_pos=None, col_sum=None, q_sum=None, q_sq=None, q_cnt=None, hidden=hidden)
     ctx = methods.ScoreContext(k=jnp.zeros((1, 2, 2, 4)), v=None, pos=None, length=None, n_tokens=None, obs=obs,
                                layer=1, n_layers=2, cfg=None)
     np.testing.assert_allclose(method.score(ctx), [[[1.0, 3.0], [-3.0, 1.0]]])  # [B, K, S]
-    assert method.observations() == ObsSpec(hidden=3)
+    assert method.observations() == ObsSpec(hidden=True)
 
 
 def synthetic_table(n=64, seed=0):
@@ -119,7 +119,7 @@ def test_threshold_keeps_exactly_the_pairs_at_or_above_it_and_the_window(run):
     weights = method.weights(LM.cfg, LM.name)
     base = model_cache(LM.cfg, 1, bucket(len(ids)))
     _, _, obs = generation.prefill(LM.params, LM.cfg, ids[None], np.asarray([len(ids)]), base,
-                                   observe=ObsSpec(hidden=LM.cfg.d_model))
+                                   observe=ObsSpec(hidden=True))
     scores = []
     for layer, o in enumerate(obs):
         h = np.asarray(o.hidden[0, :len(ids)], np.float64)

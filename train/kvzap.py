@@ -61,7 +61,7 @@ def collect(params, cfg: LlamaConfig, tokenizer, tokens: np.ndarray, *, n_window
         ids = np.stack(rows).astype(np.int32)
         lengths = np.full(len(rows), ids.shape[1], np.int32)
         cache = model_cache(cfg, len(rows), bucket(ids.shape[1]))
-        _, cache, obs = generation.prefill(params, cfg, ids, lengths, cache, observe=ObsSpec(hidden=cfg.d_model))
+        _, cache, obs = generation.prefill(params, cfg, ids, lengths, cache, observe=ObsSpec(hidden=True))
         hidden = np.stack([np.asarray(o.hidden, np.float32) for o in obs], 2)  # [B, S, L, E]
         del obs
         _, replay = kvzip.replay(params, cfg, cache, ids, lengths, prompt)

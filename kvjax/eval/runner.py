@@ -117,7 +117,8 @@ def union_spec(configs: Sequence[Config]) -> ObsSpec | None:
         raise ValueError(f"the methods need non-causal attention blocks of different sizes {sorted(chunks)}: "
                          "evaluate them in separate runs")
     return ObsSpec(window=max(s.window for s in specs), col_sums=any(s.col_sums for s in specs),
-                   qstats_from=starts.pop() if starts else None, nc_chunk=chunks.pop() if chunks else 0)
+                   qstats_from=starts.pop() if starts else None, nc_chunk=chunks.pop() if chunks else 0,
+                   hidden=any(s.hidden for s in specs))
 
 
 # ------------------------------------------------------------------------------------ memory

@@ -63,7 +63,6 @@ class KVzap(EvictionMethod):
     threshold: float | None = None  # evict pairs whose predicted log KVzip score is below this
     window: int = 128  # threshold mode: the last tokens always kept (kvpress ThresholdPress sliding_window_size)
     model_name: str = ""  # set by `bind`: the model the checkpoint was checked against
-    d_model: int = 0  # set by `bind`: the width E of the hidden states the prefill keeps
 
     def __post_init__(self):
         if self.threshold is not None and (isinstance(self.threshold, bool)
@@ -85,7 +84,7 @@ class KVzap(EvictionMethod):
             raise ValueError(f"kvzap: threshold={self.threshold} and {'ratio' if ratio is not None else 'budget'}= "
                              "both set what is evicted; give one")
         self.weights(cfg, model_name)
-        return dataclasses.replace(self, model_name=model_name, d_model=cfg.d_model)
+        return dataclasses.replace(self, model_name=model_name)
 
     def weights(self, cfg, model_name: str = "") -> dict:
         """The trained scorer {w, b[, w1, b1]} stacked over layers; a ValueError without a checkpoint, or for
@@ -96,10 +95,7 @@ class KVzap(EvictionMethod):
         return _load_weights(self.checkpoint, cfg, model_name)
 
     def observations(self) -> ObsSpec:
-        if not self.d_model:
-            raise ValueError("kvzap reads the model's hidden states: plan it for a model first (kvjax.pipeline.plan, "
-                             "LM.prefill / LM.generate, the eval runner)")
-        return ObsSpec(hidden=self.d_model)
+        return ObsSpec(hidden=True)
 
     def protected(self) -> int:
         return self.window if self.threshold is not None else 0
@@ -108,7 +104,7 @@ class KVzap(EvictionMethod):
         """float32 [B, K, S]: the layer's predicted log KVzip score of each slot (slot = position)."""
         if ctx.obs.hidden is None or ctx.obs.hidden.shape[1] != ctx.k.shape[2]:
             raise ValueError("kvzap scores the prefill's hidden states: use it through LM.prefill / LM.generate "
-                             "or the eval runner (ObsSpec(hidden=d_model))")
+                             "or the eval runner (ObsSpec(hidden=True))")
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x[ctx.layer]), self.weights(ctx.cfg, self.model_name))
         return predict(params, ctx.obs.hidden).transpose(0, 2, 1)
 
