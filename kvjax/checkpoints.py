@@ -34,6 +34,19 @@ class CheckpointMismatch(ValueError):
     """A checkpoint written by another method or for another model."""
 
 
+def run_of(path, method: str) -> dict | None:
+    """The `settings.json` of a directory that `method` wrote (a `kvjax train` run, a `kvjax convert`
+    output), or None for anything else (no such file, unreadable JSON, another method)."""
+    settings = Path(str(path)).expanduser() / "settings.json"
+    if not str(path) or not settings.is_file():
+        return None
+    try:
+        run = json.loads(settings.read_text())
+    except ValueError:
+        return None
+    return run if isinstance(run, dict) and run.get("method") == method else None
+
+
 def model_id(name: str, cfg) -> str:
     """`name (hash of the config)`: what a checkpoint records as its model."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list).encode()).hexdigest()

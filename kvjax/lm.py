@@ -23,6 +23,7 @@ from kvjax.shapes import MIN_BUCKET, bucket
 from kvjax.hub import DEFAULT_MODEL, load_checkpoint
 from kvjax.kernels.dispatch import resolve_impl
 from kvjax.methods import palu
+from kvjax.checkpoints import run_of
 from kvjax.methods.crosslayer import healed_run, load_healed
 from kvjax.methods.spec import spec_of
 from kvjax.models.config import LlamaConfig
@@ -323,7 +324,8 @@ class LM:
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
     """Load a model: a known name ("smollm2-135m"), a .gguf file, an HF checkpoint directory, the run
     directory of `kvjax train cla` (its base model with the healed projections; use it with its `cla` method),
-    or a `kvjax convert palu` directory (its base model, prefilling onto its Palu latent cache by default).
+    a `kvjax convert palu` directory (its base model, prefilling onto its Palu latent cache by default), or
+    the run directory of `kvjax train distill` (that converted model with its healed attention projections).
 
     dtype defaults to float32 on CPU and bfloat16 on accelerators.
     """
@@ -331,6 +333,14 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    distilled = run_of(name_or_path, "distill")
+    if distilled is not None:  # a `kvjax train distill` run: its student with the healed projections
+        student = distilled["model"].rsplit(" (", 1)[0]
+        lm = load(student, dtype)
+        healed = LM(lm.cfg, load_healed(name_or_path, lm.params, lm.cfg, student, "distill"), lm.tokenizer,
+                    name=str(name_or_path))
+        healed.method = lm.method
+        return healed
     converted = palu.converted(name_or_path)
     if converted is not None:  # a `kvjax convert palu` directory: its base model with a Palu cache
         lm = load(converted["model"], dtype)

@@ -9,6 +9,8 @@
     kvjax train duo --model smollm2-135m --steps 200 --out runs/duo --data essays/ [--n-keys 10]
     kvjax generate --method "duo(gates=runs/duo, sparsity=0.5)" --prompt "..."
     kvjax train kvzap --model smollm2-135m --steps 300 --out runs/kvzap --data essays/ [--hidden 0: linear]
+    kvjax train distill --student runs/palu16 --steps 100 --out runs/palu16-healed [--teacher smollm2-135m]
+    kvjax eval ppl --model runs/palu16-healed        # a converted model healed by distillation (X-EcoMLA)
     kvjax generate --method "kvzap(checkpoint=runs/kvzap)" --ratio 0.5 --prompt "..."   # or threshold= in the name
 
 Writes `OUT/checkpoints/<step>/` (orbax), `OUT/metrics.jsonl`, and (matryoshka) with
@@ -28,9 +30,9 @@ from pathlib import Path
 from kvjax import distributed
 from kvjax.hub import DEFAULT_MODEL
 
-METHODS = ("locret", "matryoshka", "duo", "cla", "kvzap")
-# locret, duo, kvzap: the references' rates
-DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3, "duo": 0.02, "cla": 1e-4, "kvzap": 5e-3}
+METHODS = ("locret", "matryoshka", "duo", "cla", "kvzap", "distill")
+# locret, duo, kvzap: the references' rates; distill as cla (both heal attention projections)
+DEFAULT_LR = {"locret": 5e-4, "matryoshka": 1e-3, "duo": 0.02, "cla": 1e-4, "kvzap": 5e-3, "distill": 1e-4}
 
 
 def add_parser(sub) -> None:
@@ -47,7 +49,8 @@ def add_parser(sub) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: locret 5e-4, matryoshka 1e-3, duo 0.02, cla 1e-4, kvzap 5e-3)")
+                   help="peak learning rate (default: locret 5e-4, matryoshka 1e-3, duo 0.02, cla 1e-4, kvzap 5e-3, "
+                        "distill 1e-4)")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--clip", type=float, default=1.0)
@@ -74,6 +77,9 @@ def add_parser(sub) -> None:
     t.add_argument("--windows", type=int, default=48, help="kvzap: text windows whose KVzip scores are the targets")
     t.add_argument("--context", type=int, default=512, help="kvzap: tokens per text window")
     t.add_argument("--sample", type=int, default=256, help="kvzap: tokens drawn from each window as training rows")
+    t.add_argument("--student", default=None, help="distill: the converted model to heal (`kvjax convert palu --out`)")
+    t.add_argument("--teacher", default=None, help="distill: the teacher (default: the student's base model; the "
+                                                   "same vocabulary)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -85,6 +91,8 @@ def run(args: argparse.Namespace) -> None:
     from kvjax.train.locret import LocretTask
     from kvjax.train.matryoshka import MatryoshkaTask
     from kvjax.train.kvzap import KVzapTask, RowBatches, collect, load_or_collect
+    from kvjax.train.distill import DistillTask
+    from kvjax.methods import palu
 
     lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
@@ -99,9 +107,18 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--cache-fraction searches MatryoshkaKV ranks: it applies to `kvjax train matryoshka` only")
     if args.cache_fraction is not None and not 1 / args.n_levels <= args.cache_fraction <= 1:
         raise ValueError(f"--cache-fraction must be in [1/{args.n_levels}, 1], got {args.cache_fraction}")
+    if (args.student is not None or args.teacher is not None) != (args.method == "distill"):
+        raise ValueError("--student / --teacher are for `kvjax train distill`, which needs --student")
+    if args.method == "distill" and palu.converted(args.student) is None:
+        raise ValueError(f"--student {args.student}: not a converted model directory (`kvjax convert palu --out`)")
     try:
-        lm = kvjax.load(args.model, dtype=args.dtype)
-        if args.method == "locret":
+        lm = kvjax.load(args.model if args.student is None else args.student, dtype=args.dtype)
+        if args.method == "distill":
+            teacher = kvjax.load(args.teacher or palu.converted(args.student)["model"], dtype=args.dtype)
+            task = DistillTask(lm.cfg, model_name=args.student, student_method=lm.method, teacher=teacher.name,
+                               teacher_cfg=None if teacher.cfg == lm.cfg else teacher.cfg)
+            backbone = {"student": lm.params, "teacher": teacher.params}
+        elif args.method == "locret":
             task = LocretTask(lm.cfg, model_name=args.model, hidden=1024 if args.hidden is None else args.hidden,
                               response=args.response, seed=args.seed)
             task.n_prefix(cfg.seq_len)  # a window too short to split is an error before the model runs
@@ -113,7 +130,9 @@ def run(args: argparse.Namespace) -> None:
             task = KVzapTask(lm.cfg, model_name=args.model, hidden=512 if args.hidden is None else args.hidden,
                              seed=args.seed)
         tokens = load_tokens(args.data, lm.tokenizer, args.seed)
-        extra, backbone = {}, lm.params
+        extra = {}
+        if args.method != "distill":
+            backbone = lm.params
         if args.method == "kvzap":  # a table of (hidden state, log KVzip score) rows, computed once per run
             extra = dict(windows=args.windows, context=args.context, sample=args.sample)
             key = json.dumps(dict(extra, data=data_digest(tokens), model=task.meta()["model"], seed=args.seed))

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
-from pathlib import Path
 
-from kvjax.checkpoints import load_trained, model_id
+from kvjax.checkpoints import load_trained, model_id, run_of
 from kvjax.methods.base import PrefillMethod, check_positive, register
 from kvjax.methods.spec import get, kind_of, spec_of
 from kvjax.observe import ObsSpec
@@ -155,20 +153,14 @@ def merge_healed(params: dict, healed: dict) -> dict:
 
 def healed_run(path) -> dict | None:
     """The settings of a `kvjax train cla` run directory (`method`, `model`, `spec`), or None for anything else."""
-    settings = Path(str(path)).expanduser() / "settings.json"
-    if not str(path) or not settings.is_file():
-        return None
-    try:
-        run = json.loads(settings.read_text())
-    except ValueError:
-        return None
-    return run if isinstance(run, dict) and run.get("method") == "cla" else None
+    return run_of(path, "cla")
 
 
-def load_healed(run_dir, params: dict, cfg, base: str) -> dict:
+def load_healed(run_dir, params: dict, cfg, base: str, method: str = "cla") -> dict:
     """The model's `params` with the healed projections of the newest readable checkpoint of `run_dir` (a
-    `kvjax train cla` run of the model `base`, checked by name and config hash), in the params' dtypes."""
-    healed = load_trained(run_dir, "cla", model_id(base, cfg))[0]
+    `kvjax train cla` run of the model `base`, checked by name and config hash; or of another `method`
+    that heals attention projections: `kvjax train distill`), in the params' dtypes."""
+    healed = load_trained(run_dir, method, model_id(base, cfg))[0]
     healed = {layer: {name: {k: v.astype(params[layer]["attn"][name][k].dtype) for k, v in arrays.items()}
                       for name, arrays in projections.items()} for layer, projections in healed.items()}
     return merge_healed(params, healed)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.checkpoints import model_id, same_model
+from kvjax.checkpoints import model_id, run_of, same_model
 from kvjax.methods.base import Budget, PrefillMethod, ScoreContext, register
 from kvjax.methods.kvsharer import calibration_tokens
 from kvjax.models.family import model_for
@@ -121,8 +121,14 @@ class Palu(PrefillMethod):
         rk, rv = self.ranks(cfg, plan.ratio)
         uk, uv = self.bases(cfg, plan.model_name)
         # copies: the bases become part of a cache, which the jitted steps donate
-        return palu_cache([jnp.array(u[..., :rk]) for u in uk], [jnp.array(u[..., :rv]) for u in uv],
-                          [rope_inv_freq(cfg, i) for i in range(cfg.n_layers)], batch, capacity, cfg.jnp_dtype)
+        return self.cache(cfg, [jnp.array(u[..., :rk]) for u in uk], [jnp.array(u[..., :rv]) for u in uv], batch,
+                          capacity)
+
+    def cache(self, cfg, bases_k, bases_v, batch: int, capacity: int) -> KVCache:
+        """An empty cache of `PaluKV` layers with the given (truncated) bases: also traced, as a student's
+        cache in distillation (`kvjax.train.distill`)."""
+        return palu_cache(bases_k, bases_v, [rope_inv_freq(cfg, i) for i in range(cfg.n_layers)], batch, capacity,
+                          cfg.jnp_dtype)
 
     def finish(self, cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
         return cache  # every token stays, as latents
@@ -145,16 +151,17 @@ _CALIBRATED: dict = {}  # (cfg, model, group, calib, tokens) -> bases calibrated
 
 # ------------------------------------------------------------------------------------- calibration
 def calibration_ids(lm, calib: str | None, tokens: int) -> np.ndarray:
-    """int32 [n, WINDOW]: `tokens` tokens (rounded up to whole windows) of the file `calib`, or of
-    generated prose, in consecutive windows."""
-    n = -(-tokens // WINDOW)
+    """int32 [n, W]: `tokens` tokens (rounded up to whole windows of W = WINDOW, or the model's maximum
+    positions if fewer) of the file `calib`, or of generated prose, in consecutive windows."""
+    window = min(WINDOW, lm.cfg.max_positions)
+    n = -(-tokens // window)
     if calib is None:
-        return calibration_tokens(lm, n, WINDOW)
+        return calibration_tokens(lm, n, window)
     ids = lm.encode(Path(calib).read_text(encoding="utf-8"))
-    if len(ids) < WINDOW:
-        raise ValueError(f"palu: {calib} has {len(ids)} tokens, fewer than one {WINDOW}-token window")
-    n = min(n, len(ids) // WINDOW)
-    return np.asarray(ids[: n * WINDOW], np.int32).reshape(n, WINDOW)
+    if len(ids) < window:
+        raise ValueError(f"palu: {calib} has {len(ids)} tokens, fewer than one {window}-token window")
+    n = min(n, len(ids) // window)
+    return np.asarray(ids[: n * window], np.int32).reshape(n, window)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "group"))
@@ -208,14 +215,7 @@ def save(out_dir, lm, group: int, rank_k: int, rank_v: int, calib: str | None, t
 
 def converted(path) -> dict | None:
     """The settings of a `kvjax convert palu` directory, or None for anything else."""
-    f = Path(str(path)).expanduser() / SETTINGS
-    if not str(path) or not f.is_file():
-        return None
-    try:
-        settings = json.loads(f.read_text())
-    except ValueError:
-        return None
-    return settings if isinstance(settings, dict) and settings.get("method") == "palu" else None
+    return run_of(path, "palu")
 
 
 def _settings(checkpoint: str) -> dict:
