@@ -45,7 +45,7 @@ class XKV(LayerMerge):
     rank_k: int | None = None
     rank_v: int | None = None
     remainder: str | None = "own"
-    rope: tuple = ()
+    rope: tuple = dataclasses.field(default=(), init=False)  # set by `bind`: not a parameter
 
     def __post_init__(self):
         check_positive(group=self.group)
@@ -71,7 +71,9 @@ class XKV(LayerMerge):
         inv = rope_inv_freq(cfg, 0)
         if any(not (rope_inv_freq(cfg, i) == inv).all() for i in range(cfg.n_layers)):
             raise ValueError("xkv re-applies one RoPE to rebuilt keys; this model's layers use different RoPEs")
-        return dataclasses.replace(self, rope=tuple(float(f) for f in inv))
+        bound = dataclasses.replace(self)
+        object.__setattr__(bound, "rope", tuple(float(f) for f in inv))
+        return bound
 
     def merge(self, states: list, tail: int):
         if not self.rope:
