@@ -1,4 +1,4 @@
-"""KVzap (Jegou & Jeblick 2026, arXiv 2601.07891; kvpress 0.5.5 `KVzapPress`): KVzip's scores predicted
+"""KVzap (arXiv 2601.07891; kvpress 0.5.5 `KVzapPress`): KVzip's scores predicted
 from the hidden states by a small trained model per layer, so scoring costs one matmul per token.
 
     kvjax train kvzap --steps 300 --out runs/kvzap --data text/        # targets from kvjax's kvzip
