@@ -240,3 +240,16 @@ def test_bad_input_before_compiling(lm):
         lm.prefill(prompt, chunked_compression=8)
     assert compile_seconds() == c0
     assert isinstance(DenseKV, type) and kvjax is not None
+
+
+def test_eval_configs_prefill_alone_when_chunked(lm):
+    from kvjax.eval import runner
+    full, snap = runner.make_configs(["full", SNAP], [0.5], chunk=16)
+    assert full.chunk is None and snap.chunk == 16 and snap.key() == runner.Config(SNAP, ratio=0.5).key()
+    assert runner.own_prefill(snap) and not runner.own_prefill(full)
+    contexts = [random_ids(40, 9).tolist()]
+    cache = runner.prefill_alone(lm, contexts, snap, 8)[1]
+    want = lm.prefill(contexts, method=SNAP, ratio=0.5, chunked_compression=16)
+    for a, b in zip(cache.layers, want.layers):
+        np.testing.assert_array_equal(lib_held(a, 0), lib_held(b, 0))
+    assert runner.cache_bytes(lm.cfg, snap, 40) == runner.cache_bytes(lm.cfg, runner.Config(SNAP, ratio=0.5), 40)
