@@ -11,6 +11,7 @@ Legend: B batch, K KV heads, G = H/K, D head dim, N tokens, P page size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,12 +54,20 @@ def reference(q, q_pos, k, v, held):
     return out
 
 
+append = jax.jit(PagedKV.append)
+evict = jax.jit(PagedKV.evict)
+
+
+@functools.partial(jax.jit, static_argnames="impl")
+def attend(state, q, q_pos, impl):
+    return state.attend(q, q_pos, block=8, impl=impl)
+
+
 def filled(k, v, n_valid, chunk=None, **kw):
     """A PagedKV with the first n_valid[b] of k, v's tokens appended (in chunks of `chunk` tokens)."""
     b, n_kv, n, _ = k.shape
     state = PagedKV.init(b, n_kv, kw.pop("capacity", n), D, F32, **kw)
     chunk = chunk or n
-    append = jax.jit(lambda s, k, v, p, nv: s.append(k, v, p, nv))
     for c in range(0, n, chunk):
         pos = jnp.broadcast_to(jnp.arange(c, c + chunk, dtype=I32), (b, chunk))
         state = append(state, k[:, :, c:c + chunk], v[:, :, c:c + chunk], pos,
@@ -71,7 +80,7 @@ def check_attention(state, q, k, v, held, q_pos=None, impls=("xla",)):
     q_pos = jnp.full((q.shape[0], 1), k.shape[2], I32) if q_pos is None else q_pos
     want = reference(q, q_pos, k, v, held)
     for impl in impls:
-        out = jax.jit(lambda s, q, p, impl=impl: s.attend(q, p, block=8, impl=impl))(state, q, q_pos)
+        out = attend(state, q, q_pos, impl)
         np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5, err_msg=impl)
 
 
@@ -101,12 +110,12 @@ def test_eviction_frees_the_emptied_page_and_another_row_reuses_it():
     keep = np.ones((2, 1, 16), bool)
     keep[0, 0, 4:8] = False  # every token of row 0's page 1
     keep[0, 0, 9] = False  # one token of page 2: the page stays
-    state = jax.jit(lambda s, m: s.evict(m))(state, jnp.asarray(keep))
+    state = evict(state, jnp.asarray(keep))
     assert np.asarray(state.table)[0, 0].tolist() == [0, -1, 2, -1]
     assert int(state.n_free) == 2 and int(state.free[1]) == 1  # page 1 on top of the stack
     assert held_positions(state, 0, 0) == [0, 1, 2, 3, 8, 10, 11]
     # row 1 appends 4 more tokens: its next page is the freed page 1
-    state = state.append(k[:, :, 12:16], v[:, :, 12:16], jnp.asarray([[12, 13, 14, 15]] * 2, I32),
+    state = append(state, k[:, :, 12:16], v[:, :, 12:16], jnp.asarray([[12, 13, 14, 15]] * 2, I32),
                          jnp.asarray([0, 4], I32))
     assert np.asarray(state.table)[1, 0].tolist() == [3, 1, -1, -1] and int(state.n_free) == 1
     held = np.zeros((2, 1, 16), bool)
@@ -120,13 +129,14 @@ def test_compaction_past_the_fragmentation_threshold(threshold, table, n_free):
     k, v, q = tokens(1, 1, 16, seed=2)
     state = filled(k, v, [12], page_size=4, n_pages=4, threshold=threshold)
     keep = jnp.asarray((np.arange(16) % 2 == 0)[None, None])  # every other token: 6 left in 3 pages
-    state = jax.jit(lambda s, m: s.evict(m))(state, keep)
+    state = evict(state, keep)
     # fragmentation 1 - 6 / 12 = 0.5: above 0.25 the 6 tokens pack into pages 0 and 1, page 2 is freed
     assert np.asarray(state.table)[0, 0].tolist() == table and int(state.n_free) == n_free
     assert held_positions(state, 0, 0) == [0, 2, 4, 6, 8, 10]
     assert int(state.fill[0, 0]) == (6 if threshold < 0.5 else 11) and int(state.length[0, 0]) == 6
     check_attention(state, q, k, v, np.asarray(keep) & (np.arange(16) < 12))
-    state = state.append(k[:, :, 12:13], v[:, :, 12:13], jnp.asarray([[12]], I32), jnp.asarray([1], I32))
+    state = append(state, k[:, :, 12:13], v[:, :, 12:13], jnp.asarray([[12]], I32),
+                                       jnp.asarray([1], I32))
     check_attention(state, q, k, v, np.asarray(keep) & (np.arange(16) < 13), jnp.asarray([[13]], I32))
 
 
@@ -139,13 +149,13 @@ def test_a_score_method_and_adakv_evict_to_pages():
     lk, lv, lpos = state.logical()
     used = (lpos != EMPTY_POS).any(1)
     scores = Knorm().score(DenseKV(k=lk, v=lv, pos=lpos, length=used.sum(-1)))
-    top = state.keep_top(scores, jnp.asarray([12, 6], I32))
-    kept = jax.jit(lambda s, m: s.evict(m))(state, top)
+    top = jax.jit(lambda s, sc: s.keep_top(sc, jnp.asarray([12, 6], I32)))(state, scores)
+    kept = evict(state, top)
     assert np.asarray(kept.length).tolist() == [[12, 12], [6, 6]]
     assert int(kept.pages_held()) == 2 * 3 + 2 * 2  # threshold 0: every head packed into ceil(n / P) pages
     check_attention(kept, q, k, v, np.asarray(top)[..., :n])
-    pairs = state.keep_top_pairs(scores, jnp.asarray([12, 6], I32))
-    ada = jax.jit(lambda s, m: s.evict(m))(state, pairs)
+    pairs = jax.jit(lambda s, sc: s.keep_top_pairs(sc, jnp.asarray([12, 6], I32)))(state, scores)
+    ada = evict(state, pairs)
     dense = DenseKV(k=k, v=v, pos=jnp.broadcast_to(jnp.arange(n, dtype=I32), (b, n_kv, n)), length=jnp.full((b,), n, I32))
     ragged = AdaKV(press=Knorm()).select(None, dense, scores[..., :n], jnp.asarray([12, 6], I32), n)
     for r in range(b):
@@ -174,13 +184,15 @@ def test_decode_time_rolling_frees_the_window_pages():
     assert held_positions(state, 0, 0) == want and held_positions(state, 1, 0) == want
     assert int(state.pages_held()) <= 2 * 4  # 8 tokens in at most 4 pages per row, 40 tokens appended
     held = np.isin(np.arange(n), want)[None, None].repeat(2, 0)
-    check_attention(state, q, k, v, held, jnp.full((2, 1), n, I32), impls=("xla", "pallas"))
+    check_attention(state, q, k, v, held, jnp.full((2, 1), n, I32))
 
 
+@pytest.mark.slow
 def test_the_model_on_a_paged_cache_equals_the_dense_cache_through_eviction():
     """The tiny model prefills two rows of different lengths into pages, decodes, evicts each layer by
     Knorm (the same scores and kept sets as `DenseKV.keep_top`) and decodes on: the logits equal the
-    dense cache's at every step."""
+    dense cache's at every step. Slow (~10 s of CPU, four model compiles): the fast tests above check
+    the same append, attend and eviction against the float64 reference state by state."""
     lm = tiny_lm()
     cfg, b, n, cap = lm.cfg, 2, 12, 24
     model = model_for(cfg)(cfg)
@@ -203,11 +215,17 @@ def test_the_model_on_a_paged_cache_equals_the_dense_cache_through_eviction():
     caches, tok = step([dense, paged], jnp.argmax(ld, -1)[:, None].astype(I32))
     keep = jnp.asarray([6, 3], I32)
     layers_d, layers_p = [], []
-    for ds, ps in zip(caches[0].layers, caches[1].layers):
+
+    @jax.jit
+    def evict_both(ds, ps):
         scores = Knorm().score(ds)  # slots in the same order in both: no holes yet
-        layers_d.append(ds.keep_top(scores, keep, cap))
-        layers_p.append(ps.evict(ps.keep_top(jnp.where(jnp.arange(cap) < ds.length[:, None, None], scores, -jnp.inf),
-                                              keep)))
+        used = jnp.arange(cap) < ds.length[:, None, None]
+        return ds.keep_top(scores, keep, cap), ps.evict(ps.keep_top(jnp.where(used, scores, -jnp.inf), keep))
+
+    for ds, ps in zip(caches[0].layers, caches[1].layers):
+        kept_d, kept_p = evict_both(ds, ps)
+        layers_d.append(kept_d)
+        layers_p.append(kept_p)
         assert int(layers_p[-1].pages_held()) == 2 * (2 + 1)  # 6 and 3 tokens per head in pages of 4
     caches = [dataclasses.replace(c, layers=tuple(ls)) for c, ls in zip(caches, (layers_d, layers_p))]
     for _ in range(2):
@@ -229,7 +247,7 @@ def test_page_sizes_that_do_not_tile_the_block_are_refused():
 
 
 class PagedCases(KernelCase):
-    @pytest.mark.parametrize("group,block_k,dtype", [(1, 16, jnp.float32), (3, 32, jnp.bfloat16), (8, 64, jnp.float32)])
+    @pytest.mark.parametrize("group,block_k,dtype", [(1, 16, jnp.float32), (8, 64, jnp.bfloat16)])
     def test_matches_reference(self, group, block_k, dtype):
         rng = np.random.default_rng(group)
         n_pages, page, d = 12, 16, 32
