@@ -54,6 +54,7 @@ W8 = [4, 1, 1, 1, 1, 2, 2, 4]
 def test_simlayerkv_hand_computed(threshold, expect):
     m = SimLayerKV(lazy_threshold=threshold, n_recent=3, n_initial=1)
     ctx = weighted_case(W8, g=2)
+    np.testing.assert_allclose(float(m.mass(ctx)[0]), 9 / 16, rtol=1e-6)
     assert bool(m.lazy(ctx)[0]) == (expect != list(range(8)))
     assert kept(run_select(m, ctx, 8)) == expect
 
@@ -140,3 +141,55 @@ def test_finch_end_to_end_and_bad_input():
             lm.prefill(rows, **kw)
     assert compile_seconds() == c0
     assert methods.spec_of(Finch(window=4).bind(None, ratio=0.5)) == "finch(window=4)"
+
+
+# ----------------------------------------------------------------------------------------------- DMS
+def test_dms_hand_computed():
+    # knorm scores -||k||: K = 2, D = 1, T = 6; head 0 norms [1, 3, 2, 5, 1, 9], head 1 [4, 4, 1, 1, 1, 1].
+    # threshold -2.5, window 2: of slots 0..3, head 0 keeps -1, -2 (slots 0, 2), head 1 keeps 1, 1 (2, 3);
+    # both keep the window 4, 5 whatever their scores.
+    from kvjax.methods.knorm import Knorm
+    from kvjax.states.ragged import RaggedKV
+    k = np.zeros((1, 2, 8, 1))
+    k[0, 0, :6, 0] = [1, 3, 2, 5, 1, 9]
+    k[0, 1, :6, 0] = [4, 4, 1, 1, 1, 1]
+    ctx = make_ctx(k, [6], g=1)
+    m = methods.get("dms(threshold=-2.5, sliding_window_size=2):knorm")
+    assert isinstance(m.press, Knorm) and m.name == "dms:knorm"
+    state = DenseKV(k=ctx.k, v=ctx.v, pos=ctx.pos, length=ctx.length)
+    out = m.select(ctx, state, m.score(ctx), jnp.asarray([6], jnp.int32), 6)
+    assert isinstance(out, RaggedKV)
+    np.testing.assert_array_equal(out.length, [[4, 4]])
+    assert [p.tolist() for p in out.positions()] == [[[0, 2, 4, 5]], [[2, 3, 4, 5]]]
+
+
+def test_dms_end_to_end_and_bad_input():
+    lm = tiny_lm()
+    rows = [random_ids(21, 2).tolist()]
+    full = lm.prefill(rows)
+    cache = lm.prefill(rows, method="dms(threshold=-1e9, sliding_window_size=4):knorm")  # nothing below: all kept
+    assert all(np.asarray(s.length).tolist() == [[21] * lm.cfg.n_kv_heads] for s in cache.layers)
+    cache = lm.prefill(rows, method="dms(threshold=1.0, sliding_window_size=4):knorm")  # -||k|| < 1: window only
+    for state, ref in zip(cache.layers, full.layers):
+        for h, pos in enumerate(state.positions()):
+            assert pos[0].tolist() == [17, 18, 19, 20]
+    gen = lm.generate(rows, max_new_tokens=3, method="dms(threshold=-3.0):knorm", stop_at_eos=False)
+    assert len(gen.ids[0]) == 3
+    c0 = compile_seconds()
+    for kw, match in [(dict(method="dms:knorm"), "give threshold="),
+                      (dict(method="dms(threshold=0.0):knorm", ratio=0.5), "no ratio"),
+                      (dict(method="dms(threshold=0.0):kivi-4"), "wraps a scoring method"),
+                      (dict(method="dms(threshold=0.0):adakv:snapkv"), "plain scorer"),
+                      (dict(method="dms(threshold=0.0, sliding_window_size=-1):knorm"), "sliding_window_size")]:
+        with pytest.raises(ValueError, match=match):
+            lm.prefill(rows, **kw)
+    assert compile_seconds() == c0
+
+
+def test_kvjax_methods_lists_them(capsys):
+    from kvjax.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("finch", "simlayerkv", "dms"):
+        assert f"\n  {name} " in out, name

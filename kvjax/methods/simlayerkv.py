@@ -57,15 +57,18 @@ class SimLayerKV(EvictionMethod):
     def layer_keep(self, budget, n_tokens: int, layer: int, n_layers: int) -> int:
         return n_tokens  # capacity: a layer that is not lazy keeps every token
 
-    def lazy(self, ctx: ScoreContext) -> jax.Array:
-        """bool [B]: the layer is lazy for that row (and the prompt is long enough to compress)."""
+    def mass(self, ctx: ScoreContext) -> jax.Array:
+        """float32 [B]: the last n_last queries' mean attention on the first n_initial and the recent keys."""
         attn = window_attention(ctx, self.n_last).mean((1, 2))  # [B, S]
         slot = jnp.arange(attn.shape[-1])[None, :]
         end = ctx.length[:, None] - self.n_last  # kvpress drops the n_last window columns, then [-n_recent:]
         edge = (slot < self.n_initial) | ((slot >= end - self.n_recent) & (slot < end))
-        mass = jnp.where(edge, attn, 0.0).sum(-1)
+        return jnp.where(edge, attn, 0.0).sum(-1)
+
+    def lazy(self, ctx: ScoreContext) -> jax.Array:
+        """bool [B]: the layer is lazy for that row (and the prompt is long enough to compress)."""
         long = ctx.length > self.n_initial + self.n_recent + self.n_last
-        return (mass > self.lazy_threshold) & long & (self.lazy_threshold < 1.0)
+        return (self.mass(ctx) > self.lazy_threshold) & long & (self.lazy_threshold < 1.0)
 
     def score(self, ctx: ScoreContext):
         """1 for the tokens a lazy layer keeps (sinks and the recent n_recent - n_last), 0 for the others."""
