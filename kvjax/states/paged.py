@@ -34,6 +34,8 @@ from kvjax.attention import online_attention
 from kvjax.kernels.paged_decode_attention import paged_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState
 
+RULES = ("streaming", "h2o", "tova")
+
 
 def _cdiv(a, b):
     return (a + b - 1) // b
@@ -49,7 +51,9 @@ class PagedKV(LayerState):
       fill: int32 [B, K] logical slots written per head (appends go there; holes below it are not reused).
       length: int32 [B, K] tokens held per head.
       free: int32 [NP] a stack: free[:n_free] are the free pages.  n_free: int32 [].
+      score: float32 [NP, P] the decode-time rule's keep-score of each pool slot (None for "streaming").
       threshold: static fragmentation above which `evict` compacts a head.
+      rule: static decode-time eviction rule of `roll` ("streaming", "h2o", "tova"; as `RollingKV`).
     """
 
     k: jax.Array
@@ -60,11 +64,13 @@ class PagedKV(LayerState):
     length: jax.Array
     free: jax.Array
     n_free: jax.Array
+    score: jax.Array | None = None
     threshold: float = dataclasses.field(default=0.25, metadata=dict(static=True))
+    rule: str = dataclasses.field(default="streaming", metadata=dict(static=True))
 
     # logical axes (`kvjax.sharding`): the pool and its free stack are shared by every row and head, so
     # replicated; the tables, fills and lengths are [B, K] (the convention)
-    AXES = {"k": (), "v": (), "pos": (), "free": ()}
+    AXES = {"k": (), "v": (), "pos": (), "free": (), "score": ()}
 
     # ------------------------------------------------------------------------------ shapes
     @property
@@ -82,8 +88,8 @@ class PagedKV(LayerState):
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page: its K and V and its slots' positions."""
-        return self.page_size * (2 * self.k.shape[2] * self.k.dtype.itemsize + 4)
+        """Bytes of one page: its K and V and its slots' positions (and scores)."""
+        return self.page_size * (2 * self.k.shape[2] * self.k.dtype.itemsize + 4 + 4 * (self.score is not None))
 
     def pages_held(self) -> jax.Array:
         """int32 []: pages taken from the pool."""
@@ -99,13 +105,16 @@ class PagedKV(LayerState):
 
     @classmethod
     def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype, page_size: int = 16,
-             n_pages: int | None = None, threshold: float = 0.25) -> "PagedKV":
+             n_pages: int | None = None, threshold: float = 0.25, rule: str = "streaming") -> "PagedKV":
         """An empty pool: tables of ceil(capacity / P) entries per head, `n_pages` pages in all (default:
         enough for every head to fill its table, the dense cache's size). `page_size` must be a power
-        of two, so it tiles the kernel's (power-of-two) block."""
+        of two, so it tiles the kernel's (power-of-two) block. `rule`: what `roll` evicts by (a score
+        per slot is kept for "h2o" and "tova")."""
         check_page_size(page_size)
         if not 0 <= threshold <= 1:
             raise ValueError(f"fragmentation threshold must be in [0, 1], got {threshold!r}")
+        if rule not in RULES:
+            raise ValueError(f"decode-time rule must be one of {RULES}, got {rule!r}")
         n_table = _cdiv(capacity, page_size)
         n_pages = batch * n_kv_heads * n_table if n_pages is None else n_pages
         return cls(k=jnp.zeros((n_pages, page_size, head_dim), dtype), v=jnp.zeros((n_pages, page_size, head_dim), dtype),
@@ -113,7 +122,8 @@ class PagedKV(LayerState):
                    table=jnp.full((batch, n_kv_heads, n_table), -1, jnp.int32),
                    fill=jnp.zeros((batch, n_kv_heads), jnp.int32), length=jnp.zeros((batch, n_kv_heads), jnp.int32),
                    free=jnp.arange(n_pages - 1, -1, -1, dtype=jnp.int32), n_free=jnp.asarray(n_pages, jnp.int32),
-                   threshold=threshold)
+                   score=None if rule == "streaming" else jnp.zeros((n_pages, page_size), jnp.float32),
+                   threshold=threshold, rule=rule)
 
     # ------------------------------------------------------------------------------ writing
     def has_room(self, n: int = 1) -> jax.Array:
@@ -124,7 +134,8 @@ class PagedKV(LayerState):
     def append(self, k, v, pos, n_valid, features=None) -> "PagedKV":
         """Write the first n_valid[b] of T tokens per row after each head's fill, popping the pages
         they open from the free stack (padding tokens are not written). k, v: [B, K, T, D]; pos: int32
-        [B, T]; n_valid: int32 [B]. Callers guarantee the room (`has_room`)."""
+        [B, T]; n_valid: int32 [B]. Callers guarantee the room (`has_room`): with too few free pages the
+        stack underflows and a page still in use would be handed out again."""
         b, n_kv, t, d = k.shape
         p, n_table, n_pool = self.page_size, self.table.shape[2], self.n_pages
         n_new = n_valid.astype(jnp.int32)[:, None]  # [B, 1]
@@ -141,7 +152,8 @@ class PagedKV(LayerState):
         flat = jnp.where(jnp.arange(t) < n_new[..., None], page * p + slot % p, n_pool * p).reshape(-1)
         put = lambda pool, new: pool.reshape((n_pool * p,) + pool.shape[2:]).at[flat].set(  # noqa: E731
             new.reshape((-1,) + pool.shape[2:]).astype(pool.dtype), mode="drop").reshape(pool.shape)
-        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v),
+        score = None if self.score is None else put(self.score, jnp.zeros((b, n_kv, t), jnp.float32))
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v), score=score,
                                    pos=put(self.pos, jnp.broadcast_to(pos[:, None, :], (b, n_kv, t))),
                                    table=table, fill=self.fill + n_new, length=self.length + n_new,
                                    n_free=self.n_free - jnp.sum(opened))
@@ -158,10 +170,12 @@ class PagedKV(LayerState):
     def logical(self):
         """(k, v [B, K, L, D], pos int32 [B, K, L]) every head's slots in logical order (`EMPTY_POS`
         where no token is held): the dense view a score method scores (a copy of the pool)."""
-        flat = self.physical()
-        get = lambda x, fill: jnp.concatenate(  # noqa: E731  the out-of-pool index reads `fill`
-            [x.reshape((-1,) + x.shape[2:]), jnp.full((1,) + x.shape[2:], fill, x.dtype)])[flat]
-        return get(self.k, 0), get(self.v, 0), get(self.pos, EMPTY_POS)
+        return self.gather(self.k, 0), self.gather(self.v, 0), self.gather(self.pos, EMPTY_POS)
+
+    def gather(self, pool, fill) -> jax.Array:
+        """A pool array [NP, P, ...] read in logical order, [B, K, L, ...] (`fill` where no page is)."""
+        flat = jnp.concatenate([pool.reshape((-1,) + pool.shape[2:]), jnp.full((1,) + pool.shape[2:], fill, pool.dtype)])
+        return flat[self.physical()]
 
     def positions(self) -> jax.Array:
         """int32 [B, K, L] original position of every logical slot (`EMPTY_POS` where none is held)."""
@@ -236,7 +250,9 @@ class PagedKV(LayerState):
         order = (jnp.cumsum(freed.reshape(-1)) - 1).reshape(freed.shape)
         free = self.free.at[jnp.where(freed, self.n_free + order, n_pool)].set(self.table, mode="drop")
         last = jnp.max(jnp.where(held, jnp.arange(self.capacity) + 1, 0), axis=-1)
+        score = None if self.score is None else move(self.score, self.gather(self.score, 0.0), 0.0)
         return dataclasses.replace(self, k=move(self.k, k), v=move(self.v, v), pos=move(self.pos, pos, EMPTY_POS),
+                                   score=score,
                                    table=table, fill=jnp.where(compact, length, last).astype(jnp.int32),
                                    length=length, free=free, n_free=self.n_free + jnp.sum(freed).astype(jnp.int32))
 
@@ -262,18 +278,48 @@ class PagedKV(LayerState):
         flat = jnp.argsort(jnp.argsort(-s.reshape(b, n_kv * n), axis=-1), axis=-1).reshape(b, n_kv, n)
         return (flat < (n_kv * n_keep)[:, None, None]) & held
 
-    def roll(self, capacity: int, n_sink: int = 4) -> "PagedKV":
-        """Decode-time streaming eviction (StreamingLLM, Xiao et al. 2023, as `RollingKV`'s "streaming"
-        rule): each head holding more than `capacity` tokens drops its oldest token past the `n_sink`
-        first positions. Called after each one-token append, the window's oldest page empties and is
-        freed once every one of its tokens has rolled out."""
+    def roll(self, capacity: int, n_sink: int = 4, recent: int = 0) -> "PagedKV":
+        """Decode-time eviction by the state's `rule`, called after each one-token append (as
+        `RollingKV`, whose victims it picks): each head holding more than `capacity` tokens drops one.
+
+        * "streaming" (StreamingLLM, Xiao et al. 2023): the oldest token past the `n_sink` first positions;
+        * "h2o" (Zhang et al. 2023) / "tova" (Oren et al. 2024): the token of least `score` (`observe_query`),
+          never the newest token nor the `recent` positions before it.
+
+        A page is freed once every one of its tokens has gone (or by compaction past `threshold`)."""
         pos = self.positions()
-        key = jnp.where(pos < n_sink, EMPTY_POS, pos)  # sinks and empty slots never chosen
+        held = pos != EMPTY_POS
+        if self.rule == "streaming":
+            key = jnp.where(pos < n_sink, EMPTY_POS, pos)  # sinks and empty slots never chosen
+            last = EMPTY_POS
+        else:
+            newest = jnp.max(jnp.where(held, pos, -1), axis=-1, keepdims=True)  # the token just appended
+            key = jnp.where(held & (pos < newest - recent), self.gather(self.score, 0.0), jnp.inf)
+            last = jnp.inf
         victim = jnp.argmin(key, axis=-1)  # [B, K]
-        over = (self.length > capacity) & (jnp.min(key, axis=-1) != EMPTY_POS)
+        over = (self.length > capacity) & (jnp.min(key, axis=-1) != last)
         drop = over[..., None] & (jnp.arange(self.capacity) == victim[..., None])
         return self.evict(~drop)
 
+    def observe_query(self, q, q_pos) -> "PagedKV":
+        """Fold the newest query's attention (q [B, 1, H, D]) into the scores `roll` evicts by: H2O adds
+        it per KV head (mean over the group), TOVA replaces the scores by its mean over all heads (as
+        `RollingKV.observe_query`)."""
+        if self.score is None:
+            return self
+        k, _, pos = self.logical()
+        b, _, h, d = q.shape
+        n_kv = k.shape[1]
+        qg = q[:, 0].reshape(b, n_kv, h // n_kv, d).astype(jnp.float32) * (d ** -0.5)
+        sc = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32))
+        visible = pos[:, :, None, :] <= q_pos[:, :1, None, None]
+        p = jax.nn.softmax(jnp.where(visible, sc, -jnp.inf), axis=-1)
+        p = jnp.where(visible, p, 0.0)  # a head that holds nothing: no NaN
+        old = self.gather(self.score, 0.0)
+        new = old + p.mean(2) if self.rule == "h2o" else jnp.broadcast_to(p.mean(axis=(1, 2))[:, None], old.shape)
+        flat = jnp.where(pos != EMPTY_POS, self.physical(), self.n_pages * self.page_size).reshape(-1)
+        score = self.score.reshape(-1).at[flat].set(new.reshape(-1), mode="drop").reshape(self.score.shape)
+        return dataclasses.replace(self, score=score)
 
 def check_page_size(page_size: int) -> None:
     """One-line error for a page size that cannot tile the kernel's block (a power of two)."""
