@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     itemsize = jnp.dtype(DTYPE).itemsize
     slot_bytes = 2 * HEAD_DIM * itemsize + 4  # K, V and a position per slot and KV head
 
-    print(f"# Paged KV: pages held ({b} requests, lengths {lens.min()}-{lens.max()}, ratio {args.ratio})\n")
+    print(f"Paged KV: pages held ({b} requests, lengths {lens.min()}-{lens.max()}, ratio {args.ratio})\n")
     print(f"Command: `python experiments/bench_paged.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     print(f"Cache shapes: one layer of SmolLM2-135M ({N_KV} KV heads, head dim {HEAD_DIM}, bf16; x{N_LAYERS} "
           f"layers for the model). Lengths: {lens.tolist()}; tokens {int(lens.sum())}, kept per head "
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
           f"{N_LAYERS}. Memory used = pages held x page bytes (page bytes = P x (2 x {HEAD_DIM} x {itemsize} + 4)); "
           "allocated = `nbytes()` of the pool built for the batch without eviction (tables and free stack "
           "included), which eviction returns to the free stack for other requests rather than shrinking.\n")
-    print(f"## CPU time (jnp, jitted; {args.repeats} runs after a compile run)\n")
+    print(f"### CPU time (jnp, jitted; {args.repeats} runs after a compile run)\n")
     print(cpu_line() + "\n")
     print("| step | best (s) | spread (s) |")
     print("|---|---|---|")
