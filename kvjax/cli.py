@@ -118,6 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", required=True, type=Path, help="the converted model's directory")
     pc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
+    cb = sub.add_parser("calibrate", help="build a method's calibration file from calibration text: query "
+                                          "statistics (expected_attention_stats) or Q-Filters (qfilter)")
+    cb.add_argument("what", choices=["expected_attention_stats", "qfilter"])
+    cb.add_argument("--model", default=DEFAULT_MODEL)
+    cb.add_argument("--calib", type=Path, default=None, help="calibration text file (default: generated prose)")
+    cb.add_argument("--calib-tokens", type=int, default=16384)
+    cb.add_argument("--n-sink", type=int, default=4, help="first positions of each window left out (kvpress: 4)")
+    cb.add_argument("--out", required=True, type=Path, help="the .npz file to write")
+    cb.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
     eval_command.add_parsers(sub)
     for command in added_commands().values():
         command.add_parser(sub)
@@ -322,6 +332,12 @@ def _convert(args) -> None:
           f"use --model {out}")
 
 
+def _calibrate(args) -> None:
+    from kvjax.methods import expected_attention_stats
+
+    expected_attention_stats.run_calibrate(args)
+
+
 def _kvsharer(args) -> None:
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(kvsharer.KVSharer)
                 if f.name not in ("plan", "press")}
@@ -457,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "imports", None):
                 load_plugins(args.imports)  # user methods, before any name is resolved
             {"generate": _generate, "info": _info, "methods": _methods, "inspect": _inspect, "kvsharer": _kvsharer,
-             "convert": _convert,
+             "convert": _convert, "calibrate": _calibrate,
              "eval": eval_command.run_eval, "plot": eval_command.run_plot,
              "cache": _cache, **{name: c.run for name, c in added_commands().items()}}[args.command](args)
         except (ValueError, OSError) as e:

@@ -193,3 +193,61 @@ def test_kvjax_methods_lists_them(capsys):
     out = capsys.readouterr().out
     for name in ("finch", "simlayerkv", "dms"):
         assert f"\n  {name} " in out, name
+
+
+# ------------------------------------------------------------------- expected_attention_stats, qfilter
+def test_expected_attention_stats_from_the_prompt_itself_is_expected_attention(tmp_path):
+    # calibrated on the prompt itself, with kvpress's unbiased covariance rescaled to the biased one
+    # ExpectedAttention uses (N - 1) / N, the statistics are the prompt's own: the same kept sets
+    from kvjax.methods import ExpectedAttention
+    from kvjax.methods import expected_attention_stats as eas
+    lm = tiny_lm()
+    row = random_ids(21, 2)
+    stats = eas.calibrate(lm, row[None], n_sink=2)
+    n = float(stats["n_tokens"])
+    assert n == 21 - 2
+    stats["query_cov"] = stats["query_cov"] * (n - 1) / n
+    path = eas.save(tmp_path / "stats.npz", stats, lm.name)
+    ours = lm.prefill([row.tolist()], method=eas.ExpectedAttentionStats(stats=str(path), n_sink=2), ratio=0.5)
+    ref = lm.prefill([row.tolist()], method=ExpectedAttention(n_sink=2), ratio=0.5)
+    for a, b in zip(ours.layers, ref.layers):
+        np.testing.assert_array_equal(a.pos, b.pos)
+
+
+def test_qfilter_filters_and_scores_hand_computed(tmp_path):
+    # one layer, one head, D = 2: queries [2, 1], [2, -1]: Q^T Q = [[8, 0], [0, 2]], top eigenvector ±[1, 0],
+    # mean projection on [1, 0] is +2 > 0, so the filter is -[1, 0]; score = -(f . k) = k_x
+    from kvjax.methods.qfilter import QFilter, filters_from_moments
+    q = np.array([[2.0, 1.0], [2.0, -1.0]])
+    f = filters_from_moments(q.sum(0)[None, None], (q.T @ q)[None, None], n_kv=1)
+    np.testing.assert_allclose(f, [[[-1.0, 0.0]]], atol=1e-6)
+    k = np.zeros((1, 1, 4, 2))
+    k[0, 0, :3] = [[3, 0], [-1, 5], [0.5, -2]]
+    ctx = make_ctx(k, [3], g=1)
+    np.savez(tmp_path / "f.npz", model=np.str_("tiny"), q_filters=np.concatenate([f, -f]))  # layers 0, 1
+    sc = np.asarray(QFilter(filters=str(tmp_path / "f.npz")).score(ctx))[0, 0, :3]
+    np.testing.assert_allclose(sc, [3, -1, 0.5], rtol=1e-6)
+
+
+def test_qfilter_end_to_end_and_files_for_another_model(tmp_path):
+    from kvjax.methods import expected_attention_stats as eas
+    from kvjax.methods import qfilter
+    lm = tiny_lm()
+    rows = [random_ids(21, 2).tolist()]
+    good = eas.save(tmp_path / "q.npz", qfilter.calibrate(lm, np.asarray(rows), n_sink=1), lm.name)
+    cache = lm.prefill(rows, method=f"qfilter(filters={good})", ratio=0.5)
+    assert [int(s.length[0]) for s in cache.layers] == [10] * lm.cfg.n_layers
+    other = eas.save(tmp_path / "other.npz", qfilter.calibrate(lm, np.asarray(rows), n_sink=1), "another-model")
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, q_filters=np.zeros((lm.cfg.n_layers, lm.cfg.n_kv_heads, 2 * lm.cfg.head_dim), np.float32))
+    c0 = compile_seconds()
+    for spec, match in [(f"qfilter(filters={other})", "calibrated on another-model, not"),
+                        (f"qfilter(filters={wide})", "a file for another model"),
+                        (f"qfilter(filters={tmp_path / 'none.npz'})", "kvjax calibrate qfilter"),
+                        ("qfilter", "needs filters="),
+                        (f"expected_attention_stats(stats={good})", "holds query_mean of shape None"),
+                        ("expected_attention_stats", "needs stats=")]:
+        with pytest.raises(ValueError, match=match) as e:
+            lm.prefill(rows, method=spec, ratio=0.5)
+        assert "\n" not in str(e.value)
+    assert compile_seconds() == c0

@@ -56,6 +56,11 @@ class ExpectedAttention(EvictionMethod):
         o = ctx.obs
         n = jnp.maximum(o.q_cnt, 1.0)[:, None, None]
         mu = o.q_sum / n  # [B, H, D]
+        cov = o.q_sq / n[..., None] - mu[..., :, None] * mu[..., None, :]  # [B, H, D, D]
+        return self.expected_scores(ctx, mu, cov)
+
+    def expected_scores(self, ctx: ScoreContext, mu, cov):
+        """Scores from the pre-RoPE query mean mu [B, H, D] and covariance cov [B, H, D, D]."""
         rot = mean_rotation(ctx, self.n_future)  # [B, D, D]
         mu_r = jnp.einsum("bij,bhj->bhi", rot, mu)
         k = ctx.k.astype(jnp.float32)
@@ -63,7 +68,6 @@ class ExpectedAttention(EvictionMethod):
         kh = jnp.repeat(k, g, axis=1)  # [B, H, S, D]
         z = jnp.einsum("bhd,bhsd->bhs", mu_r, kh) / jnp.sqrt(d)
         if self.use_covariance:
-            cov = o.q_sq[..., :, :] / n[..., None] - mu[..., :, None] * mu[..., None, :]  # [B, H, D, D]
             cov_r = jnp.einsum("bij,bhjk,blk->bhil", rot, cov, rot)
             z = z + jnp.einsum("bhsi,bhij,bhsj->bhs", kh, cov_r, kh) / d / 2
         sink = ctx.pos < self.n_sink  # [B, K, S]
