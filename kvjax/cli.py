@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax import compile_cache, hub, interrupt, methods, recompress, sharding, timing
+from kvjax import compile_cache, hub, interrupt, methods, recompress, sharding, timing, transmla
 from kvjax.methods import kvsharer, palu
 from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
@@ -117,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--calib-tokens", type=int, default=4096)
     pc.add_argument("--out", required=True, type=Path, help="the converted model's directory")
     pc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+    mc = v_sub.add_parser("mla", help="TransMLA: GQA to multi-head latent attention (RoRoPE + balanced K/V PCA; "
+                                       "arXiv 2502.07864); the result is a DeepSeek-format model with an MLA cache")
+    mc.add_argument("--model", default=DEFAULT_MODEL)
+    mc.add_argument("--kv-rank", type=int, required=True, help="latent rank (DeepSeek's kv_lora_rank)")
+    mc.add_argument("--rope-dim", type=int, default=None,
+                    help="RoPE dims of the shared key, a multiple of the head dim (default: one head dim)")
+    mc.add_argument("--calib", type=Path, default=None, help="calibration text file (default: generated prose)")
+    mc.add_argument("--calib-tokens", type=int, default=4096)
+    mc.add_argument("--out", required=True, type=Path, help="the converted model's directory")
+    mc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
     cb = sub.add_parser("calibrate", help="build a method's calibration file from calibration text: query "
                                           "statistics (expected_attention_stats) or Q-Filters (qfilter)")
@@ -321,7 +332,15 @@ def _fields(cls, skip: str = "") -> str:
 
 
 def _convert(args) -> None:
-    """`kvjax convert palu`: checks first (before loading), then calibrate and write the directory."""
+    """`kvjax convert palu | mla`: checks first, then calibrate and write the directory."""
+    if args.convert_command == "mla":
+        lm = kvjax.load(args.model, dtype=args.dtype)
+        rope_dim = args.rope_dim or getattr(lm.cfg, "head_dim", 0)
+        transmla.check(lm.cfg, args.kv_rank, rope_dim)
+        ids = palu.calibration_ids(lm, None if args.calib is None else str(args.calib), args.calib_tokens)
+        out = transmla.save(args.out, lm, ids, args.kv_rank, rope_dim)
+        print(f"wrote {out}: {lm.name} as MLA (latent rank {args.kv_rank}, RoPE dims {rope_dim}); use --model {out}")
+        return
     method = palu.Palu(group=args.group, rank_k=args.rank, rank_v=args.rank_v or args.rank, calib=args.calib,
                        calib_tokens=args.calib_tokens)
     lm = kvjax.load(args.model, dtype=args.dtype)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import generation, pipeline, sharding
+from kvjax import generation, pipeline, sharding, transmla
 from kvjax.generation import Sampler
 from kvjax import recompress
 from kvjax.shapes import MIN_BUCKET, bucket
@@ -324,7 +324,8 @@ class LM:
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
     """Load a model: a known name ("smollm2-135m"), a .gguf file, an HF checkpoint directory, the run
     directory of `kvjax train cla` (its base model with the healed projections; use it with its `cla` method),
-    a `kvjax convert palu` directory (its base model, prefilling onto its Palu latent cache by default), or
+    a `kvjax convert palu` directory (its base model, prefilling onto its Palu latent cache by default), a
+    `kvjax convert mla` directory (the model converted to MLA, a DeepSeek-format model), or
     the run directory of `kvjax train distill` (that converted model with its healed attention projections).
 
     dtype defaults to float32 on CPU and bfloat16 on accelerators.
@@ -341,6 +342,10 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:
                     name=str(name_or_path))
         healed.method = lm.method
         return healed
+    mla = transmla.converted(name_or_path)
+    if mla is not None:  # a `kvjax convert mla` directory: a DeepSeek-format model, the base's tokenizer
+        cfg, params = transmla.load_converted(name_or_path, dtype)
+        return LM(cfg, params, load(mla["model"], dtype).tokenizer, name=str(name_or_path))
     converted = palu.converted(name_or_path)
     if converted is not None:  # a `kvjax convert palu` directory: its base model with a Palu cache
         lm = load(converted["model"], dtype)

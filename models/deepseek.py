@@ -82,6 +82,11 @@ class DeepSeekConfig:
     norm_topk_prob: bool = False
     mla_absorb: str = "decode"  # "decode": absorbed at T = 1, expanded otherwise; "always"; "never"
     dtype: str = "float32"
+    # Converted models (`kvjax convert mla`, TransMLA), not DeepSeek's checkpoints: no RMSNorm on the latent
+    # (TransMLA's MLA has none), and RoPE dims in blocks of `rope_period` each rotating with the original
+    # model's frequencies theta^(-2i/rope_period) (several rotated heads kept positional).
+    latent_norm: bool = True
+    rope_period: int | None = None
 
     kv_layout: ClassVar[str] = "mla"  # the empty cache is `MLAKV` latents (`kvjax.states.cache.model_cache`)
 
@@ -90,6 +95,10 @@ class DeepSeekConfig:
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.rope_period is not None and (self.rope_period % 2 or self.qk_rope_head_dim % self.rope_period
+                                             or self.rope_scaling is not None):
+            raise ValueError(f"rope_period={self.rope_period} must be even, divide qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim}, and go without rope_scaling")
         if self.mla_absorb not in ("decode", "always", "never"):
             raise ValueError(f"mla_absorb must be 'decode', 'always' or 'never', got {self.mla_absorb!r}")
         if self.n_routed_experts:
@@ -204,7 +213,8 @@ def rope_params(cfg: DeepSeekConfig) -> tuple[np.ndarray, float, float]:
     mscale(s, mscale) / mscale(s, mscale_all_dim) unless given; the softmax scale 1/sqrt(N + P) is
     multiplied by mscale(s, mscale_all_dim)^2."""
     p, theta = cfg.qk_rope_head_dim, cfg.rope_theta
-    base = theta ** (np.arange(0, p, 2, dtype=np.float32) / p)
+    period = cfg.rope_period or p  # blocks of `rope_period` dims share the frequencies (converted models)
+    base = np.tile(theta ** (np.arange(0, period, 2, dtype=np.float32) / period), p // period)
     inv = 1.0 / base
     scale = cfg.qk_head_dim ** -0.5
     if cfg.rope_scaling is None:
@@ -270,7 +280,9 @@ class MLAttention(nn.Module):
             q_rope = apply_rope_interleaved(q_rope, positions[:, :, None], inv_freq, factor)  # eq. 14
         if self.writes:
             ckv = dense(r + p, "kv_a_proj_with_mqa", cfg.attention_bias)(x)  # [B, T, R + P]
-            c = RMSNorm(cfg.rms_eps, dt, name="kv_a_layernorm")(ckv[..., :r])  # eq. 9 (normalized latent)
+            c = ckv[..., :r]
+            if cfg.latent_norm:
+                c = RMSNorm(cfg.rms_eps, dt, name="kv_a_layernorm")(c)  # eq. 9 (normalized latent)
             with jax.named_scope("rope"):
                 k_rope = apply_rope_interleaved(ckv[..., r:], positions, inv_freq, factor)  # eq. 14
             with jax.named_scope("cache_update"):

@@ -88,7 +88,8 @@ def regroup(cfg: DeepSeekConfig, tensors: Iterable[tuple[str, np.ndarray]]) -> I
 def expected_keys(cfg: DeepSeekConfig) -> set[str]:
     keys = {"embed/embedding", "final_norm/scale"} | ({"lm_head/kernel"} if not cfg.tie_embeddings else set())
     for i in range(cfg.n_layers):
-        attn = ["attn/kv_a_proj_with_mqa/kernel", "attn/kv_a_layernorm/scale", "attn/kv_b_proj", "attn/o_proj/kernel"]
+        attn = ["attn/kv_a_proj_with_mqa/kernel", "attn/kv_b_proj", "attn/o_proj/kernel"]
+        attn += ["attn/kv_a_layernorm/scale"] if cfg.latent_norm else []
         attn += (["attn/q_proj/kernel"] if cfg.q_lora_rank is None else
                  ["attn/q_a_proj/kernel", "attn/q_a_layernorm/scale", "attn/q_b_proj/kernel"])
         if cfg.attention_bias:

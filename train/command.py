@@ -77,7 +77,8 @@ def add_parser(sub) -> None:
     t.add_argument("--windows", type=int, default=48, help="kvzap: text windows whose KVzip scores are the targets")
     t.add_argument("--context", type=int, default=512, help="kvzap: tokens per text window")
     t.add_argument("--sample", type=int, default=256, help="kvzap: tokens drawn from each window as training rows")
-    t.add_argument("--student", default=None, help="distill: the converted model to heal (`kvjax convert palu --out`)")
+    t.add_argument("--student", default=None,
+                   help="distill: the converted model to heal (`kvjax convert palu|mla --out`)")
     t.add_argument("--teacher", default=None, help="distill: the teacher (default: the student's base model; the "
                                                    "same vocabulary)")
 
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
     from kvjax.train.kvzap import KVzapTask, RowBatches, collect, load_or_collect
     from kvjax.train.distill import DistillTask
     from kvjax.methods import palu
+    from kvjax import transmla
 
     lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
@@ -109,12 +111,13 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--cache-fraction must be in [1/{args.n_levels}, 1], got {args.cache_fraction}")
     if (args.student is not None or args.teacher is not None) != (args.method == "distill"):
         raise ValueError("--student / --teacher are for `kvjax train distill`, which needs --student")
-    if args.method == "distill" and palu.converted(args.student) is None:
-        raise ValueError(f"--student {args.student}: not a converted model directory (`kvjax convert palu --out`)")
+    converted = args.student and (palu.converted(args.student) or transmla.converted(args.student))
+    if args.method == "distill" and not converted:
+        raise ValueError(f"--student {args.student}: not a converted model directory (`kvjax convert palu|mla --out`)")
     try:
         lm = kvjax.load(args.model if args.student is None else args.student, dtype=args.dtype)
         if args.method == "distill":
-            teacher = kvjax.load(args.teacher or palu.converted(args.student)["model"], dtype=args.dtype)
+            teacher = kvjax.load(args.teacher or converted["model"], dtype=args.dtype)
             task = DistillTask(lm.cfg, model_name=args.student, student_method=lm.method, teacher=teacher.name,
                                teacher_cfg=None if teacher.cfg == lm.cfg else teacher.cfg)
             backbone = {"student": lm.params, "teacher": teacher.params}

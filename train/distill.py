@@ -1,16 +1,18 @@
 """Healing a converted model by distillation from the unconverted one (X-EcoMLA, Li et al. 2025,
 arXiv 2503.11132, Sec. 3.2: KL of the student's next-token distribution from the teacher's).
 
-A converted model (`kvjax convert palu`) attends over low-rank latents its projections were not trained
-for. Healing trains the attention parameters of every layer, q/k/v/o projections (and their biases when
-the model has them), with the student's cache method in the forward pass (the latents' bases stay fixed,
-so the cache keeps its bytes), everything else frozen; the teacher is the unconverted model (by default
+A converted model (`kvjax convert palu`, `kvjax convert mla`) attends over low-rank latents its projections
+were not trained for. Healing trains the attention projections of every layer (Palu: q/k/v/o, with the
+student's cache method in the forward pass, its bases fixed so the cache keeps its bytes; MLA: q_proj,
+kv_a_proj_with_mqa, kv_b_proj, o_proj, over its own MLA cache), everything else frozen; the teacher is the unconverted model (by default
 the student's base; another model must share the student's vocabulary). The loss is the mean over
 positions of KL(teacher || student) (Hinton et al. 2015, T = 1); the student's CE on the data is logged.
 
     kvjax convert palu --model smollm2-135m --rank 16 --out runs/palu16
     kvjax train distill --student runs/palu16 --steps 100 --out runs/palu16-healed [--resume]
     kvjax eval ppl --model runs/palu16-healed          # the healed model with its Palu cache
+    kvjax convert mla --model smollm2-135m --kv-rank 128 --out runs/mla128
+    kvjax train distill --student runs/mla128 --steps 100 --out runs/mla128-healed
 
 `kvjax.load(OUT)` opens the result: the student directory's model with the newest checkpoint's
 projections (`load_healed`).
@@ -31,7 +33,8 @@ from kvjax.methods.palu import Palu
 from kvjax.models.config import LlamaConfig
 from kvjax.train.matryoshka import cross_entropy, kl_divergence
 
-TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections X-EcoMLA heals
+# the attention projections X-EcoMLA heals: a Llama-family student's, an MLA student's
+TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +43,15 @@ class DistillTask:
 
     Attributes:
       cfg: the student's (= its base model's) config.  model_name: the student directory (checkpoints
-        record it with a hash of `cfg`).  student_method: its cache method (`Palu` with its checkpoint).
+        record it with a hash of `cfg`).  student_method: its cache method (`Palu` with its checkpoint), or
+        None for a model with its own latent cache (an MLA conversion).
       teacher: the teacher's name.  teacher_cfg: its config (None: `cfg`, the student's base).
     The backbone is {"student": the base model's params, "teacher": the teacher's}.
     """
 
     cfg: LlamaConfig
     model_name: str
-    student_method: Palu
+    student_method: Palu | None
     teacher: str
     teacher_cfg: LlamaConfig | None = None
     name: ClassVar[str] = "distill"
@@ -57,7 +61,8 @@ class DistillTask:
         if teacher.vocab_size != self.cfg.vocab_size:
             raise ValueError(f"teacher and student vocabularies differ ({teacher.vocab_size} vs {self.cfg.vocab_size} "
                              "tokens): distillation compares their next-token distributions")
-        self.student_method.check(self.cfg)
+        if self.student_method is not None:
+            self.student_method.check(self.cfg)
 
     def meta(self) -> dict:
         return {"method": self.name, "model": model_id(self.model_name, self.cfg)}
@@ -67,15 +72,18 @@ class DistillTask:
         student = backbone["student"]
         params = {layer: {name: blocks["attn"][name] for name in TRAINED if name in blocks["attn"]}
                   for layer, blocks in student.items() if layer.startswith("layers_")}
-        rk, rv = self.student_method.ranks(self.cfg, None)
-        uk, uv = self.student_method.bases(self.cfg, self.model_name)
-        const = {"uk": [u[..., :rk] for u in uk], "uv": [u[..., :rv] for u in uv]}
+        const = {}
+        if self.student_method is not None:
+            rk, rv = self.student_method.ranks(self.cfg, None)
+            uk, uv = self.student_method.bases(self.cfg, self.model_name)
+            const = {"uk": [u[..., :rk] for u in uk], "uv": [u[..., :rv] for u in uv]}
         return jax.tree_util.tree_map(lambda x: x.copy(), params), jax.tree_util.tree_map(jax.numpy.asarray, const)
 
     def student_logits(self, params, const, student, x):
         """Logits [B, T, V] of the student (the healed projections merged into its base) over its cache."""
         b, t = x.shape
-        cache = self.student_method.cache(self.cfg, const["uk"], const["uv"], b, t)
+        cache = None if self.student_method is None else self.student_method.cache(self.cfg, const["uk"], const["uv"],
+                                                                                  b, t)
         return pipeline.forward(merge_healed(student, params), self.cfg, x, cache)[0]
 
     def loss(self, params, const, backbone, tokens, key):

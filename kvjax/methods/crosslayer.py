@@ -17,6 +17,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 
+import jax
+
 from kvjax.checkpoints import load_trained, model_id, run_of
 from kvjax.methods.base import PrefillMethod, check_positive, register
 from kvjax.methods.spec import get, kind_of, spec_of
@@ -161,7 +163,7 @@ def load_healed(run_dir, params: dict, cfg, base: str, method: str = "cla") -> d
     `kvjax train cla` run of the model `base`, checked by name and config hash; or of another `method`
     that heals attention projections: `kvjax train distill`), in the params' dtypes."""
     healed = load_trained(run_dir, method, model_id(base, cfg))[0]
-    healed = {layer: {name: {k: v.astype(params[layer]["attn"][name][k].dtype) for k, v in arrays.items()}
+    healed = {layer: {name: jax.tree_util.tree_map(lambda v, p: v.astype(p.dtype), arrays, params[layer]["attn"][name])
                       for name, arrays in projections.items()} for layer, projections in healed.items()}
     return merge_healed(params, healed)
 
