@@ -204,6 +204,12 @@ def test_chunked_bound_and_one_chunk_equals_after_prefill(lm):
     after = lm.prefill(prompt, method=SNAP, ratio=0.5)
     for a, b in zip(one.layers, after.layers):
         np.testing.assert_array_equal(lib_held(a, 0), lib_held(b, 0))
+    # rows of different lengths in one batch: each as alone (a finished row keeps what it holds)
+    short = random_ids(37, 4).tolist()
+    both = lm.prefill([prompt, short], method=SNAP, ratio=0.5, chunked_compression=16)
+    alone = lm.prefill(short, method=SNAP, ratio=0.5, chunked_compression=16)
+    for a, b in zip(both.layers, alone.layers):
+        np.testing.assert_array_equal(lib_held(a, 1), lib_held(b, 0))
     # generate takes the switch too, and continues from the bounded cache
     out = lm.generate(prompt, method=SNAP, ratio=0.5, chunked_compression=16, max_new_tokens=5, stop_at_eos=False)
     assert len(out.ids) == 5 and all(int(np.asarray(x.length)[0]) == 35 for x in out.cache.layers)
