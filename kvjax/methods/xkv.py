@@ -6,8 +6,9 @@ their prompt K/V (`kvjax.states.merged.SharedBasisKV`).
     lm.generate(prompt, method="compose(xkv, kivi-4)")
 
 Per row, the pre-RoPE keys of a group's layers (every KV head of every layer side by side per token:
-[T, G K D]) get one truncated SVD, X ~ (U_r S_r) V_r^T (sec. 3): the r coefficients per token are held once
-for the group, each layer its slice of V_r^T; RoPE is re-applied to each layer's rebuilt keys at the tokens'
+[T, G K D]) get one truncated SVD, X ~ U_r (S_r V_r^T) (sec. 3): the r coefficients per token are held once
+for the group, each layer its slice of S_r V_r^T (the singular values go with the bases, so a quantizer of
+the coefficients sees one scale); RoPE is re-applied to each layer's rebuilt keys at the tokens'
 positions. Values the same, without RoPE. Tokens after the prompt stay per layer and dense (xKV compresses
 the prefilled cache; its released code keeps decode tokens uncompressed).
 

@@ -273,8 +273,8 @@ def merge_pair(a: DenseKV, b: DenseKV, t: float, gamma: float, rule: str, tail: 
 @dataclasses.dataclass(frozen=True)
 class SharedBasisKV(MemberKV):
     """An xKV group of layers (Chang et al. 2025, arXiv 2503.18893, sec. 3): the pre-RoPE keys of the group's
-    M layers, side by side per token ([T, M K D]), factored by one SVD, X ~ (U_r S_r) V_r^T; per token the r
-    coefficients U_r S_r are held once, per member its slice of V_r^T [r, K D]. Values the same (no RoPE).
+    M layers, side by side per token ([T, M K D]), factored by one SVD, X ~ U_r (S_r V_r^T); per token the r
+    coefficients U_r are held once, per member its slice of S_r V_r^T [r, K D]. Values the same (no RoPE).
     Member j's keys are RoPE(c_k B_k[j]) at the tokens' positions: RoPE is re-applied after reconstruction.
 
     Attributes:
@@ -334,12 +334,14 @@ class SharedBasisKV(MemberKV):
 
 def low_rank(x, valid, rank: int):
     """x [B, T, N] float32 -> (coefficients [B, T, rank], basis [B, rank, N]) of its rank-`rank` truncated SVD
-    over the rows where `valid` [B, T] (the others are zeroed first and get zero coefficients); ranks above
-    min(T, N) are padded with zeros."""
+    X ~ U_r (S_r V_r^T) over the rows where `valid` [B, T] (the others are zeroed first and get zero
+    coefficients); ranks above min(T, N) are padded with zeros. The singular values go with the basis, so every
+    coefficient column has unit norm: a quantizer grouping a token's coefficients (KIVI's values) sees entries
+    of one scale, not the singular values' range."""
     x = jnp.where(valid[..., None], x, 0.0)
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)  # [B, T, m], [B, m], [B, m, N]
     m = s.shape[-1]
-    c, basis = (u * s[:, None, :])[..., :rank], vt[:, :rank]
+    c, basis = u[..., :rank], (s[:, :, None] * vt)[:, :rank]
     if rank > m:
         c = jnp.pad(c, [(0, 0), (0, 0), (0, rank - m)])
         basis = jnp.pad(basis, [(0, 0), (0, rank - m), (0, 0)])
