@@ -251,3 +251,53 @@ def test_qfilter_end_to_end_and_files_for_another_model(tmp_path):
             lm.prefill(rows, method=spec, ratio=0.5)
         assert "\n" not in str(e.value)
     assert compile_seconds() == c0
+
+
+# ---------------------------------------------------------------------------------------------- LU-KV
+def test_lukv_head_keeps_hand_computed():
+    # T = 10, prune ratios [0.25, 0.55, 0.5]: ideal keeps 7.5, 4.5, 5 (sum 17); floors 7, 4, 5 (16): one more
+    # to the largest fractional part (7.5 first, a stable tie with 4.5) -> 8, 4, 5
+    from kvjax.methods.lukv import head_keeps
+    assert head_keeps(np.array([0.25, 0.55, 0.5]), 10).tolist() == [8, 4, 5]
+    assert head_keeps(np.array([1.0, 1.0, 0.0]), 4).tolist() == [1, 1, 4]  # at least one per head
+
+
+def test_lukv_select_hand_computed(tmp_path):
+    # knorm scores -||k||, K = 2, T = 6, sink 1, window 1: curve row for ratio 0.5 prunes head 0 by 0.5
+    # (keeps 3) and head 1 by 0.7 (1.8 -> floor 1, total round(4.8) = 5 -> head 1 gets 2).
+    # head 0 norms [9, 1, 5, 2, 7, 9]: slots 0 and 5 protected, then the smallest norm: slot 1 -> {0, 1, 5}
+    # head 1 norms [9, 3, 1, 4, 2, 9]: protected 0 and 5 fill its 2 -> {0, 5}
+    from kvjax.states.ragged import RaggedKV
+    from kvjax.testing import tiny_config
+    curve = np.zeros((99, 2, 2), np.float32)
+    curve[49] = [[0.5, 0.7], [0.5, 0.7]]
+    np.save(tmp_path / "c.npy", curve)
+    k = np.zeros((1, 2, 8, 1))
+    k[0, 0, :6, 0] = [9, 1, 5, 2, 7, 9]
+    k[0, 1, :6, 0] = [9, 3, 1, 4, 2, 9]
+    ctx = make_ctx(k, [6], g=1)
+    m = methods.get(f"lukv(curve={tmp_path / 'c.npy'}, sink=1):knorm").bind(tiny_config(head_dim=1), ratio=0.5)
+    assert m.keeps(0, 6).tolist() == [3, 2] and m.layer_keep(Budget(ratio=0.5), 6, 0, 2) == 3
+    out = m.select(ctx, DenseKV(k=ctx.k, v=ctx.v, pos=ctx.pos, length=ctx.length), m.score(ctx),
+                   jnp.asarray([3], jnp.int32), 3)
+    assert isinstance(out, RaggedKV)
+    assert [p[0].tolist() for p in out.positions()] == [[0, 1, 5], [0, 5]]
+
+
+def test_lukv_end_to_end_and_bad_input(tmp_path):
+    lm = tiny_lm()
+    rows = [random_ids(21, 2).tolist()]
+    L, K = lm.cfg.n_layers, lm.cfg.n_kv_heads
+    curve = np.broadcast_to((np.arange(1, 100) / 100)[:, None, None], (99, L, K)).astype(np.float32)
+    np.save(tmp_path / "c.npy", curve)
+    cache = lm.prefill(rows, method=f"lukv(curve={tmp_path / 'c.npy'}):knorm", ratio=0.5)  # 10.5 -> 10, 11 per head
+    assert all(np.asarray(s.length).sum() == 21 for s in cache.layers)
+    np.save(tmp_path / "other.npy", curve[:, :, :1])
+    c0 = compile_seconds()
+    for kw, match in [(dict(method=f"lukv(curve={tmp_path / 'other.npy'}):knorm", ratio=0.5), "a curve for another"),
+                      (dict(method="lukv:knorm", ratio=0.5), "needs curve="),
+                      (dict(method=f"lukv(curve={tmp_path / 'c.npy'}):knorm", budget=8), "give ratio="),
+                      (dict(method=f"lukv(curve={tmp_path / 'c.npy'}):kivi-4", ratio=0.5), "wraps a scoring method")]:
+        with pytest.raises(ValueError, match=match):
+            lm.prefill(rows, **kw)
+    assert compile_seconds() == c0
