@@ -12,8 +12,10 @@ import pytest
 
 import kvjax
 from kvjax.cli import main
+from kvjax import transmla
 from kvjax.methods import palu
-from kvjax.states import PaluKV
+from kvjax.models.deepseek import DeepSeekConfig
+from kvjax.states import MLAKV, PaluKV
 from kvjax.train import TrainConfig, load_tokens, token_batches, train
 from kvjax.train.distill import DistillTask
 from test_checkpoints import LLAMA, random_hf_weights, write_hf_dir
@@ -87,3 +89,20 @@ def test_kvjax_train_distill_command_and_bad_input(setup, tmp_path, capsys):
     assert "--student / --teacher are for `kvjax train distill`" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher and student vocabularies differ"):
         dataclasses.replace(task, teacher_cfg=teacher.cfg.replace(vocab_size=teacher.cfg.vocab_size + 1))
+
+
+def test_an_mla_conversion_heals_and_loads(setup, tmp_path):
+    """`kvjax convert mla` then `kvjax train distill`: the MLA student's attention projections train over
+    its own MLA cache; the run loads as the DeepSeek-format model with them."""
+    root = setup[6]
+    hf = {**LLAMA, "rope_scaling": None}  # TransMLA keeps the base's RoPE: no scaling
+    teacher = kvjax.load(str(write_hf_dir(tmp_path / "model", hf, random_hf_weights(hf, seed=3))), dtype="float32")
+    conv = transmla.save(tmp_path / "mla", teacher, palu.calibration_ids(teacher, None, 128), kv_rank=8, rope_dim=8)
+    assert main(["train", "distill", "--student", str(conv), "--data", str(root / "c.txt"), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--out", str(tmp_path / "run")]) == 0
+    student, healed = kvjax.load(str(conv), dtype="float32"), kvjax.load(str(tmp_path / "run"), dtype="float32")
+    assert isinstance(healed.cfg, DeepSeekConfig) and isinstance(healed.prefill([5, 6, 7]).layers[0], MLAKV)
+    attn, before = healed.params["layers_0"]["attn"], student.params["layers_0"]["attn"]
+    assert not np.allclose(np.asarray(attn["kv_b_proj"]), np.asarray(before["kv_b_proj"]))
+    np.testing.assert_array_equal(np.asarray(healed.params["layers_0"]["mlp"]["up_proj"]["kernel"]),
+                                  np.asarray(student.params["layers_0"]["mlp"]["up_proj"]["kernel"]))
