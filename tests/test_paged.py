@@ -191,6 +191,25 @@ def test_decode_time_rolling_frees_the_window_pages():
 
 
 @pytest.mark.slow
+def test_generate_on_a_paged_cache_gives_the_dense_tokens():
+    """`LM.generate` on an empty paged cache (prompts of 20 and 7 tokens, chunked prefill, the decode
+    loop) gives the dense cache's greedy tokens, with the plain-jnp attention and the Pallas kernel
+    (interpreted), each row holding only its pages. Slow (~17 s of CPU, three generate compiles): the
+    fast tests check append and attention state by state."""
+    lm = tiny_lm(head_dim=16)  # the kernels take head dims of 16 and up
+    cfg = lm.cfg
+    ids = [random_ids(20, seed=3).tolist(), random_ids(7, seed=4).tolist()]
+    want = lm.generate(ids, max_new_tokens=8, stop_at_eos=False).ids
+    for impl in ("xla", "pallas"):
+        cache = KVCache(layers=tuple(PagedKV.init(2, cfg.n_kv_heads, 64, cfg.head_dim, F32, page_size=4)
+                                     for _ in range(cfg.n_layers)), next_pos=jnp.zeros((2,), I32))
+        out = lm.generate(ids, max_new_tokens=8, stop_at_eos=False, cache=cache, attention_impl=impl)
+        assert out.ids == want, impl
+        # 27 and 14 tokens held (the last new token is not fed back): 7 + 4 pages per KV head
+        assert [int(layer.pages_held()) for layer in out.cache.layers] == [2 * (7 + 4)] * cfg.n_layers
+
+
+@pytest.mark.slow
 def test_the_model_on_a_paged_cache_equals_the_dense_cache_through_eviction():
     """The tiny model prefills two rows of different lengths into pages, decodes, evicts each layer by
     Knorm (the same scores and kept sets as `DenseKV.keep_top`) and decodes on: the logits equal the
