@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.attention import online_attention
+from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.paged_decode_attention import paged_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState
 
@@ -201,8 +202,8 @@ class PagedKV(LayerState):
 
     def attend_kernel(self, q, q_pos, return_lse: bool, interpret: bool):
         """`kernels.paged_decode_attention`: each head reads only its own pages."""
-        if return_lse:
-            raise ValueError("PagedKV gives no prefill observations in the Pallas path")
+        if return_lse:  # "auto" falls back to `attend_jnp`, which gives them
+            raise unsupported("PagedKV gives no prefill observations in the Pallas path")
         return paged_decode_attention(q, self.k, self.v, self.pos, self.table, self.used_pages(), q_pos,
                                       interpret=interpret)
 
