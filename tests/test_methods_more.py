@@ -301,3 +301,11 @@ def test_lukv_end_to_end_and_bad_input(tmp_path):
         with pytest.raises(ValueError, match=match):
             lm.prefill(rows, **kw)
     assert compile_seconds() == c0
+
+
+def test_kvjax_calibrate_bad_input_before_loading(tmp_path, capsys):
+    from kvjax.cli import main
+
+    assert main(["calibrate", "qfilter", "--calib-tokens", "0", "--out", str(tmp_path / "q.npz")]) == 2
+    assert "--calib-tokens" in capsys.readouterr().err
+    assert not (tmp_path / "q.npz").exists()
