@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from kvjax.cli import main
+from kvjax.eval.runner import Config, cache_bytes
 from kvjax.lm import LM
 from kvjax.methods import palu
 from kvjax.states import PaluKV, cache_nbytes
@@ -69,6 +70,8 @@ def test_bytes_are_the_latents_plus_the_bases(lm):
     assert layer.nbytes() == latents + bases + metadata
     dense = lm.prefill(IDS)
     assert cache_nbytes(cache) < 0.6 * cache_nbytes(dense)
+    # the eval's byte count (abstract shapes, no model at hand) finds the bases this process calibrated
+    assert cache_bytes(lm.cfg, Config("palu", ratio=0.5), len(IDS)) == cache_nbytes(cache)
 
 
 def test_bad_input_is_one_line(lm, tmp_path):

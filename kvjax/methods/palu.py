@@ -138,6 +138,10 @@ class Palu(PrefillMethod):
         if self.checkpoint is not None:
             return _load(self.checkpoint, cfg, model_name)
         key = (cfg, model_name, self.group, self.calib, self.calib_tokens)
+        if key not in _CALIBRATED and not model_name:  # a caller without the model's name (byte counts)
+            found = [b for k, b in _CALIBRATED.items() if k[0] == cfg and k[2:] == key[2:]]
+            if len(found) == 1:
+                return found[0]
         if key not in _CALIBRATED:
             if lm is None:
                 raise ValueError("palu: no bases for this model yet: pass checkpoint= (`kvjax convert palu`), or "
