@@ -7,7 +7,7 @@ table[b, k, s // P] at offset s % P. Free pages are a stack (`free[:n_free]`); a
 pages a head needs, so rows of very different lengths hold only ceil(fill / P) pages each.
 
 **Eviction** (`evict`, from any keep mask: `keep_top` for a score method's scores, `keep_top_pairs`
-for Ada-KV's per-head budgets, `roll` for decode-time streaming) writes `EMPTY_POS` into the dropped
+for Ada-KV's per-head budgets, `roll` for decode-time rolling by StreamingLLM, H2O or TOVA) writes `EMPTY_POS` into the dropped
 slots (holes: no query position reaches it) and returns every page left with no token to the free
 list, where any row's next append takes it. When a head's fragmentation (the fraction of the slots of
 the pages it holds that hold no token) passes `threshold` and packing would free a page, the head is
@@ -118,6 +118,8 @@ class PagedKV(LayerState):
             raise ValueError(f"decode-time rule must be one of {RULES}, got {rule!r}")
         n_table = _cdiv(capacity, page_size)
         n_pages = batch * n_kv_heads * n_table if n_pages is None else n_pages
+        if n_pages < 1:
+            raise ValueError(f"a page pool needs at least one page, got n_pages={n_pages}")
         return cls(k=jnp.zeros((n_pages, page_size, head_dim), dtype), v=jnp.zeros((n_pages, page_size, head_dim), dtype),
                    pos=jnp.full((n_pages, page_size), EMPTY_POS, jnp.int32),
                    table=jnp.full((batch, n_kv_heads, n_table), -1, jnp.int32),
