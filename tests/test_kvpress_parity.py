@@ -17,6 +17,7 @@ import pytest
 import kvjax
 from kvjax import generation, pipeline
 from kvjax.shapes import bucket
+from kvjax.observe import ObsSpec
 from kvjax.states.cache import model_cache
 
 REF = Path(__file__).parent / "golden" / "smollm2-135m" / "kvpress"
@@ -135,3 +136,68 @@ def test_kvzip_keeps_the_pairs_kvpress_keeps(smollm2, ref_names):
                     assert all(abs(theirs[layer, h, i] - c) < KVZIP_TIE for i in diff), (name, layer, h, sorted(diff))
                     differ += len(diff)
             assert differ <= 8, f"{name} ratio {ratio}: {differ} pairs differ"
+
+
+@pytest.fixture(scope="module")
+def window_prefill(smollm2, prompt_ids):
+    """One prefill of the essay observing its last 32 queries (FINCH's question window, SimLayerKV's last
+    query) and its query statistics (LU-KV's ExpectedAttention), branched below into the compressions of
+    the FINCH, SimLayerKV, DMS and LU-KV references."""
+    cfg, t = smollm2.cfg, len(prompt_ids)
+    tokens = np.asarray([prompt_ids + [0] * (bucket(t) - t)], np.int32)
+    _, cache, obs = generation.prefill(smollm2.params, cfg, tokens, np.asarray([t]), model_cache(cfg, 1, bucket(t)),
+                                       observe=ObsSpec(window=32, qstats_from=4))
+    return cache, obs
+
+
+# rerotate=False: re-rotation moves the kept keys to positions 0..n-1 (so the kept positions would be lost);
+# it changes no kept set (tested against recomputed RoPE in test_methods_breadth.py)
+FINCH = {"finch": "finch(window={w}, rerotate=False)",
+         "finch_c256": "finch(window={w}, chunk_length=256, rerotate=False)"}
+
+
+@pytest.mark.parametrize("ref_name", sorted(FINCH))
+def test_finch_keeps_what_kvpress_keeps(smollm2, prompt_ids, window_prefill, ref_name):
+    # FinchPress with its delimiter before the essay's last 32 tokens = kvjax's finch(window=32) on the essay
+    ref = np.load(REF / f"{ref_name}.npz")
+    cache, obs = window_prefill
+    spec = FINCH[ref_name].format(w=int(ref["window"]))
+    for ratio in (25, 50, 75):
+        p = pipeline.plan(smollm2.cfg, [len(prompt_ids)], spec, ratio=ratio / 100)
+        np.testing.assert_array_equal(p.n_keep[:, 0], ref[f"n_kept_r{ratio}"])
+        kept = kvjax.kept_positions(pipeline.branch(cache, obs, smollm2.cfg, p, 0))
+        for layer, heads in enumerate(kept):
+            expected = ref[f"kept_r{ratio}_layer{layer}"]
+            for h, ours in enumerate(heads[0]):
+                diff = len(set(expected[h].tolist()) ^ set(ours.tolist()))
+                gap = ref[f"gap_r{ratio}"][layer, h]
+                assert diff <= (4 if gap < TIE else 0), f"{ref_name} r={ratio} layer {layer} head {h}: {diff} differ"
+
+
+def test_simlayerkv_keeps_what_kvpress_keeps(smollm2, prompt_ids, window_prefill):
+    # SimLayerKVPress(lazy_threshold, n_recent=256): the same lazy layers (but where kvpress's attention
+    # mass is within 1e-4 of the threshold), each keeping the 4 sinks and the last 255 tokens
+    ref = np.load(REF / "simlayerkv.npz")
+    cache, obs = window_prefill
+    thr = float(ref["threshold"])
+    p = pipeline.plan(smollm2.cfg, [len(prompt_ids)], f"simlayerkv(lazy_threshold={thr}, n_recent=256)")
+    kept = kvjax.kept_positions(pipeline.branch(cache, obs, smollm2.cfg, p, 0))
+    assert ref["lazy"].any() and not ref["lazy"].all(), "the reference should hold lazy and busy layers"
+    for layer, heads in enumerate(kept):
+        if abs(float(ref["mass"][layer]) - thr) < TIE:
+            continue
+        np.testing.assert_array_equal(heads[0], ref[f"kept_layer{layer}"], err_msg=f"layer {layer}")
+
+
+def test_dms_keeps_what_kvpress_keeps(smollm2, prompt_ids, window_prefill):
+    # DMSPress(KnormPress(), threshold = the median press-free score, sliding_window_size=128): per head,
+    # the same positions (but where a score is within 1e-4 of the threshold), stored ragged
+    ref = np.load(REF / "dms_knorm.npz")
+    cache, obs = window_prefill
+    p = pipeline.plan(smollm2.cfg, [len(prompt_ids)], f"dms(threshold={float(ref['threshold'])!r}):knorm")
+    kept = kvjax.kept_positions(pipeline.branch(cache, obs, smollm2.cfg, p, 0))
+    for layer, heads in enumerate(kept):
+        for h, ours in enumerate(heads):
+            theirs = ref[f"kept_layer{layer}"][h]
+            diff = len(set(theirs[theirs >= 0].tolist()) ^ set(ours[0].tolist()))
+            assert diff <= (4 if ref["gap"][layer, h] < TIE else 0), f"layer {layer} head {h}: {diff} differ"

@@ -47,6 +47,13 @@ Presses (kvpress defaults unless noted), each at compression ratios 0.25, 0.5, 0
   adakv_critical_snapkv AdaKVPress(CriticalKVPress(SnapKVPress(64, 5)))
   merging_snapkv       MergingPress(SnapKVPress(64, 5))                (similarity_threshold 0, merge_fraction 1)
   leverage             LeverageScorePress(sketch_dimension=48): random; only r=0.5, torch seeds 0..4
+  finch                FinchPress() (normalize_scores, rerotate_keys): the delimiter before the last 32 tokens
+  finch_c256           FinchPress(chunk_length=256)
+  simlayerkv           SimLayerKVPress(lazy_threshold=0.9, n_recent=256) (n_last 1, n_initial 4); no ratio
+  lukv_expected_attention  LUKVPress(ExpectedAttentionPress(epsilon=2e-2), sink=4, window=1) on a made-up budget
+                       curve (lukv_curve: no LU-KV curve exists for SmolLM2), set as its `_budget_curves`
+  dms_knorm            DMSPress(KnormPress(), threshold, sliding_window_size=128): threshold = the median of
+                       -||k|| over every layer, head and position of the press-free run; no ratio
   kvzip                KVzipPress() (layerwise False, n_sink 4, chunk_size 2048)      (own prompt, see below)
   kvzip_c256           KVzipPress(chunk_size=256): four replay chunks, later ones start with 8 context tokens
   kvzip_layerwise      KVzipPress(layerwise=True)
@@ -98,6 +105,20 @@ Files written to --out (default tests/golden/smollm2-135m/kvpress/):
                   float32 [D, 8] (a fixed Gaussian projection: small, and any wrong merge shows).
                   leverage: kept_s{seed}_layer{i} int16 [K, n_kept] at ratio 0.5 for torch seeds 0..4 (its
                   Gaussian sketch comes from torch's generator: compared in distribution).
+  finch*.npz      as the uniform presses' (kept [K, n_kept], n_kept, gap: chunked, the smallest chunk cut gap),
+                  window int (the question's tokens). FINCH's delimiter token (an id absent from the prompt:
+                  it is cut from the embeddings, so the model sees the same T tokens) sits before the
+                  last `window` tokens; the kept set is the recorded scores' top-k (per chunk), checked
+                  against the compressed cache's values (its keys are re-rotated).
+  simlayerkv.npz  kept_layer{i} int32 [K, n] (all T, or the 4 sinks + the last 255), lazy bool [L], mass
+                  float32 [L] (the last query's attention mass that decides, kvpress's own computation),
+                  threshold float.
+  lukv_expected_attention.npz  curve float32 [99, L, K] (the prune ratios used), kept_r{..}_layer{i} as
+                  AdaKV's (read off `masked_key_indices`), n_kept_r{..} [L, K], gap_r{..} [L, K] (per head, the
+                  last kept minus the first pruned recorded score).
+  dms_knorm.npz   threshold float, kept_layer{i} int32 [K, max_kept] per head sorted, padded with -1 (read
+                  off `masked_key_indices`: DMS masks), n_kept [L, K], gap [L, K] (the smallest |score -
+                  threshold| among the positions outside the window: a tie below 1e-4).
   kvzip*.npz      ids int32 [T] (the prompt: chat prefix + essay text), prefix int (its chat-prefix tokens),
                   kept_r{25,50,75}_layer{i} as AdaKV's, n_kept_r{..} [L, K], scores float32 [L, K, T] (the
                   reconstruction scores with the sinks at max + 1; ratio-free), cut_r{..} float32 (the global
@@ -123,8 +144,8 @@ from make_golden import ESSAYS, GGUF_NAME, REPO, check_model, prefix_with_tokens
 
 import kvpress  # noqa: E402  (importing kvpress patches transformers' attention functions, as in use)
 from kvpress import (AdaKVPress, BlockPress, ChunkKVPress, CriticalAdaKVPress, CriticalKVPress,  # noqa: E402
-                     CURPress, ExpectedAttentionPress, KeyDiffPress, KnormPress, LagKVPress, MergingPress,
-                     LeverageScorePress, NonCausalAttnPress,
+                     CURPress, DMSPress, ExpectedAttentionPress, FinchPress, SimLayerKVPress, KeyDiffPress, KnormPress, LagKVPress, MergingPress,
+                     LeverageScorePress, LUKVPress, NonCausalAttnPress,
                      ObservedAttentionPress, PerLayerCompressionPress, PyramidKVPress, ScorerPress, SnapKVPress,
                      StreamingLLMPress, TOVAPress)
 from kvpress import KVzipPress  # noqa: E402
@@ -140,6 +161,10 @@ GATHERED = ("chunkkv_snapkv", "chunkkv_keydiff", "block_keydiff", "per_layer_sna
             "merging_snapkv")
 MERGED_LAYERS = (0, 15, 29)
 MERGED: dict[float, dict[int, np.ndarray]] = {}  # ratio -> layer -> merged values [K, n_kept, D] in position order
+FINCH_WINDOW = 32  # the "question": the prompt's last 32 tokens, after FINCH's delimiter
+SIMLAYERKV = dict(lazy_threshold=0.9, n_recent=256)  # n_recent 1024 (default) > T: nothing would compress
+LUKV_SEED = 0  # the budget curve: kvpress has one only for Llama-3.1-8B; this one is made up (see lukv_curve)
+DMS_THRESHOLD: dict[str, float] = {}  # scorer -> threshold: the median press-free score (set in main)
 MASKED = ("adakv_snapkv", "adakv_expected_attention", "adakv_critical_snapkv", "criticaladakv_snapkv")
 
 
@@ -183,6 +208,13 @@ def make_press(name: str, ratio: float):
         "kvzip": lambda: (KVzipPress(ratio), "sdpa"),
         "kvzip_c256": lambda: (KVzipPress(ratio, chunk_size=256), "sdpa"),
         "kvzip_layerwise": lambda: (KVzipPress(ratio, layerwise=True), "sdpa"),
+        "finch": lambda: (FinchPress(ratio), "sdpa"),
+        "finch_c256": lambda: (FinchPress(ratio, chunk_length=256), "sdpa"),
+        "simlayerkv": lambda: (SimLayerKVPress(**SIMLAYERKV), "sdpa"),
+        "lukv_expected_attention": lambda: (LUKVPress(ExpectedAttentionPress(epsilon=2e-2), compression_ratio=ratio,
+                                                      sink=4, window=1), "sdpa"),
+        "dms_knorm": lambda: (DMSPress(KnormPress(), threshold=DMS_THRESHOLD.get("knorm"), sliding_window_size=128),
+                              "sdpa"),
     }[name]()
 
 
@@ -596,6 +628,169 @@ def capture_seeds(name, model, ids, ref_cache, L, K, T, seeds=range(5)) -> dict[
     return arrs
 
 
+def finch_rule(s: torch.Tensor, ratio: float, chunk: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    """FinchPress.compress's indices on its scores s [K, T] (per chunk with `chunk`), sorted, and the
+    smallest cut gap of its top-k's per head [K]."""
+    T = s.shape[-1]
+    spans = [(0, T)] if chunk is None else [(i, min(i + chunk, T)) for i in range(0, T, chunk)]
+    idx, gap = [], np.full(s.shape[0], np.inf, np.float32)
+    for a, b in spans:
+        n = compute_n_kept(b - a, ratio)
+        idx.append(a + s[:, a:b].topk(n, dim=-1).indices)
+        gap = np.minimum(gap, cut_gap(s[:, a:b], n)[0].numpy())
+    return torch.cat(idx, dim=-1).sort(dim=-1).values, gap
+
+
+@torch.no_grad()
+def capture_finch(name, ratio, model, ids, ref_cache, L, K, T, delimiter: int):
+    """FINCH with its delimiter before the last FINCH_WINDOW tokens: kept sets from the recorded scores,
+    checked against the cache's values (the keys are re-rotated)."""
+    press, _ = make_press(name, ratio)
+    press.delimiter_token_id = delimiter
+    scores: dict[int, torch.Tensor] = {}
+    record_scores(press, scores)
+    ids_d = torch.cat([ids[:, :T - FINCH_WINDOW], torch.tensor([[delimiter]]), ids[:, T - FINCH_WINDOW:]], 1)
+    cache = DynamicCache(config=model.config)
+    t0 = time.time()
+    with press(model):  # the delimiter leaves the embeddings: T positions, as without it
+        model(ids_d, past_key_values=cache, use_cache=True, cache_position=torch.arange(T),
+              position_ids=torch.arange(T)[None])
+    dt = time.time() - t0
+    assert press.window_size == FINCH_WINDOW, press.window_size
+    kept, n_kept, gaps = {}, np.zeros(L, np.int32), np.zeros((L, K), np.float32)
+    cuts = np.zeros((L, K), np.float32)
+    for layer in range(L):
+        idx, gaps[layer] = finch_rule(scores[layer], ratio, press.chunk_length)
+        cuts[layer] = scores[layer].gather(1, idx).min(-1).values.numpy()
+        cv, rv = cache.layers[layer].values[0], ref_cache.layers[layer].values[0]
+        assert torch.equal(cv, rv.gather(1, idx.unsqueeze(-1).expand(-1, -1, rv.shape[-1]))), (name, ratio, layer)
+        kept[layer] = idx.numpy().astype(np.int32)
+        n_kept[layer] = idx.shape[1]
+    return kept, n_kept, gaps, scores, dt, cuts
+
+
+@torch.no_grad()
+def capture_simlayerkv(model, ids, ref_cache, L, K, T) -> dict[str, np.ndarray]:
+    """SimLayerKV: each layer's lazy decision and the attention mass it compared (recomputed as
+    `SimLayerKVPress.is_lazy` computes it), the kept positions read off the cache's lengths and checked
+    against the press-free keys and values."""
+    press, _ = make_press("simlayerkv", 0.0)
+    mass: dict[int, float] = {}
+    orig = press.is_lazy
+
+    def is_lazy(module, hidden_states, keys, position_embeddings):
+        attn = SnapKVPress.compute_window_attention(module, hidden_states, keys, press.n_last, position_embeddings)
+        attn = attn.mean((0, 1, 2))
+        mass[module.layer_idx] = float(attn[:press.n_initial].sum() + attn[-press.n_recent:].sum())
+        return orig(module, hidden_states, keys, position_embeddings)
+
+    press.is_lazy = is_lazy
+    cache = prefill(model, ids, press)
+    out = dict(lazy=np.zeros(L, bool), mass=np.zeros(L, np.float32), threshold=np.float64(press.lazy_threshold))
+    for layer in range(L):
+        ck, cv = cache.layers[layer].keys[0], cache.layers[layer].values[0]
+        rk, rv = ref_cache.layers[layer].keys[0], ref_cache.layers[layer].values[0]
+        n = ck.shape[1]
+        lazy = n < T
+        pos = torch.cat([torch.arange(press.n_initial), torch.arange(T - (n - press.n_initial), T)]) if lazy \
+            else torch.arange(T)
+        assert torch.equal(ck, rk[:, pos]) and torch.equal(cv, rv[:, pos]), ("simlayerkv", layer)
+        assert lazy == (mass[layer] > press.lazy_threshold), (layer, mass[layer])
+        out["lazy"][layer], out["mass"][layer] = lazy, mass[layer]
+        out[f"kept_layer{layer}"] = np.broadcast_to(pos.numpy().astype(np.int32), (K, len(pos))).copy()
+    print(f"simlayerkv [sdpa] lazy layers {np.nonzero(out['lazy'])[0].tolist()}; masses "
+          + ", ".join(f"{m:.3f}" for m in out["mass"]))
+    return out
+
+
+def take_masked(model, layer: int, K: int, T: int) -> torch.Tensor:
+    """bool [K, T]: the positions a masking press (DMS, LU-KV) left in the layer's `masked_key_indices`
+    (batch 1), which are then cleared to leave the model clean for later runs."""
+    attn = model.model.layers[layer].self_attn
+    masked = torch.zeros(K, T, dtype=torch.bool)
+    if attn.masked_key_indices is not None:
+        b, h, pos = attn.masked_key_indices
+        masked[h, pos] = True
+    attn.masked_key_indices = None
+    return masked
+
+
+def lukv_curve(L: int, K: int) -> np.ndarray:
+    """float32 [99, L, K] prune ratios: row i around (i + 1) / 100, each (layer, head) offset by a fixed
+    uniform draw in [-0.15, 0.15) (seed LUKV_SEED), clipped to [0, 0.98]."""
+    u = np.random.default_rng(LUKV_SEED).uniform(-0.15, 0.15, size=(L, K))
+    r = (np.arange(1, 100) / 100)[:, None, None]
+    return np.clip(r + u[None], 0.0, 0.98).astype(np.float32)
+
+
+@torch.no_grad()
+def capture_lukv(name, ratio, model, ids, ref_cache, L, K, T):
+    """LUKVPress on the made-up curve: per-head kept sets from `masked_key_indices`, checked against the
+    press-free run (it only masks) and against the per-head top-k of the recorded scores."""
+    press, _ = make_press(name, ratio)
+    press._budget_curves = lukv_curve(L, K)
+    scores: dict[int, torch.Tensor] = {}
+    record_scores(press.press, scores)
+    t0 = time.time()
+    cache = prefill(model, ids, press)
+    dt = time.time() - t0
+    per_layer, n_kept = {}, np.zeros((L, K), np.int32)
+    gaps, cuts = np.zeros((L, K), np.float32), np.zeros((L, K), np.float32)
+    for layer in range(L):
+        masked = take_masked(model, layer, K, T)
+        assert torch.equal(cache.layers[layer].keys, ref_cache.layers[layer].keys)  # LU-KV only masks
+        s = scores[layer].clone()
+        s[:, :press.sink] = s.max() + 1
+        s[:, T - press.window:] = s.max() + 1
+        heads = [torch.nonzero(~masked[k]).flatten() for k in range(K)]
+        for k in range(K):
+            n = len(heads[k])
+            want = s[k].argsort(descending=True, stable=True)[:n].sort().values
+            assert torch.equal(heads[k], want), (name, ratio, layer, k)
+            g, c = cut_gap(s[k:k + 1], n)
+            gaps[layer, k], cuts[layer, k] = float(g[0]), float(c[0])
+            n_kept[layer, k] = n
+        per_layer[layer] = heads
+    kept = {}
+    for layer, heads in per_layer.items():
+        arr = np.full((K, max(len(x) for x in heads)), -1, np.int32)
+        for k, x in enumerate(heads):
+            arr[k, :len(x)] = x.numpy()
+        kept[layer] = arr
+    return kept, n_kept, gaps, scores, dt, cuts
+
+
+def knorm_scores(ref_cache, L: int) -> torch.Tensor:
+    """[L, K, T] KnormPress's scores (-||k||) of the press-free run."""
+    return torch.stack([-ref_cache.layers[i].keys[0].norm(dim=-1) for i in range(L)])
+
+
+@torch.no_grad()
+def capture_dms(name, model, ref_cache, ids, L, K, T) -> dict[str, np.ndarray]:
+    """DMSPress around Knorm with a data-set threshold (the median press-free score); it masks like AdaKV:
+    the kept set of head h is every position minus `masked_key_indices` of head h, checked against the
+    rule (score >= threshold, or among the last sliding_window_size) on the press-free keys."""
+    scores = knorm_scores(ref_cache, L)
+    press, _ = make_press(name, 0.0)
+    prefill(model, ids, press)
+    w = press.sliding_window_size
+    kept, n_kept, gaps = {}, np.zeros((L, K), np.int32), np.zeros((L, K), np.float32)
+    for layer in range(L):
+        masked = take_masked(model, layer, K, T)
+        want = (scores[layer] < press.threshold) & (torch.arange(T) < T - w)
+        assert torch.equal(masked, want), (name, layer)
+        arr = np.full((K, T), -1, np.int32)
+        for k in range(K):
+            x = torch.nonzero(~masked[k]).flatten().numpy()
+            arr[k, :len(x)] = x
+            n_kept[layer, k] = len(x)
+        kept[f"kept_layer{layer}"] = arr
+        gaps[layer] = (scores[layer, :, :T - w] - press.threshold).abs().min(-1).values.numpy()
+    print(f"{name:26s} [sdpa] threshold {press.threshold:.4f}: kept {n_kept.sum() / (L * K * T):.3f} of the pairs, "
+          f"per (layer, head) {n_kept.min()}..{n_kept.max()}; smallest |score - threshold| {gaps.min():.2g}")
+    return dict(kept, threshold=np.float64(press.threshold), n_kept=n_kept, gap=gaps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF file")
@@ -604,7 +799,8 @@ def main() -> None:
     ap.add_argument("--presses", default="streaming_llm,snapkv,pyramidkv,tova,knorm,observed_attention,"
                     "expected_attention,adakv_snapkv,adakv_expected_attention,keydiff,lagkv,cur,non_causal_attention,"
                     "chunkkv_snapkv,chunkkv_keydiff,block_keydiff,per_layer_snapkv,critical_snapkv,"
-                    "criticaladakv_snapkv,adakv_critical_snapkv,merging_snapkv")
+                    "criticaladakv_snapkv,adakv_critical_snapkv,merging_snapkv,finch,finch_c256,simlayerkv,dms_knorm,"
+                    "lukv_expected_attention")
     args = ap.parse_args()
     gguf = args.gguf or default_gguf()
     t_start = time.time()
@@ -629,6 +825,7 @@ def main() -> None:
     cfg = models["sdpa"].config
     L, K = cfg.num_hidden_layers, cfg.num_key_value_heads
     assert L == N_LAYERS, L
+    DMS_THRESHOLD["knorm"] = float(knorm_scores(refs["sdpa"], L).median())
 
     import transformers
     args.out.mkdir(parents=True, exist_ok=True)
@@ -652,12 +849,25 @@ def main() -> None:
             ids_kv, prefix = kvzip_prompt(hf_tok, encode, text)
             np.savez_compressed(args.out / f"{name}.npz", **capture_kvzip(name, models[impl], hf_tok, ids_kv, prefix, L, K))
             continue
+        if name == "dms_knorm":
+            np.savez_compressed(args.out / f"{name}.npz", **capture_dms(name, models[impl], refs[impl], ids, L, K, T))
+            continue
+        if name == "simlayerkv":
+            np.savez_compressed(args.out / f"{name}.npz", **capture_simlayerkv(models[impl], ids, refs[impl], L, K, T))
+            continue
+        if name.startswith("finch"):
+            delimiter = hf_tok.convert_tokens_to_ids("<|im_start|>")
+            assert delimiter not in ids_list
+            fn = lambda *a: capture_finch(*a, delimiter=delimiter)  # noqa: E731
         if name == "leverage":
             np.savez_compressed(args.out / f"{name}.npz", **capture_seeds(name, models[impl], ids, refs[impl], L, K, T))
             print(f"{name:26s} [{impl}] kept sets at r=0.5 for torch seeds 0..4")
             continue
-        fn = (capture_critical_adakv if name == "criticaladakv_snapkv" else capture_adakv if name in MASKED
-              else capture_gathered if name in GATHERED else capture_uniform)
+        if name == "lukv_expected_attention":
+            fn = capture_lukv
+        elif not name.startswith("finch"):
+            fn = (capture_critical_adakv if name == "criticaladakv_snapkv" else capture_adakv if name in MASKED
+                  else capture_gathered if name in GATHERED else capture_uniform)
         res, times, arrs = {}, [], {}
         for r in RATIOS:
             res[r] = fn(name, r, models[impl], ids, refs[impl], L, K, T)
@@ -677,6 +887,10 @@ def main() -> None:
                 for b, r in enumerate(RATIOS):
                     out[a, b, :, :MERGED[r][i].shape[1]] = MERGED[r][i] @ proj
             arrs.update(merged_layers=np.array(MERGED_LAYERS), merged_proj=out, merge_proj=proj)
+        if name.startswith("finch"):
+            arrs["window"] = np.int32(FINCH_WINDOW)
+        if name == "lukv_expected_attention":
+            arrs["curve"] = lukv_curve(L, K)
         ratio_free = name not in ("streaming_llm", "block_keydiff", "critical_snapkv", "adakv_critical_snapkv")
         for r in RATIOS:  # scores must not depend on the ratio (StreamingLLM's, block's, critical's do)
             if ratio_free:
