@@ -109,25 +109,21 @@ def _parser() -> argparse.ArgumentParser:
     v_sub = v.add_subparsers(dest="convert_command", required=True)
     pc = v_sub.add_parser("palu", help="Palu low-rank K/V from a whitened SVD of calibration activations "
                                          "(arXiv 2407.21118; no training)")
-    pc.add_argument("--model", default=DEFAULT_MODEL)
     pc.add_argument("--rank", type=int, required=True, help="latent rank of each group's keys (and values)")
     pc.add_argument("--rank-v", type=int, default=None, help="latent rank of the values (default: --rank)")
     pc.add_argument("--group", type=int, default=1, help="KV heads per latent (1: per head; G-LRD groups)")
-    pc.add_argument("--calib", type=Path, default=None, help="calibration text file (default: generated prose)")
-    pc.add_argument("--calib-tokens", type=int, default=4096)
-    pc.add_argument("--out", required=True, type=Path, help="the converted model's directory")
-    pc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-
     mc = v_sub.add_parser("mla", help="TransMLA: GQA to multi-head latent attention (RoRoPE + balanced K/V PCA; "
                                        "arXiv 2502.07864); the result is a DeepSeek-format model with an MLA cache")
-    mc.add_argument("--model", default=DEFAULT_MODEL)
     mc.add_argument("--kv-rank", type=int, required=True, help="latent rank (DeepSeek's kv_lora_rank)")
     mc.add_argument("--rope-dim", type=int, default=None,
                     help="RoPE dims of the shared key, a multiple of the head dim (default: one head dim)")
-    mc.add_argument("--calib", type=Path, default=None, help="calibration text file (default: generated prose)")
-    mc.add_argument("--calib-tokens", type=int, default=4096)
-    mc.add_argument("--out", required=True, type=Path, help="the converted model's directory")
-    mc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    for conversion in (pc, mc):
+        conversion.add_argument("--model", default=DEFAULT_MODEL)
+        conversion.add_argument("--calib", type=Path, default=None,
+                                help="calibration text file (default: generated prose)")
+        conversion.add_argument("--calib-tokens", type=int, default=4096)
+        conversion.add_argument("--out", required=True, type=Path, help="the converted model's directory")
+        conversion.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
     cb = sub.add_parser("calibrate", help="build a method's calibration file from calibration text: query "
                                           "statistics (expected_attention_stats) or Q-Filters (qfilter)")
