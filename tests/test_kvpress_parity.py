@@ -201,3 +201,21 @@ def test_dms_keeps_what_kvpress_keeps(smollm2, prompt_ids, window_prefill):
             theirs = ref[f"kept_layer{layer}"][h]
             diff = len(set(theirs[theirs >= 0].tolist()) ^ set(ours[0].tolist()))
             assert diff <= (4 if ref["gap"][layer, h] < TIE else 0), f"layer {layer} head {h}: {diff} differ"
+
+
+def test_lukv_keeps_what_kvpress_keeps(smollm2, prompt_ids, window_prefill, tmp_path):
+    # LUKVPress(ExpectedAttentionPress(epsilon=2e-2)) on the reference's (made-up) budget curve: per head,
+    # the same counts and positions but at near-ties of the scores
+    ref = np.load(REF / "lukv_expected_attention.npz")
+    np.save(tmp_path / "curve.npy", ref["curve"])
+    cache, obs = window_prefill
+    spec = f"lukv(curve={tmp_path / 'curve.npy'}):expected_attention(epsilon=0.02)"
+    for ratio in (25, 50, 75):
+        p = pipeline.plan(smollm2.cfg, [len(prompt_ids)], spec, ratio=ratio / 100)
+        for layer, heads in enumerate(kvjax.kept_positions(pipeline.branch(cache, obs, smollm2.cfg, p, 0))):
+            np.testing.assert_array_equal([len(h[0]) for h in heads], ref[f"n_kept_r{ratio}"][layer])
+            for h, ours in enumerate(heads):
+                theirs = ref[f"kept_r{ratio}_layer{layer}"][h]
+                diff = len(set(theirs[theirs >= 0].tolist()) ^ set(ours[0].tolist()))
+                gap = ref[f"gap_r{ratio}"][layer, h]
+                assert diff <= (4 if gap < TIE else 0), f"r={ratio} layer {layer} head {h}: {diff} differ"
