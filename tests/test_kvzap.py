@@ -169,3 +169,22 @@ def test_correlations_on_hand_cases():
     assert same["pearson"] == pytest.approx(1) and same["spearman"] == pytest.approx(1)
     flipped = correlations(-(t ** 3), t, np.repeat([0, 1], 3))
     assert flipped["spearman"] == pytest.approx(-1) and -1 < flipped["pearson"] < -0.9
+
+
+def test_cli_trains_on_kvzip_targets_and_resumes_on_the_saved_table(tmp_path, capsys, monkeypatch):
+    from kvjax.cli import main
+    monkeypatch.setattr("kvjax.load", lambda name, dtype=None: LM)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} is here" for i in range(300)))
+    args = ["train", "kvzap", "--model", "tiny-0", "--data", str(text), "--out", str(tmp_path / "run"),
+            "--windows", "2", "--context", "32", "--hidden", "0", "--batch-size", "2",
+            "--seq-len", "3", "--save-every", "2", "--log-every", "1", "--sample"]
+    assert main([*args, "8", "--steps", "2"]) == 0
+    with np.load(tmp_path / "run" / "targets.npz") as f:
+        assert f["y"].shape == (16, 2, 2) and f["x"].shape == (16, 2, 32)
+    monkeypatch.setattr("kvjax.train.kvzap.collect", lambda *a, **k: pytest.fail("the saved targets are reused"))
+    assert main([*args, "8", "--steps", "3", "--resume"]) == 0
+    assert main([*args, "9", "--steps", "4", "--resume"]) == 2  # another table: refused, the saved one kept
+    assert "targets of other settings" in capsys.readouterr().err
+    cache = LM.prefill(random_ids(40, 0), method=f"kvzap(checkpoint={tmp_path / 'run'})", ratio=0.5)
+    assert int(cache.layers[0].length[0]) == 20
