@@ -617,7 +617,8 @@ N_NEW = 8
 TRAINED = {"locret": "test_locret.py", "matryoshka": "test_train_matryoshka.py", "duo": "test_duo.py",
            "kvzip": "test_kvzip.py", "cla": "test_crosslayer.py", "kvsharer": "test_crosslayer.py",
            "simlayerkv": "test_methods_more.py", "minicache": "test_layermerge.py", "xkv": "test_layermerge.py",
-           "expected_attention_stats": "test_methods_more.py", "qfilter": "test_methods_more.py"}
+           "expected_attention_stats": "test_methods_more.py", "qfilter": "test_methods_more.py",
+           "palu": "test_palu.py", "kvzap": "test_kvzap.py"}
 
 
 def test_method_table_covers_the_registry():
