@@ -37,7 +37,7 @@ def test_score_reads_the_layers_weights_and_the_hidden_states(monkeypatch):
     w = np.zeros((2, 3, 2), np.float32)
     w[1, 0, 0], w[1, 2, 1] = 1.0, -2.0  # layer 1: head 0 = h0, head 1 = -2 h2 + 1
     weights = {"w": w, "b": np.asarray([[9.0, 9.0], [0.0, 1.0]], np.float32)}
-    method = KVzap(checkpoint="x", model_name="m")
+    method = KVzap(checkpoint="x")
     monkeypatch.setattr(KVzap, "weights", lambda self, cfg, name="": weights)
     hidden = jnp.asarray([[[1.0, 5.0, 2.0], [3.0, 5.0, 0.0]]])  # [B=1, S=2, E=3]
     obs = LayerObs(q_win=None, win_pos=None, col_sum=None, q_sum=None, q_sq=None, q_cnt=None, hidden=hidden)

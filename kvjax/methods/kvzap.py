@@ -28,7 +28,6 @@ Legend: B batch, L layers, K KV heads, S slots, E model width, F MLP hidden widt
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import jax
@@ -62,7 +61,6 @@ class KVzap(EvictionMethod):
     checkpoint: str | None = None  # a `kvjax train kvzap --out` directory
     threshold: float | None = None  # evict pairs whose predicted log KVzip score is below this
     window: int = 128  # threshold mode: the last tokens always kept (kvpress ThresholdPress sliding_window_size)
-    model_name: str = ""  # set by `bind`: the model the checkpoint was checked against
 
     def __post_init__(self):
         if self.threshold is not None and (isinstance(self.threshold, bool)
@@ -84,7 +82,7 @@ class KVzap(EvictionMethod):
             raise ValueError(f"kvzap: threshold={self.threshold} and {'ratio' if ratio is not None else 'budget'}= "
                              "both set what is evicted; give one")
         self.weights(cfg, model_name)
-        return dataclasses.replace(self, model_name=model_name)
+        return self
 
     def weights(self, cfg, model_name: str = "") -> dict:
         """The trained scorer {w, b[, w1, b1]} stacked over layers; a ValueError without a checkpoint, or for
@@ -105,7 +103,8 @@ class KVzap(EvictionMethod):
         if ctx.obs.hidden is None or ctx.obs.hidden.shape[1] != ctx.k.shape[2]:
             raise ValueError("kvzap scores the prefill's hidden states: use it through LM.prefill / LM.generate "
                              "or the eval runner (ObsSpec(hidden=True))")
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x[ctx.layer]), self.weights(ctx.cfg, self.model_name))
+        # checked by `bind`; checkpoints match a model by its config hash, whatever its name
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x[ctx.layer]), self.weights(ctx.cfg))
         return predict(params, ctx.obs.hidden).transpose(0, 2, 1)
 
     def select(self, ctx: ScoreContext, state, scores, n_keep, capacity: int):
@@ -123,12 +122,19 @@ class KVzap(EvictionMethod):
         return self.threshold is None
 
 
-@functools.lru_cache(maxsize=4)
+_WEIGHTS: dict = {}  # (checkpoint, cfg) -> host weights: loaded by `bind`, read again while tracing `score`
+
+
 def _load_weights(checkpoint: str, cfg, model_name: str) -> dict:
-    params, _, meta = load_trained(checkpoint, KVzap.name, model_id(model_name, cfg))
+    """A checkpoint matches a model by its config hash (`model_name` only names it in errors), so the
+    weights are cached per (checkpoint, config)."""
+    if (checkpoint, cfg) in _WEIGHTS:
+        return _WEIGHTS[checkpoint, cfg]
+    params, _, _ = load_trained(checkpoint, KVzap.name, model_id(model_name, cfg))
     w = params["w"]
     width = (params["w1"] if "w1" in params else w).shape[1]
     if w.shape[0] != cfg.n_layers or width != cfg.d_model or w.shape[2] != cfg.n_kv_heads:
         raise ValueError(f"{checkpoint}: a KVzap scorer for {w.shape[0]} layers of width {width} and {w.shape[2]} KV "
                          f"heads; this model has {cfg.n_layers} layers of width {cfg.d_model} and {cfg.n_kv_heads}")
-    return jax.tree_util.tree_map(lambda x: jax.device_get(x), params)
+    _WEIGHTS[checkpoint, cfg] = jax.tree_util.tree_map(jax.device_get, params)
+    return _WEIGHTS[checkpoint, cfg]
