@@ -110,7 +110,7 @@ class PaluKV(StoreBacked):
 
 
 def palu_cache(bases_k, bases_v, inv_freqs, batch: int, capacity: int, dtype):
-    """An empty cache of `PaluKV` layers: per layer bases_k[l] [N, gD, R_k], bases_v[l] [N, gD, R_v] and
-    the RoPE frequencies inv_freqs[l] [D/2]."""
+    """An empty cache of `PaluKV` layers: per layer l, the bases `bases_k[l]` (`[N, gD, R_k]`) and `bases_v[l]`
+    (`[N, gD, R_v]`) and the RoPE frequencies `inv_freqs[l]` (`[D/2]`)."""
     layers = tuple(PaluKV.init(batch, capacity, uk, uv, f, dtype) for uk, uv, f in zip(bases_k, bases_v, inv_freqs))
     return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32))
