@@ -259,3 +259,31 @@ def test_eval_configs_prefill_alone_when_chunked(lm):
     for a, b in zip(cache.layers, want.layers):
         np.testing.assert_array_equal(lib_held(a, 0), lib_held(b, 0))
     assert runner.cache_bytes(lm.cfg, snap, 40) == runner.cache_bytes(lm.cfg, runner.Config(SNAP, ratio=0.5), 40)
+
+
+def test_observations_come_from_the_buffered_steps_only(lm):
+    """kvpress's buffer: a compression is scored by the last min(interval, hidden_states_buffer_size + 1) decode
+    steps. With interval 10 and buffer 3, steps 7-10 are observed: after 8 steps the column sums hold exactly the
+    attention of 2 queries (each query's probabilities sum to 1 per head); at step 10 the cache is compressed and
+    the observations start empty again."""
+    import dataclasses
+    from kvjax import generation, recompress
+    prompt = random_ids(20, 3).tolist()
+    d = DecodeCompression(compression_interval=10, target_size=16, hidden_states_buffer_size=3)
+    plan = lm._plan([prompt], "observed_attention", decoding=d)
+    slots = recompress.decode_slots(plan, 20, 10)
+    comp = recompress.Compressor(plan.method, d, slots)
+    logits, cache = lm._prefill([prompt], slots, None, plan)
+    cache = dataclasses.replace(cache, layers=tuple(recompress.resized(x, slots) for x in cache.layers))
+    carry, done = comp.init(lm.cfg, cache), jnp.zeros((1,), bool)
+    run = lambda cache, logits, carry, n: generation.decode(  # noqa: E731
+        lm.params, cache, logits, done, jax.random.key(0), jnp.int32(n), carry, cfg=lm.cfg,
+        sampler=generation.Sampler(), eos_ids=(), n_buffer=16, compressor=comp)[1]
+    state = run(cache, logits, carry, 8)
+    assert int(state.carry.count) == 8
+    for obs in state.carry.obs:
+        np.testing.assert_allclose(float(obs.col_sum.sum()), 2 * lm.cfg.n_heads, rtol=1e-5)
+    assert [int(x.length[0]) for x in state.cache.layers] == [28] * lm.cfg.n_layers
+    state = run(state.cache, state.logits, state.carry, 2)
+    assert int(state.carry.count) == 0 and all(float(o.col_sum.sum()) == 0 for o in state.carry.obs)
+    assert [int(x.length[0]) for x in state.cache.layers] == [16] * lm.cfg.n_layers
