@@ -58,7 +58,8 @@ def peak_bytes(lm, plan, length: int) -> dict:
                                          observe=spec).compile()
     n_keep = jax.ShapeDtypeStruct((cfg.n_layers, 1), jnp.int32)
     caps = (slots,) * cfg.n_layers if chunked else recompress_caps(plan)
-    comp = compress.lower(cache, obs, n_keep, method=method, cfg=cfg, capacities=caps).compile()
+    program = recompress.compress_in_place if chunked else compress  # what each prefill runs
+    comp = program.lower(cache, obs, n_keep, method=method, cfg=cfg, capacities=caps).compile()
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(lm.params))
     f, c = program_peak(fwd), program_peak(comp)
     kv = cache_nbytes(cache)
