@@ -26,7 +26,7 @@ import numpy as np
 
 import kvjax
 from kvjax import compile_cache, hub, interrupt, methods, recompress, sharding, timing, transmla
-from kvjax.methods import kvsharer, palu
+from kvjax.methods import expected_attention_stats, kvsharer, palu, qfilter
 from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
 from kvjax.plugins import load_plugins
@@ -348,9 +348,19 @@ def _convert(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from kvjax.methods import expected_attention_stats
-
-    expected_attention_stats.run_calibrate(args)
+    """`kvjax calibrate expected_attention_stats | qfilter`: the method's file from calibration text."""
+    if args.calib_tokens < 1 or args.n_sink < 0:
+        raise ValueError("--calib-tokens must be >= 1 and --n-sink >= 0")
+    lm = kvjax.load(args.model, dtype=args.dtype)
+    ids = palu.calibration_ids(lm, None if args.calib is None else str(args.calib), args.calib_tokens)
+    if ids.shape[1] <= args.n_sink:
+        raise ValueError(f"calibration windows of {ids.shape[1]} tokens leave nothing after --n-sink {args.n_sink}")
+    calibrate = qfilter.calibrate if args.what == "qfilter" else expected_attention_stats.calibrate
+    data = calibrate(lm, ids, args.n_sink)
+    out = expected_attention_stats.save(args.out, data, lm.name)
+    print(f"wrote {out}: {args.what} of {lm.name} from {int(data['n_tokens'])} query tokens "
+          f"({ids.shape[0]} windows of {ids.shape[1]}); use --method '{args.what}"
+          f"({'filters' if args.what == 'qfilter' else 'stats'}={out})'")
 
 
 def _kvsharer(args) -> None:

@@ -29,13 +29,12 @@ import numpy as np
 from kvjax import generation, methods, quant as quant_ops, quantizers, recompress, sharding
 from kvjax.compress import compress, resolve_keep
 from kvjax.models.family import model_for
-from kvjax.shapes import bucket
+from kvjax.shapes import bucket, round_step
 from kvjax.observe import init_layer_obs
 from kvjax.methods.crosslayer import CrossLayer
 from kvjax.states.ragged import RaggedKV
 from kvjax.states.cache import KVCache, model_cache, route_share
 
-DECODE_STEP = 64  # decode room is allocated in steps of this many slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,10 +347,6 @@ def quantize_states(cache: KVCache, *, quantizer, tokens: tuple[int, ...], room:
                    layer.quantize(quantizer.for_layer(cache.producer(i)), tokens[cache.producer(i)], room)
                    for i, layer in enumerate(cache.layers))
     return dataclasses.replace(cache, layers=layers)
-
-
-def round_step(n: int) -> int:
-    return -(-n // DECODE_STEP) * DECODE_STEP
 
 
 # ------------------------------------------------------------------------------------ training

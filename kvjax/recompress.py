@@ -50,7 +50,7 @@ from kvjax.compress import compress, resolve_keep
 from kvjax.methods.base import Budget, EvictionMethod
 from kvjax.models import model_for
 from kvjax.observe import init_layer_obs
-from kvjax.shapes import PREFILL_CHUNK
+from kvjax.shapes import PREFILL_CHUNK, round_step
 from kvjax.states.cache import model_cache
 
 OBSERVED = ("window", "col_sums", "qstats_from")  # observations gathered per chunk / per step
@@ -194,7 +194,7 @@ def prefill(params, cfg, p, tokens: np.ndarray, lengths: np.ndarray, batch: int,
                                                     jnp.asarray(n_valid), cache, last, obs, cfg=cfg, observe=spec)
         cache = compress_in_place(cache, obs, jnp.asarray(keeps[i]), method=method, cfg=cfg,
                                   capacities=(slots,) * cfg.n_layers)
-    need = pipeline_round(int(p.n_keep.max()) + room) if room else int(p.n_keep.max())
+    need = round_step(int(p.n_keep.max()) + room) if room else int(p.n_keep.max())
     return last, dataclasses.replace(cache, layers=tuple(resized(layer, need) for layer in cache.layers))
 
 
@@ -222,11 +222,6 @@ def next_obs(cfg, spec, cache, seen, prev, n_new):
     carry = lambda new, old: dataclasses.replace(new, q_win=jnp.where(here, jnp.take_along_axis(  # noqa: E731
         old.q_win, jnp.minimum(idx, spec.window - 1)[:, :, None, None], axis=1), new.q_win))
     return tuple(carry(new, old) for new, old in zip(obs, prev))
-
-
-def pipeline_round(n: int) -> int:
-    from kvjax.pipeline import round_step
-    return round_step(n)
 
 
 def slots_for(p) -> int:
@@ -295,7 +290,7 @@ def decode_slots(p, longest: int, max_new_tokens: int) -> int:
     """Slots per layer for decoding under `p.decoding`: the most a layer holds before a compression."""
     d = p.decoding
     held = max(int(p.n_keep.max()), d.target(longest + max_new_tokens))
-    return pipeline_round(held + d.compression_interval)
+    return round_step(held + d.compression_interval)
 
 
 def first_compression_seen(lengths, d: DecodeCompression) -> int:

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 PREFILL_CHUNK = 512  # tokens per prefill call; also the key block of prefill attention
 MIN_BUCKET = 16
+DECODE_STEP = 64  # decode room is allocated in steps of this many slots
+
+
+def round_step(n: int) -> int:
+    """n slots rounded up to whole decode steps (`DECODE_STEP`)."""
+    return -(-n // DECODE_STEP) * DECODE_STEP
 
 
 def bucket(n: int, chunk: int | None = None) -> int:

@@ -18,18 +18,17 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import generation
 from kvjax.methods.base import ScoreContext, register
 from kvjax.methods.expected_attention import ExpectedAttention
 from kvjax.observe import ObsSpec
+from kvjax.shapes import bucket
+from kvjax.states.cache import model_cache
 
 
 def query_moments(lm, ids: np.ndarray, n_sink: int, batch: int = 4) -> dict[str, np.ndarray]:
     """Sums over calibration windows ids int [n, W] of the pre-RoPE queries from position n_sink on, per
     layer and query head (the prefill's own query statistics): q_sum [L, H, D], q_sq [L, H, D, D], count."""
-    from kvjax import generation
-    from kvjax.shapes import bucket
-    from kvjax.states.cache import model_cache
-
     cfg = lm.cfg
     q_sum = np.zeros((cfg.n_layers, cfg.n_heads, cfg.head_dim), np.float64)
     q_sq = np.zeros((cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.head_dim), np.float64)
@@ -123,21 +122,3 @@ def save(path, data: dict[str, np.ndarray], model_name: str) -> Path:
     with open(path, "wb") as f:  # np.savez would append .npz to a name without it
         np.savez(f, model=np.str_(model_name), **data)
     return path
-
-
-def run_calibrate(args) -> None:
-    """`kvjax calibrate expected_attention_stats | qfilter`: the method's file from calibration text."""
-    import kvjax
-    from kvjax.methods import palu, qfilter
-
-    if args.calib_tokens < 1 or args.n_sink < 0:
-        raise ValueError("--calib-tokens must be >= 1 and --n-sink >= 0")
-    lm = kvjax.load(args.model, dtype=args.dtype)
-    ids = palu.calibration_ids(lm, None if args.calib is None else str(args.calib), args.calib_tokens)
-    if ids.shape[1] <= args.n_sink:
-        raise ValueError(f"calibration windows of {ids.shape[1]} tokens leave nothing after --n-sink {args.n_sink}")
-    data = (qfilter.calibrate if args.what == "qfilter" else calibrate)(lm, ids, args.n_sink)
-    out = save(args.out, data, lm.name)
-    print(f"wrote {out}: {args.what} of {lm.name} from {int(data['n_tokens'])} query tokens "
-          f"({ids.shape[0]} windows of {ids.shape[1]}); use --method '{args.what}"
-          f"({'filters' if args.what == 'qfilter' else 'stats'}={out})'")

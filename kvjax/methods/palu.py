@@ -138,9 +138,10 @@ class Palu(PrefillMethod):
         if self.checkpoint is not None:
             return _load(self.checkpoint, cfg, model_name)
         key = (cfg, model_name, self.group, self.calib, self.calib_tokens)
-        if key not in _CALIBRATED and not model_name:  # a caller without the model's name (byte counts)
+        if key not in _CALIBRATED and not model_name:  # a caller without the model's name: the eval's byte
+            # counts (abstract shapes), which bases of this config and settings give alike
             found = [b for k, b in _CALIBRATED.items() if k[0] == cfg and k[2:] == key[2:]]
-            if len(found) == 1:
+            if found:
                 return found[0]
         if key not in _CALIBRATED:
             if lm is None:
