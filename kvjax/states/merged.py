@@ -19,6 +19,7 @@ slots, r rank, blk a key block.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -91,9 +92,9 @@ class MemberKV(LayerState):
         tails[self.reader] = tails[self.reader].append(k, v, pos, n_valid)
         return dataclasses.replace(self, tails=tuple(tails))
 
+    @abc.abstractmethod
     def rebuild(self, j: int, k, v, pos):
         """Member j's keys and values [B, K, blk, D] of a store block (k, v, pos as the store holds them)."""
-        raise NotImplementedError
 
     def extra_parts(self, j: int, block: int | None) -> list:
         return []
