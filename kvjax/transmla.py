@@ -35,15 +35,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from kvjax.checkpoints import run_of
+from kvjax.methods.palu import kv_moments
 from kvjax.models.deepseek import DeepSeekConfig
-from kvjax.models.family import model_for
-from kvjax.states.cache import model_cache
 from kvjax.weights import load_flat, save_flat
 
 WEIGHTS = "model.safetensors"
@@ -64,32 +62,6 @@ def check(cfg, kv_rank: int, rope_dim: int) -> None:
     width = 2 * k * d - rope_dim  # NoPE keys + values
     if not 1 <= kv_rank <= width:
         raise ValueError(f"--kv-rank {kv_rank}: must be in [1, {width}] (NoPE key dims + value dims)")
-
-
-def moments(lm, ids: np.ndarray) -> list[np.ndarray]:
-    """Per layer, float64 [2KD, 2KD]: the second moment of u = [k_pre; v] (head-major) over the tokens of
-    the windows ids [n, T] (one forward per window)."""
-    cfg = lm.cfg
-    kd = cfg.n_kv_heads * cfg.head_dim
-
-    @jax.jit
-    def one(params, tokens):
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        _, state = model_for(cfg)(cfg).apply({"params": params}, tokens, positions, model_cache(cfg, b, t),
-                                             mutable=["intermediates"])
-        out = []
-        for i in range(cfg.n_layers):
-            u = state["intermediates"][f"layers_{i}"]["attn"]["qkv"][0][..., -2 * kd:].astype(jnp.float32)
-            u = u.reshape(-1, 2 * kd)
-            out.append(u.T @ u)
-        return out
-
-    total = None
-    for window in ids:
-        m = [np.asarray(x, np.float64) for x in jax.device_get(one(lm.params, jnp.asarray(window[None])))]
-        total = m if total is None else [a + b for a, b in zip(total, m)]
-    return total
 
 
 def rotations(s_kk: np.ndarray, n_kv: int, d: int) -> np.ndarray:
@@ -174,7 +146,7 @@ def convert(lm, ids: np.ndarray, kv_rank: int, rope_dim: int):
                          tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype, latent_norm=False,
                          rope_period=cfg.head_dim if m > 1 else None)
     params = dict(lm.params)
-    for i, s in enumerate(moments(lm, ids)):
+    for i, s in enumerate(kv_moments(lm, ids)):
         layer = dict(params[f"layers_{i}"])
         layer["attn"] = convert_layer(layer["attn"], s, cfg, kv_rank, rope_dim)
         params[f"layers_{i}"] = layer

@@ -12,6 +12,7 @@ import kvjax
 from kvjax import transmla
 from kvjax.cli import main
 from kvjax.lm import LM
+from kvjax.methods.palu import kv_moments
 from kvjax.models.deepseek import DeepSeekConfig, apply_rope_interleaved
 from kvjax.models.rope import apply_rope
 from kvjax.states import MLAKV
@@ -58,7 +59,7 @@ def test_rorope_moves_correlated_heads_into_the_rope_head():
 
 
 def _key_moment(lm) -> np.ndarray:
-    return transmla.moments(lm, CALIB)[0][:16, :16]
+    return kv_moments(lm, CALIB)[0][:16, :16]
 
 
 def test_the_interleaved_layout_is_the_same_rotation():

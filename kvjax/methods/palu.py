@@ -169,34 +169,46 @@ def calibration_ids(lm, calib: str | None, tokens: int) -> np.ndarray:
     return np.asarray(ids[: n * window], np.int32).reshape(n, window)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "group"))
-def _moments(params, tokens, *, cfg, group: int):
-    """Per layer, the second moments float32 [N, gD, gD] of the pre-RoPE keys and of the values of each
-    group of `group` KV heads over the tokens [B, T]."""
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _window_moments(params, tokens, *, cfg):
+    """Per layer, float32 [2KD, 2KD]: sum over the tokens [B, T] of u u^T, u = [k_pre; v] (head-major)."""
     b, t = tokens.shape
+    kd = cfg.n_kv_heads * cfg.head_dim
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     _, state = model_for(cfg)(cfg).apply({"params": params}, tokens, positions, model_cache(cfg, b, t),
                                          mutable=["intermediates"])
-    feats = state["intermediates"]
-    kd = cfg.n_kv_heads * cfg.head_dim
     out = []
     for i in range(cfg.n_layers):
-        f = feats[f"layers_{i}"]["attn"]["qkv"][0].astype(jnp.float32)  # [B, T, (H + 2K) D]
-        n_groups = cfg.n_kv_heads // group
-        k = f[..., -2 * kd: -kd].reshape(-1, n_groups, group * cfg.head_dim)
-        v = f[..., -kd:].reshape(-1, n_groups, group * cfg.head_dim)
-        out.append((jnp.einsum("tni,tnj->nij", k, k), jnp.einsum("tni,tnj->nij", v, v)))
+        u = state["intermediates"][f"layers_{i}"]["attn"]["qkv"][0][..., -2 * kd:].astype(jnp.float32)
+        u = u.reshape(-1, 2 * kd)
+        out.append(u.T @ u)
     return out
 
 
+def kv_moments(lm, ids: np.ndarray) -> list[np.ndarray]:
+    """Per layer, float64 [2KD, 2KD]: the second moment of u = [k_pre; v] (pre-RoPE keys then values, KV
+    heads head-major) over the windows ids [n, T], one forward per window (Palu's bases, TransMLA)."""
+    total = None
+    for window in ids:
+        m = [np.asarray(x, np.float64) for x in jax.device_get(_window_moments(lm.params, jnp.asarray(window[None]),
+                                                                                cfg=lm.cfg))]
+        total = m if total is None else [a + b for a, b in zip(total, m)]
+    return total
+
+
 def calibrate(lm, group: int = 1, calib: str | None = None, tokens: int = 4096):
-    """Palu's bases for `lm` (see the module docstring): per layer U_k, U_v [N, gD, gD], float32 numpy."""
-    ids = calibration_ids(lm, calib, tokens)
-    sums = None
-    for window in ids:  # one window per call: memory bounded by one 512-token forward
-        m = jax.device_get(_moments(lm.params, jnp.asarray(window[None]), cfg=lm.cfg, group=group))
-        sums = m if sums is None else [(a + c, b + d) for (a, b), (c, d) in zip(sums, m)]
-    return [top_eigenvectors(k) for k, _ in sums], [top_eigenvectors(v) for _, v in sums]
+    """Palu's bases for `lm` (see the module docstring): per layer U_k, U_v [N, gD, gD], float32 numpy, from
+    each group's diagonal blocks of the K/V second moment."""
+    cfg = lm.cfg
+    kd, width = cfg.n_kv_heads * cfg.head_dim, group * cfg.head_dim
+    n = cfg.n_kv_heads // group
+
+    def blocks(m):  # [KD, KD] -> each group's [gD, gD] diagonal block, [N, gD, gD]
+        return np.stack([m[i * width:(i + 1) * width, i * width:(i + 1) * width] for i in range(n)])
+
+    moments = kv_moments(lm, calibration_ids(lm, calib, tokens))
+    return ([top_eigenvectors(blocks(m[:kd, :kd])) for m in moments],
+            [top_eigenvectors(blocks(m[kd:, kd:])) for m in moments])
 
 
 def top_eigenvectors(moment: np.ndarray) -> np.ndarray:
