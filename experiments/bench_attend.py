@@ -11,12 +11,15 @@ configuration is compiled and warmed, then timed in `repeats` interleaved rounds
 `block_until_ready`): best time per step, spread, and the ratio of the dense state's best to each.
 
 States: "dense", "ragged" (Ada-KV pool, all heads equal), "rolling" (decode-time eviction, the cache
-full), "latent" (MatryoshkaKV projections, half the rank), a quantizer spec (`QuantKV`), or
-"ragged:SPEC" (`QuantRaggedKV`).
+full), "latent" (MatryoshkaKV projections, half the rank), "palu" / "palu-g3" (`PaluKV`: latents of the
+pre-RoPE keys and the values at half the rank, per KV head or jointly over the 3 heads; the random keys
+stand for pre-RoPE ones), a quantizer spec (`QuantKV`), or "ragged:SPEC" (`QuantRaggedKV`). A quantized state runs `kvjax.native`'s fused kernel where it applies
+(CPU); NAME/jnp is the same state on the jnp path (traced under `native.disabled()`), side by side.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -26,7 +29,9 @@ import jax
 import jax.numpy as jnp
 
 import kvjax
-from kvjax.states import DenseKV, LatentKV, RaggedKV, RollingKV
+from kvjax import native
+from kvjax.models.rope import rope_inv_freq
+from kvjax.states import DenseKV, LatentKV, PaluKV, RaggedKV, RollingKV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import cpu_line  # noqa: E402
@@ -34,11 +39,12 @@ from bench_generate import emit  # noqa: E402
 
 H, K, D = 9, 3, 64  # SmolLM2-135M
 DEFAULT = ["dense", "int8", "fp8", "per_token-4", "kivi-4", "kivi-2", "kvquant-4", "kvquant-3", "kvquant-2",
-           "ragged", "ragged:kivi-2", "rolling", "latent"]
+           "ragged", "ragged:kivi-2", "rolling", "latent", "palu", "palu-g3"]
 
 
 def build(name: str, n: int, key):
     """A layer state holding n random tokens (positions 0..n-1), with room for the decode steps."""
+    name = name.removesuffix("/jnp")
     kk, kv = jax.random.split(key)
     k = jax.random.normal(kk, (1, K, n, D), jnp.float32)
     v = jax.random.normal(kv, (1, K, n, D), jnp.float32)
@@ -53,6 +59,13 @@ def build(name: str, n: int, key):
     if name == "latent":
         basis = jnp.linalg.qr(jax.random.normal(key, (K, D, D)))[0][:, :, : D // 2]
         return LatentKV.init(1, n + 64, basis, basis, jnp.float32).append(k, v, pos, jnp.array([n]))
+    if name.startswith("palu"):
+        g = K if name == "palu-g3" else 1
+        bases = jnp.linalg.qr(jax.random.normal(key, (2, K // g, g * D, g * D)))[0][..., : g * D // 2]
+        features = jnp.concatenate([jnp.zeros((1, n, H * D)), k.transpose(0, 2, 1, 3).reshape(1, n, K * D),
+                                    v.transpose(0, 2, 1, 3).reshape(1, n, K * D)], axis=-1)
+        empty = PaluKV.init(1, n + 64, bases[0], bases[1], rope_inv_freq(CFG), jnp.float32)
+        return empty.append(k, v, pos, jnp.array([n]), features=features)
     if name.startswith("ragged"):
         ragged = RaggedKV.init(1, K, K * (n + 64), D, jnp.float32).append(k, v, pos, jnp.array([n]))
         if name == "ragged":
@@ -62,7 +75,7 @@ def build(name: str, n: int, key):
     return dense.quantize(kvjax.quantizers.get(name).for_model(CFG).for_layer(0), n + 64)
 
 
-class CFG:  # what `Quantizer.for_model` reads of a model config
+class CFG:  # what `Quantizer.for_model` and `rope_inv_freq` read of a model config
     head_dim, n_layers = D, 1
 
     @staticmethod
@@ -91,8 +104,14 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=512, help="the model's attn_block")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    run = step_fn(args.steps, args.block)
-    lines = [f"one layer's decode attention (H={H}, K={K}, D={D}, float32, batch 1, xla path), {args.steps} steps "
+    runs = {False: step_fn(args.steps, args.block), True: step_fn(args.steps, args.block)}  # jnp path: own trace
+
+    def run(name, *a):
+        jnp_path = name.endswith("/jnp")
+        with native.disabled() if jnp_path else contextlib.nullcontext():
+            return runs[jnp_path](*a)
+
+    lines = [f"one layer's decode attention (H={H}, K={K}, D={D}, float32, batch 1; NAME: native kernel where it applies, NAME/jnp: xla path), {args.steps} steps "
              f"per run, {args.repeats} interleaved rounds; {cpu_line()}", "",
              "| context | state | bytes | bytes / dense | us / step best (spread) | speed / dense | CPU us / step best |",
              "|---|---|---|---|---|---|---|"]
@@ -102,13 +121,13 @@ def main(argv=None) -> int:
         q_pos = jnp.full((1, 1), n, jnp.int32)
         times, cpu = {}, {}
         for s, st in states.items():
-            run(st, q, q_pos).block_until_ready()  # compile and warm
+            run(s, st, q, q_pos).block_until_ready()  # compile and warm
             times[s], cpu[s] = [], []
         for _ in range(args.repeats):
             for s, st in states.items():
                 jax.block_until_ready((st, q))
                 t0, c0 = time.perf_counter(), time.process_time()
-                run(st, q, q_pos).block_until_ready()
+                run(s, st, q, q_pos).block_until_ready()
                 times[s].append((time.perf_counter() - t0) / args.steps * 1e6)
                 cpu[s].append((time.process_time() - c0) / args.steps * 1e6)
         base_bytes = kvjax.states.base.tree_nbytes(states.get("dense", build("dense", n, jax.random.key(0))))

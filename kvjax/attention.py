@@ -41,6 +41,9 @@ def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | No
     [B, K, G*T, S_blk] and v with `mix(p)` -> p.v [B, K, G*T, Dv], so a block is never dequantized
     whole (the scales fold into q and p); `n` is None (one block, `read(0)`) or an int32 count of
     blocks (a `fori_loop`, so a store is read and scored one block at a time, never materialized whole).
+    A part may carry a third item `fused(qf, qf_pos, carry)` that continues the online softmax (m, l,
+    acc) over the same keys in one call (`kvjax.native`'s kernel over a quantized store) or returns
+    None where it does not apply; it is used only without a `window`.
     A key slot is visible to query t iff it is not hidden and its position is <= q_pos[b, t] (and, with
     a sliding `window` (static), > q_pos[b, t] - window: Gemma 3's local layers, HF's
     `sliding_window_overlay`; with `sink` (static) too, positions below it stay visible: a streaming
@@ -73,8 +76,11 @@ def online_attention(q, q_pos, parts, return_lse: bool = False, window: int | No
 
     carry = (jnp.full((b, n_kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, n_kv, g * t), jnp.float32),
              jnp.zeros((b, n_kv, g * t, dv), jnp.float32))
-    for read, n in parts:
-        if n is None:
+    for read, n, *fused in parts:
+        done = fused[0](qf, qf_pos, carry) if fused and window is None else None
+        if done is not None:
+            carry = done
+        elif n is None:
             carry = one_block(carry, *read(0))
         else:
             carry = jax.lax.fori_loop(0, n, lambda i, c, read=read: one_block(c, *read(i)), carry)

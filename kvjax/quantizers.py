@@ -53,6 +53,8 @@ class Quantizer(abc.ABC):
     kind: ClassVar[str] = "quantizer"
     residual: int
     sink: ClassVar[int] = 0
+    plain_codes: ClassVar[bool] = True  # keys and values are their stored codes dequantized, nothing more:
+    # `key_scores` / `value_mix` are the defaults, and `kvjax.native`'s kernel may read the store
 
     @abc.abstractmethod
     def quantize_keys(self, k, pos):
@@ -179,6 +181,7 @@ class KVQuant(Quantizer):
     `inv_freq` is bound from the model config by `for_model` (RoPE inverse frequencies).
     """
 
+    plain_codes: ClassVar[bool] = False  # keys are rotated after dequantization (`key_scores`)
     bits: int = 3
     group: int = 128
     residual: int = 128

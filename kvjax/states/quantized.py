@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import quant
+from kvjax import native, quant
 from kvjax.states.base import EMPTY_POS, LayerState, tree_nbytes
 
 
@@ -346,9 +346,18 @@ class QuantStore:
         def side(k, v, pos, n):
             return lambda i: (k, v, pos, jnp.arange(pos.shape[2])[None, None, :] >= n[..., None])
 
+        def fused(qf, qf_pos, carry):  # the native kernel over every head's store slots, or None
+            if qf.shape[2] > native.MAX_ROWS or not native.enabled():
+                return None
+            first = jnp.zeros_like(n_q) if base is None else base
+            return native.quant_attend(qf, qf_pos, carry, kq, vq, self.pos, first, n_q)
+
         parts = [(side(self.k_res, self.v_res, self.pos_res, self.per_head(self.n_r)), None)]
         if s:
-            parts.insert(0, (read_store, (jnp.max(n_q) + blk - 1) // blk))
+            store = (read_store, (jnp.max(n_q) + blk - 1) // blk)
+            if not dequantized and self.quantizer.plain_codes and native.supports(kq) and native.supports(vq):
+                store += (fused,)
+            parts.insert(0, store)
         if self.k_sink.shape[2]:
             parts.insert(0, (side(self.k_sink, self.v_sink, self.pos_sink, self.n_sink), None))
         return parts
