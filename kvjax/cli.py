@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="evict in sliding-window layers too (Gemma 3's local layers; by default compression "
                         "applies to global layers only)")
     add_filling_args(g)
+    g.add_argument("--layout", default=None, choices=["paged"],
+                   help="paged: the KV cache in one pool of pages per layer shared by the rows and KV heads; "
+                        "--method evicts from the pages and the pool keeps only the pages held (kvjax.states.paged)")
+    g.add_argument("--page-size", type=int, default=16, help="slots per page with --layout paged (a power of two)")
     g.add_argument("--mesh", default=None, metavar="data=N,model=M",
                    help="shard over a device mesh (kvjax.sharding): KV heads over model, rows over data; on CPU "
                         "simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N")
@@ -252,7 +256,7 @@ def _generate(args) -> None:
     for result in lm.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             attention_impl=args.attention_impl, compress_local=args.compress_local,
-                            **_compression(args)):
+                            layout=args.layout, page_size=args.page_size, **_compression(args)):
         text = result.text.rstrip("\ufffd")  # hold back a partly decoded UTF-8 character
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
@@ -266,6 +270,11 @@ def _generate(args) -> None:
     if rep["local_bytes"]:
         print(f"[KV cache by layer kind: sliding-window layers {rep['local_bytes']:,} bytes, global layers "
               f"{rep['global_bytes']:,} bytes]")
+    if args.layout == "paged":
+        layers = result.cache.layers
+        print(f"[paged KV cache: {sum(int(x.pages_held()) for x in layers):,} pages of {args.page_size} slots held "
+              f"({sum(int(x.held_bytes()) for x in layers):,} bytes) in pools of "
+              f"{sum(x.n_pages for x in layers):,} pages]")
     if args.quant:
         parts = ", ".join(f"{k} {rep[k]:,}" for k in ("codes", "scales", "zeros", "outliers", "residual", "sink", "kv",
                                                       "metadata") if rep[k])

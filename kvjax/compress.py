@@ -19,6 +19,7 @@ from kvjax.methods.base import Budget, EvictionMethod, ScoreContext
 from kvjax.models.config import LlamaConfig
 from kvjax.states.cache import KVCache
 from kvjax.states.dense import DenseKV
+from kvjax.states.paged import PagedKV
 from kvjax.states.rolling import RollingKV
 from kvjax.states.window import WindowKV
 
@@ -63,7 +64,9 @@ def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaC
     (`ScoreContext`). A state shared by several layers is compressed once, by its producer's scores.
     Sliding-window states (`LayerState.sliding`: Gemma 3's local layers) are kept as they are, or with
     `local`, cut to the method's top `n_keep` of their window per KV head in a ring of
-    `capacities[l]` slots (per-head top-k; new tokens then replace the oldest kept ones).
+    `capacities[l]` slots (per-head top-k; new tokens then replace the oldest kept ones). Paged states
+    (`PagedKV`) are scored on their logical view and evicted in place (`method.page_keep`): the pages left
+    empty return to the pool (`capacities` does not apply; `PagedKV.shrunk` then cuts the pool).
     """
     layers = []
     for i, state in enumerate(cache.layers):
@@ -71,12 +74,15 @@ def compress(cache: KVCache, obs, n_keep, *, method: EvictionMethod, cfg: LlamaC
         if state.sliding and not local:
             layers.append(state)
             continue
-        ctx = ScoreContext(k=state.k, v=state.v, pos=state.pos, length=state.length, n_tokens=cache.next_pos,
+        view = state.dense() if isinstance(state, PagedKV) else state  # pages scored in logical order
+        ctx = ScoreContext(k=view.k, v=view.v, pos=view.pos, length=view.length, n_tokens=cache.next_pos,
                            obs=obs[producer], layer=producer, n_layers=cfg.n_layers, cfg=cfg,
                            attention_impl=cache.attention_impl, n_keep=n_keep[producer])
         with jax.named_scope(f"evict_{i}"):
             scores = method.score(ctx).astype(jnp.float32)
-            if state.sliding:
+            if isinstance(state, PagedKV):
+                layers.append(state.evict(method.page_keep(state, scores, n_keep[producer])))
+            elif state.sliding:
                 kept = DenseKV(k=state.k, v=state.v, pos=state.pos, length=state.length).keep_top(
                     scores, n_keep[producer], capacities[producer])
                 layers.append(WindowKV(k=kept.k, v=kept.v, pos=kept.pos, length=kept.length,

@@ -29,6 +29,7 @@ from kvjax.methods.spec import spec_of
 from kvjax.models.config import LlamaConfig
 from kvjax.states import KVCache, cache_nbytes
 from kvjax.states.cache import model_cache
+from kvjax.states.paged import paged_cache
 from kvjax.timing import compile_seconds
 from kvjax.tokenizer import Tokenizer
 
@@ -113,7 +114,8 @@ class LM:
     def prefill(self, ids, capacity: int | None = None, method=None, ratio: float | None = None,
                 budget: int | None = None, quant=None, check_finite: bool = False,
                 attention_impl: str | None = None, checkpoint=None, return_logits: bool = False,
-                compress_local: bool = False, chunked_compression=None):
+                compress_local: bool = False, chunked_compression=None, layout: str | None = None,
+                page_size: int = 16):
         """The cache after prefilling ids ([T], [B, T] or a list of rows of different lengths).
 
         With `method` (a name, "wrapper:name" or a method object) and `ratio` (fraction removed) or
@@ -129,20 +131,24 @@ class LM:
         `compress_local`: a model's sliding-window layers are evicted too (by default they keep their
         window and compression applies to global layers only). `chunked_compression` (True: chunks of
         `PREFILL_CHUNK` tokens, or a chunk size): compress after every prefill chunk, so no layer and head
-        ever holds more than the budget plus a chunk (`kvjax.recompress`).
+        ever holds more than the budget plus a chunk (`kvjax.recompress`). `layout="paged"`: the cache is a
+        `PagedKV` per layer (`kvjax.states.paged`): one pool of pages of `page_size` slots (a power of two)
+        shared by the rows and KV heads, each holding only its pages; a `method` evicts from the pages and
+        the pool is cut to the pages kept (plus `capacity` room); None: the model's own layout.
         """
         impl = resolve_impl(attention_impl)
         rows, _ = self._as_rows(ids)
+        pages = _page_size(layout, page_size)
         plan = self._plan(rows, method, ratio, budget, quant=quant, checkpoint=checkpoint,
-                          compress_local=compress_local, chunked_compression=chunked_compression)
+                          compress_local=compress_local, chunked_compression=chunked_compression, page_size=pages)
         if check_finite and plan is not None:
             plan = dataclasses.replace(plan, check_finite=True)
-        logits, cache = self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl)
+        logits, cache = self._prefill(rows, capacity or 0, plan=plan, attention_impl=impl, page_size=pages)
         return (logits, cache) if return_logits else cache
 
     def _plan(self, rows, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
               cache=None, compress_local: bool = False, chunked_compression=None,
-              decoding=None) -> pipeline.Plan | None:
+              decoding=None, page_size: int | None = None) -> pipeline.Plan | None:
         """Validate a compression request before anything compiles (`kvjax.pipeline.plan`). A converted
         model (`self.method`) prefills with its own method; another method is an error."""
         if self.method is not None and cache is None:
@@ -152,15 +158,19 @@ class LM:
             method = self.method
         return pipeline.plan(self.cfg, [len(r) for r in rows], method, ratio, budget, capacity, quant, checkpoint,
                              model_name=self.name, fresh=cache is None, compress_local=compress_local, lm=self,
-                             tokenizer=self.tokenizer, chunked_compression=chunked_compression, decoding=decoding)
+                             tokenizer=self.tokenizer, chunked_compression=chunked_compression, decoding=decoding,
+                             page_size=page_size)
 
     def _prefill(self, rows: list[list[int]], extra: int = 0, cache: KVCache | None = None, plan=None,
-                 attention_impl: str = "xla"):
-        """Prefill rows onto `cache` (or a new one) with room for `extra` slots past its current length,
-        then compress / quantize with `plan` (`kvjax.pipeline`)."""
+                 attention_impl: str = "xla", page_size: int | None = None):
+        """Prefill rows onto `cache` (or a new one, paged with a `page_size`) with room for `extra` slots
+        past its current length, then compress / quantize with `plan` (`kvjax.pipeline`)."""
         tokens, lengths = self._pad(rows)
         room = max(tokens.shape[1], extra)
-        if cache is None:  # chunked compression allocates its own bounded cache
+        if cache is None and page_size is not None:  # a pool of the pages the rows and their room fill
+            cache = paged_cache(self.cfg, bucket(room), lengths + max(0, extra - int(lengths.max())), page_size,
+                                attention_impl)
+        elif cache is None:  # chunked compression allocates its own bounded cache
             cache = self._empty_cache(len(rows), MIN_BUCKET if plan is not None and plan.chunk else bucket(room),
                                       attention_impl)
         else:
@@ -182,7 +192,8 @@ class LM:
                  stop_at_eos: bool = True, method=None, ratio: float | None = None,
                  budget: int | None = None, capacity: int | None = None, quant=None,
                  attention_impl: str | None = None, checkpoint=None, compress_local: bool = False,
-                 chunked_compression=None, decoding=None) -> Generation:
+                 chunked_compression=None, decoding=None, layout: str | None = None,
+                 page_size: int = 16) -> Generation:
         """Generate up to `max_new_tokens` per prompt (greedy by default).
 
         `ids_or_text`: a str, a list of str, ids [T], ids [B, T] or a list of id rows of different
@@ -200,12 +211,15 @@ class LM:
         (a `kvjax.recompress.DecodeCompression`, kvpress's DecodingPress parameters): every
         `compression_interval` new tokens, re-score the cache with `method` and keep `target_size` tokens per
         layer and head, inside the jitted decode loop; with ratio= / budget= the prompt is compressed first.
+        `layout="paged"` (`page_size` slots a page): the cache is paged (see `prefill`); a method's
+        evicted pages leave the pool, and each row and head takes pages from it as it decodes.
         """
         chunks = list(self.stream(ids_or_text, max_new_tokens, temperature, top_k, top_p, seed, cache,
                                   stop_at_eos, every=None, method=method, ratio=ratio, budget=budget,
                                   capacity=capacity, quant=quant, attention_impl=attention_impl,
                                   checkpoint=checkpoint, compress_local=compress_local,
-                                  chunked_compression=chunked_compression, decoding=decoding))
+                                  chunked_compression=chunked_compression, decoding=decoding, layout=layout,
+                                  page_size=page_size))
         return chunks[-1]
 
     def stream(self, ids_or_text, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -213,7 +227,8 @@ class LM:
                every: int | None = STREAM_EVERY, method=None, ratio: float | None = None,
                budget: int | None = None, capacity: int | None = None, quant=None,
                attention_impl: str | None = None, checkpoint=None,
-               compress_local: bool = False, chunked_compression=None, decoding=None) -> Iterator[Generation]:
+               compress_local: bool = False, chunked_compression=None, decoding=None, layout: str | None = None,
+               page_size: int = 16) -> Iterator[Generation]:
         """Like `generate`, yielding the growing result every `every` tokens (None: once at the end)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -224,14 +239,15 @@ class LM:
         if longest + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's maximum positions ({self.cfg.max_positions})")
+        pages = _page_size(layout, page_size)
         plan = self._plan(rows, method, ratio, budget, capacity, quant, checkpoint, cache, compress_local,
-                          chunked_compression, decoding)
+                          chunked_compression, decoding, pages)
         compressor, room = None, max_new_tokens
         if plan is not None and plan.decoding is not None:  # slots for the most held between two compressions
             slots = recompress.decode_slots(plan, max(len(r) for r in rows), max_new_tokens)
             compressor, room = recompress.Compressor(plan.method, plan.decoding, slots), slots - int(plan.n_keep.max())
         c0, t0 = compile_seconds(), time.perf_counter()
-        logits, cache = self._prefill(rows, max(len(r) for r in rows) + room, cache, plan, impl)
+        logits, cache = self._prefill(rows, max(len(r) for r in rows) + room, cache, plan, impl, pages)
         if plan is not None:  # every head's room for the new tokens (per-head pools are packed tight)
             cache = self._place(cache.with_room(room, pipeline.round_step))
         if compressor is not None:
@@ -319,6 +335,13 @@ class LM:
         if end.max() > self.cfg.max_positions:
             raise ValueError(f"cache + prompt reach position {end.max()}, beyond the model's maximum "
                              f"positions ({self.cfg.max_positions})")
+
+
+def _page_size(layout, page_size) -> int | None:
+    """The page size of a `layout="paged"` request (None: the model's own layout)."""
+    if layout not in (None, "paged"):
+        raise ValueError(f"layout must be None (the model's own) or 'paged', got {layout!r}")
+    return None if layout is None else page_size
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LM:

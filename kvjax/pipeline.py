@@ -32,6 +32,7 @@ from kvjax.models.family import model_for
 from kvjax.shapes import bucket, round_step
 from kvjax.observe import init_layer_obs
 from kvjax.methods.crosslayer import CrossLayer
+from kvjax.states.paged import PagedKV, check_paged
 from kvjax.states.ragged import RaggedKV
 from kvjax.states.cache import KVCache, model_cache, route_share
 
@@ -82,7 +83,7 @@ class Plan:
 
 def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quant=None, checkpoint=None,
          model_name: str = "", fresh: bool = True, compress_local: bool = False, lm=None,
-         tokenizer=None, chunked_compression=None, decoding=None) -> Plan | None:
+         tokenizer=None, chunked_compression=None, decoding=None, page_size: int | None = None) -> Plan | None:
     """Validate a compression request for prompts of `lengths` tokens: a `Plan`, or None for none.
 
     `method`: None / "full", a name, a spec with parameters ("snapkv(window=16)"), "wrapper:name",
@@ -96,6 +97,8 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
     `tokenizer`: the model's, for a method that replays a prompt it builds (KVzip).
     `chunked_compression` (True or a chunk size) and `decoding` (a `recompress.DecodeCompression`): compress
     while the cache fills, after every prefill chunk and every N decode steps (`kvjax.recompress`).
+    `page_size`: the prompt is prefilled onto a paged cache (`kvjax.states.paged`, pages of that many
+    slots): `_check_paged` says what it takes.
     """
     chunk = recompress.chunk_size(chunked_compression)
     if decoding is not None and not isinstance(decoding, recompress.DecodeCompression):
@@ -120,6 +123,9 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
                              f"method, e.g. {token.name}(press=snapkv)")
         share = route_share(token.route(cfg, model_name, lm))
         token = token.evictor()
+    if page_size is not None:
+        _check_paged(cfg, page_size, token, quantizer, capacity, filling or compress_local and "compress_local",
+                     share, fresh)
     if filling and (token is None or quantizer is not None or capacity is not None or compress_local or share):
         raise ValueError(f"{filling} needs a score method= on a dense full-precision cache, without quant=, "
                          "capacity=, compress_local or a cross-layer method")
@@ -173,6 +179,24 @@ def plan(cfg, lengths, method=None, ratio=None, budget=None, capacity=None, quan
                              "sliding-window layers (which keep their ring): use a score method or a quantizer")
         token.prepare(cfg, p, lm=lm)  # load (and check) trained weights before compiling
     return p
+
+
+def _check_paged(cfg, page_size, token, quantizer, capacity, other, share, fresh) -> None:
+    """A paged cache (`PagedKV`) takes a dense model, no method or a method whose kept tokens
+    `EvictionMethod.page_keep` gives (plain scorers, Ada-KV): one-line errors, before any compile, for
+    the rest (not wired to pages yet)."""
+    check_paged(cfg, page_size)
+    if not fresh:
+        raise ValueError("layout='paged' builds the cache the prompt is prefilled onto: with cache= the given "
+                         "cache's layout is used")
+    what = ("quantization" if quantizer is not None else "capacity= (decode-time eviction)" if capacity is not None
+            else other or ("a cross-layer method" if share is not None else None))
+    if what is None and token is not None and (token.prefills_itself or token.replays or token.own_budget
+                                               or not token.paged_keeps()):
+        what = f"method {token.name!r} (it selects or builds its own layout)"
+    if what:
+        raise ValueError(f"{what} does not apply to a paged cache: use layout='paged' with no method, a score "
+                         "method (snapkv, knorm, ...) or adakv:<scorer>")
 
 
 def _decoding(token, decoding, lengths):
@@ -289,6 +313,8 @@ def prefill(params, cfg, p: Plan | None, tokens: np.ndarray, lengths: np.ndarray
         if method is not None and not (p.decoding and p.ratio is None and p.budget is None):  # not DecodingPress alone
             cache = compress(cache, obs, jnp.asarray(p.n_keep), method=method, cfg=cfg, capacities=capacities(p, room),
                              rolling=p.rolling is not None, local=p.local is not None)
+            cache = dataclasses.replace(cache, layers=tuple(  # a paged pool cut to its pages and the room
+                layer.shrunk(0, room, round_step) if isinstance(layer, PagedKV) else layer for layer in cache.layers))
     return logits, quantize(cache, p, room, tuple(n + room for n in p.kept(cfg.n_layers, int(lengths.max()))))
 
 

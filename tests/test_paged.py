@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ from kvjax.methods.adakv import AdaKV
 from kvjax.methods.knorm import Knorm
 from kvjax.models.family import model_for
 from kvjax.states import EMPTY_POS, DenseKV, KVCache, PagedKV, RollingKV, init_cache
+from kvjax.states.paged import check_paged
 from kvjax.testing import random_ids, tiny_lm
 
 F32, I32 = jnp.float32, jnp.int32
@@ -285,6 +288,86 @@ def test_scored_rolling_evicts_as_rolling_kv(rule, recent):
     q, q_pos = qs[-1], jnp.full((b, 1), n, I32)
     np.testing.assert_allclose(np.asarray(attend(paged, q, q_pos, "xla")), np.asarray(rolling.attend(q, q_pos)),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_append_without_room_writes_nothing_and_with_room_grows_the_pool():
+    """A head with no free page (or no table entry) left: `has_room` is false and `append` writes
+    nothing (before, the stack underflowed and a page in use was handed out again); `with_room` grows the
+    pool and the tables host-side, and the append then lands in a new page. `shrunk` cuts the pool back
+    to the pages held plus the room."""
+    k, v, q = tokens(2, 1, 16, seed=8)
+    state = filled(k, v, [4, 4], capacity=8, page_size=4, n_pages=2)  # both pages taken
+    assert int(state.n_free) == 0 and not bool(state.has_room(1))
+    one = lambda s, i, n_valid: append(s, k[:, :, i:i + 1], v[:, :, i:i + 1], jnp.full((2, 1), i, I32),  # noqa: E731
+                                       jnp.asarray(n_valid, I32))
+    same = one(state, 4, [1, 0])
+    for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert bool(state.has_room(jnp.asarray([0, 0], I32)))  # per-row counts: nothing needs no page
+    grown = state.with_room(6)
+    assert grown.n_pages == 2 + 2 * 2 and grown.table.shape[2] == 3  # 10 tokens: 3 pages of 4 per row
+    assert bool(grown.has_room(6)) and grown.with_room(6) is grown
+    grown = one(one(grown, 4, [1, 1]), 5, [1, 0])
+    held = np.zeros((2, 1, 16), bool)
+    held[0, 0, :6] = held[1, 0, :5] = True
+    check_attention(grown, q, k, v, held, jnp.asarray([[16], [16]], I32))
+    # no table entry left (a full table, free pages in the pool): nothing written either
+    full = filled(k, v, [8, 8], capacity=8, page_size=4, n_pages=6)
+    assert int(full.n_free) == 2 and not bool(full.has_room(1))
+    assert np.asarray(one(full, 8, [1, 1]).fill).tolist() == [[8], [8]]
+    # after an eviction, `shrunk` keeps the pages held and the pages 5 more tokens per head open: row 0
+    # keeps slots 4, 5 (its first page freed, fill 6 -> 11: one page more), row 1 fills 5 -> 10: one more
+    keep = np.ones((2, 1, 12), bool)
+    keep[0, 0, :4] = False
+    cut = evict(grown, jnp.asarray(keep)).shrunk(0, 5)
+    assert int(cut.pages_held()) == 1 + 2 and cut.n_pages == 3 + 1 + 1 and cut.table.shape[2] == 3
+    held[0, 0, :4] = False
+    check_attention(cut, q, k, v, held, jnp.asarray([[16], [16]], I32))
+
+
+@pytest.mark.parametrize("method", ["knorm", "adakv:knorm"])
+def test_generate_on_the_paged_layout_gives_the_padded_layout_tokens(method):
+    """`LM.generate(layout="paged")`: prompts of 40 and 9 tokens prefilled onto pages, evicted by a score
+    method (per-head top-k, or Ada-KV's per-head budgets) at ratio 0.5, the emptied pages leaving the
+    pool, then decoded: the same greedy tokens as the padded dense / ragged cache. Each head holds the
+    pages its tokens fill (at least ceil(tokens / P); more only below the compaction threshold), the
+    short row fewer than the long one, and the pool only the pages held after eviction and the decode room."""
+    lm = tiny_lm()
+    ids = [random_ids(40, seed=3).tolist(), random_ids(9, seed=4).tolist()]
+    kw = dict(method=method, ratio=0.5, max_new_tokens=6, stop_at_eos=False)
+    want = lm.generate(ids, **kw)
+    out = lm.generate(ids, layout="paged", page_size=4, **kw)
+    assert out.ids == want.ids
+    for layer in out.cache.layers:
+        length, table = np.asarray(layer.length), np.asarray(layer.table)
+        pages = (table >= 0).sum(-1)  # [B, K] pages each head holds, each page once
+        assert isinstance(layer, PagedKV) and int(layer.pages_held()) == pages.sum() == len(set(table[table >= 0]))
+        assert np.all(pages >= -(-length // 4)) and pages[1].sum() < pages[0].sum()  # 20 + 5 tokens against 4 + 5
+        assert layer.n_pages < 2 * lm.cfg.n_kv_heads * layer.table.shape[2]  # less than a padded pool
+    assert out.cache_bytes < want.cache_bytes or method.startswith("adakv")
+
+
+def test_paged_layout_requests_that_do_not_apply_are_refused_before_compiling():
+    lm = tiny_lm()
+    ids = random_ids(40, seed=3).tolist()
+    cases = [
+        (dict(layout="pages"), "layout must be None (the model's own) or 'paged'"),
+        (dict(layout="paged", page_size=24), "page size 24 does not tile the kernel's block"),
+        (dict(layout="paged", method="knorm", ratio=0.5, quant="int8"), "quantization does not apply to a paged"),
+        (dict(layout="paged", method="streaming_llm", capacity=16), "capacity= (decode-time eviction) does not"),
+        (dict(layout="paged", method="chunkkv:knorm", ratio=0.5),
+         "method 'chunkkv:knorm' (it selects or builds its own layout)"),
+        (dict(layout="paged", method="knorm", ratio=0.5, chunked_compression=16), "chunked compression does not"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            lm.generate(ids, max_new_tokens=2, **kw)
+    with pytest.raises(ValueError, match="this model has sliding-window layers"):
+        check_paged(types.SimpleNamespace(kv_layout="dense", windows=(4, None)), 16)
+    with pytest.raises(ValueError, match="this model has a mla cache"):
+        check_paged(types.SimpleNamespace(kv_layout="mla"), 16)
+    with pytest.raises(ValueError, match="the given cache's layout is used"):
+        lm.generate(ids, cache=init_cache(2, 1, 2, 64, 8, F32), layout="paged")
 
 
 def test_page_sizes_that_do_not_tile_the_block_are_refused():

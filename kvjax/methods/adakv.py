@@ -42,6 +42,9 @@ class AdaKV(Wrapper):
         scores = jnp.where(rank < n_safe[:, None, None], jnp.finfo(jnp.float32).max, scores)
         return top_pairs(state, scores, state.k.shape[1] * n_keep, state.k.shape[1] * capacity)
 
+    def page_keep(self, state, scores, n_keep):
+        return state.keep_top_pairs(scores, n_keep, self.alpha_safeguard)  # the pairs `select` keeps
+
 
 def in_capacity(state, scores, capacity: int):
     """(state, scores [B, K, C]) widened to `capacity` slots (empty slots, and slots past each row's

@@ -226,6 +226,17 @@ class EvictionMethod(abc.ABC):
         """Turn scores [B, K, S] into a smaller layer state keeping `n_keep` [B] tokens per head."""
         return state.keep_top(scores, n_keep, capacity)
 
+    def page_keep(self, state, scores, n_keep):
+        """The kept slots of a paged state (`kvjax.states.paged.PagedKV`), bool [B, K, L], from scores
+        [B, K, L] over its logical slots: the same tokens `select` keeps, evicted from the pages. Only
+        methods whose `select` keeps a per-head top-k (plain scorers) or that override this one apply
+        to a paged cache (`paged_keeps`)."""
+        return state.keep_top(scores, n_keep)
+
+    def paged_keeps(self) -> bool:
+        """True if `page_keep` gives the tokens `select` keeps (a paged cache can take the method)."""
+        return self.plain_scorer() or type(self).page_keep is not EvictionMethod.page_keep
+
     def decode_rule(self, capacity: int) -> tuple[str, int, int] | None:
         """(rule, n_sink, recent) of `RollingKV` for decode-time eviction, or None if the method has none."""
         return None

@@ -34,6 +34,8 @@ from kvjax.attention import online_attention
 from kvjax.kernels.dispatch import unsupported
 from kvjax.kernels.paged_decode_attention import paged_decode_attention
 from kvjax.states.base import EMPTY_POS, LayerState
+from kvjax.states.cache import KVCache
+from kvjax.states.dense import DenseKV
 
 RULES = ("streaming", "h2o", "tova")
 
@@ -129,19 +131,73 @@ class PagedKV(LayerState):
                    threshold=threshold, rule=rule)
 
     # ------------------------------------------------------------------------------ writing
-    def has_room(self, n: int = 1) -> jax.Array:
-        """bool []: every head can take `n` more tokens (table entries and free pages)."""
-        last = _cdiv(self.fill + n, self.page_size)
+    def has_room(self, n=1) -> jax.Array:
+        """bool []: every head can take `n` more tokens (int, or int32 [B] per row): table entries and
+        free pages. Exactly when `append` writes them."""
+        last = _cdiv(self.fill + jnp.asarray(n, jnp.int32).reshape(-1, 1), self.page_size)
         return (jnp.max(last) <= self.table.shape[2]) & (jnp.sum(last - self.used_pages()) <= self.n_free)
+
+    def with_room(self, n: int, round_up=lambda c: c) -> "PagedKV":
+        """Host-side: a state in which every head can take `n` more tokens. The tables grow to the
+        longest head's fill + n slots and the pool by the pages missing (both through `round_up` of
+        slots); the state itself when it has the room."""
+        fill, used = np.asarray(self.fill), np.asarray(self.used_pages())
+        last = _cdiv(fill + n, self.page_size)
+        n_table = max(self.table.shape[2], self._pages(round_up(int(last.max()) * self.page_size)))
+        need = int(self.pages_held()) + int(np.sum(last - used))
+        if n_table == self.table.shape[2] and need <= self.n_pages:
+            return self
+        return self.resized(n_table, max(self.n_pages, self._pages(round_up(need * self.page_size))))
+
+    def shrunk(self, capacity: int, room: int, round_up=lambda c: c) -> "PagedKV":
+        """Host-side, after an eviction: the pool cut to the pages held plus those `room` more tokens per
+        head would open, the tables to the longest head's fill + `room` slots (both through `round_up`
+        of slots; `capacity` is unused: every head has its own table)."""
+        fill, used = np.asarray(self.fill), np.asarray(self.used_pages())
+        last = _cdiv(fill + room, self.page_size)
+        need = int(self.pages_held()) + int(np.sum(last - used))
+        return self.resized(max(1, self._pages(round_up(int(last.max()) * self.page_size))),
+                            max(1, self._pages(round_up(need * self.page_size))))
+
+    def _pages(self, slots: int) -> int:
+        return _cdiv(int(slots), self.page_size)
+
+    def resized(self, n_table: int, n_pages: int) -> "PagedKV":
+        """Host-side: the same tokens in a pool of `n_pages` pages and tables of `n_table` entries per
+        head; the held pages are renumbered 0, 1, ... in table order and the rest go on the free stack.
+        A ValueError if the held pages or the used table entries do not fit."""
+        table = np.asarray(self.table)
+        held = table >= 0
+        n_held, n_used = int(held.sum()), int(np.asarray(self.used_pages()).max(initial=0))
+        if n_held > n_pages or n_used > n_table:
+            raise ValueError(f"a paged layer holding {n_held} pages (up to {n_used} per head) does not fit "
+                             f"{n_pages} pages with tables of {n_table} entries")
+        old = table[held]
+        new = np.full(table.shape[:2] + (max(n_table, table.shape[2]),), -1, np.int32)
+        new[..., :table.shape[2]][held] = np.arange(n_held)
+        ids = jnp.asarray(old, jnp.int32)
+
+        def pool(x, fill):
+            out = jnp.full((n_pages,) + x.shape[1:], fill, x.dtype)
+            return out.at[:n_held].set(x[ids]) if n_held else out
+
+        free = np.zeros(n_pages, np.int32)
+        free[:n_pages - n_held] = np.arange(n_pages - 1, n_held - 1, -1)  # the lowest id on top
+        return dataclasses.replace(
+            self, k=pool(self.k, 0), v=pool(self.v, 0), pos=pool(self.pos, EMPTY_POS),
+            score=None if self.score is None else pool(self.score, 0.0), table=jnp.asarray(new[..., :n_table]),
+            free=jnp.asarray(free), n_free=jnp.asarray(n_pages - n_held, jnp.int32))
 
     def append(self, k, v, pos, n_valid, features=None) -> "PagedKV":
         """Write the first n_valid[b] of T tokens per row after each head's fill, popping the pages
         they open from the free stack (padding tokens are not written). k, v: [B, K, T, D]; pos: int32
-        [B, T]; n_valid: int32 [B]. Callers guarantee the room (`has_room`): with too few free pages the
-        stack underflows and a page still in use would be handed out again."""
+        [B, T]; n_valid: int32 [B]. Without the room for all of them (`has_room(n_valid)`: a table
+        entry or a free page missing) nothing is written and the state is returned unchanged, so no
+        page in use is ever handed out twice; callers make the room first (`with_room`, host-side; the
+        decode loop stops on `has_room`)."""
         b, n_kv, t, d = k.shape
         p, n_table, n_pool = self.page_size, self.table.shape[2], self.n_pages
-        n_new = n_valid.astype(jnp.int32)[:, None]  # [B, 1]
+        n_new = jnp.where(self.has_room(n_valid), n_valid.astype(jnp.int32), 0)[:, None]  # [B, 1]
         first, last = self.used_pages(), _cdiv(self.fill + n_new, p)
         opened = (last - first).reshape(-1)  # pages each head opens, [B*K]
         offset = (jnp.cumsum(opened) - opened).reshape(b, n_kv, 1)
@@ -179,6 +235,13 @@ class PagedKV(LayerState):
         """A pool array [NP, P, ...] read in logical order, [B, K, L, ...] (`fill` where no page is)."""
         flat = jnp.concatenate([pool.reshape((-1,) + pool.shape[2:]), jnp.full((1,) + pool.shape[2:], fill, pool.dtype)])
         return flat[self.physical()]
+
+    def dense(self) -> DenseKV:
+        """The logical view as a `DenseKV` (a copy; `length`: each row's longest fill): what a score
+        method scores (`kvjax.compress`). Right after a prefill, logical slot s holds position s, as in a
+        dense cache of L slots."""
+        k, v, pos = self.logical()
+        return DenseKV(k=k, v=v, pos=pos, length=jnp.max(self.fill, axis=1))
 
     def positions(self) -> jax.Array:
         """int32 [B, K, L] original position of every logical slot (`EMPTY_POS` where none is held)."""
@@ -323,6 +386,29 @@ class PagedKV(LayerState):
         flat = jnp.where(pos != EMPTY_POS, self.physical(), self.n_pages * self.page_size).reshape(-1)
         score = self.score.reshape(-1).at[flat].set(new.reshape(-1), mode="drop").reshape(self.score.shape)
         return dataclasses.replace(self, score=score)
+
+def paged_cache(cfg, capacity: int, tokens, page_size: int = 16, attention_impl: str = "xla") -> KVCache:
+    """The empty paged cache a model of `cfg` prefills onto (`LM.generate(layout="paged")`): a `PagedKV`
+    per layer with tables of `capacity` slots per KV head and a pool of exactly the pages rows of `tokens`
+    [B] tokens fill, K x sum over rows of ceil(tokens / P) (the prompts and their decode room), so that
+    rows of different lengths take only their pages. `with_room` grows the pool for more."""
+    check_paged(cfg, page_size)
+    tokens = np.asarray(tokens, np.int64)
+    n_pages = cfg.n_kv_heads * int(np.sum(_cdiv(tokens, page_size)))
+    layers = tuple(PagedKV.init(len(tokens), cfg.n_kv_heads, capacity, cfg.head_dim, cfg.jnp_dtype, page_size,
+                                n_pages=max(1, n_pages)) for _ in range(cfg.n_layers))
+    return KVCache(layers=layers, next_pos=jnp.zeros((len(tokens),), jnp.int32), attention_impl=attention_impl)
+
+
+def check_paged(cfg, page_size) -> None:
+    """One-line ValueError unless a model of `cfg` can hold its cache in pages of `page_size` slots:
+    every layer dense K/V (no latent, no sliding window) and a power-of-two page size."""
+    layout = getattr(cfg, "kv_layout", "dense")
+    if layout != "dense" or any(getattr(cfg, "windows", None) or ()):
+        raise ValueError("the paged layout holds dense K/V in every layer; this model has "
+                         + ("sliding-window layers" if layout == "dense" else f"a {layout} cache"))
+    check_page_size(page_size)
+
 
 def check_page_size(page_size: int) -> None:
     """One-line error for a page size that cannot tile the kernel's block (a power of two)."""
