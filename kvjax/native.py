@@ -103,9 +103,11 @@ def enabled() -> bool:
 
 
 def supports(qa: quant.QuantizedArray) -> bool:
-    """Whether the kernel reads `qa`'s format: uniform 2/4/8-bit, int8 or fp8 codes, token or channel
-    groups, no outliers (KVQuant's sparse side store and non-uniform codes stay on the jnp path)."""
-    return (qa.kind in _KIND and qa.outlier_val is None and qa.axis in (-1, -2)
+    """Whether the kernel reads `qa`'s format: uniform 2/4/8-bit, int8 or fp8 codes of rows of 64, 128
+    or 256 channels, in channel groups (of tokens) or token groups of a multiple of 16 channels, no
+    outliers (KVQuant's sparse side store, non-uniform and 3-bit codes stay on the jnp path)."""
+    return (qa.kind in _KIND and qa.outlier_val is None and qa.shape[-1] in (64, 128, 256)
+            and (qa.axis == -2 or (qa.axis == -1 and qa.group % 16 == 0))
             and (qa.kind != "uniform" or qa.bits in (2, 4, 8)))
 
 

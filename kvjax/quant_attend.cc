@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -35,74 +37,121 @@ namespace {
 
 constexpr int kTile = 64;  // tokens whose scores are taken before their softmax and values
 
+// 16 floats: one AVX-512 register (two AVX2 ones); rows are NV of them (D = 16 NV channels).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+
+template <typename V>
+inline V load(const void* p) {
+  V x;
+  std::memcpy(&x, p, sizeof(V));
+  return x;
+}
+
+// Widening 16 bytes to 16 int32 / 16 uint16 lanes: gcc 12 lowers __builtin_convertvector between vectors of
+// different sizes one lane at a time, so the AVX-512 / AVX2 instructions are spelled out (scalar otherwise).
+inline v16i widen32(v16b x, bool is_signed) {
+#if defined(__AVX512F__)
+  const __m128i b = reinterpret_cast<__m128i&>(x);
+  const __m512i w = is_signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+  return reinterpret_cast<const v16i&>(w);
+#elif defined(__AVX2__)
+  const __m128i b = reinterpret_cast<__m128i&>(x);
+  __m256i w[2];
+  w[0] = is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+  w[1] = is_signed ? _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)) : _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+  return load<v16i>(w);
+#else
+  v16i w;
+  for (int i = 0; i < 16; ++i) w[i] = is_signed ? static_cast<int8_t>(x[i]) : x[i];
+  return w;
+#endif
+}
+
+inline v16h widen16(v16b x) {
+#if defined(__AVX2__)
+  const __m256i w = _mm256_cvtepu8_epi16(reinterpret_cast<__m128i&>(x));
+  return reinterpret_cast<const v16h&>(w);
+#else
+  v16h w;
+  for (int i = 0; i < 16; ++i) w[i] = x[i];
+  return w;
+#endif
+}
+
+inline v16f to_float(v16b x, bool is_signed = false) { return __builtin_convertvector(widen32(x, is_signed), v16f); }
+
 // ------------------------------------------------------------------------------ code -> float32
-using Decode = void (*)(const uint8_t*, float*, int);
-
-template <int BITS>
-void decode_uniform(const uint8_t* in, float* out, int d) {
-  constexpr int per = 8 / BITS;
-  constexpr unsigned mask = (1u << BITS) - 1;
-  for (int j = 0; j < d / per; ++j)
-    for (int i = 0; i < per; ++i) out[j * per + i] = static_cast<float>((in[j] >> (BITS * i)) & mask);
-}
-
-void decode_int8(const uint8_t* in, float* out, int d) {
-  const int8_t* s = reinterpret_cast<const int8_t*>(in);
-  for (int c = 0; c < d; ++c) out[c] = static_cast<float>(s[c]);
-}
-
-struct Fp8Table {  // e4m3fn: s eeee mmm; (8 + m) 2^(e - 10), subnormal m 2^-9, NaN at eeee mmm = 1111 111
-  float v[256];
-  Fp8Table() {
-    for (int u = 0; u < 256; ++u) {
-      int e = (u >> 3) & 15, m = u & 7;
-      float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(static_cast<float>(8 + m), e - 10);
-      if ((u & 127) == 127) mag = NAN;
-      v[u] = u >= 128 ? -mag : mag;
+// Each decoder turns one row of codes into NV vectors of 16 floats in channel order, in registers:
+// sub-byte codes are spread to one byte each by shifts and masks on wider integer lanes (a 4-bit byte
+// b -> the 16-bit lane (b & 15) | (b >> 4) << 8, a 2-bit byte -> a 32-bit lane of 4 bytes), whose
+// bytes in memory order are then the codes in channel order.
+template <int NV>
+void decode(int kind, int bits, const uint8_t* in, v16f* out) {
+  if (kind == 1) {  // int8
+    for (int j = 0; j < NV; ++j) out[j] = to_float(load<v16b>(in + 16 * j), true);
+  } else if (kind == 2) {  // fp8 e4m3fn: s eeee mmm; (8 + m) 2^(e - 10), subnormal m 2^-9, NaN at 1111 111
+    for (int j = 0; j < NV; ++j) {
+      const v16i u = widen32(load<v16b>(in + 16 * j), false);
+      const v16i e = (u >> 3) & 15, m = u & 7;
+      const v16i normal = ((e + 120) << 23) | (m << 20);
+      const v16f sub = __builtin_convertvector(m, v16f) * (1.f / 512.f);
+      v16f mag = e == 0 ? sub : reinterpret_cast<const v16f&>(normal);
+      mag = (u & 127) == 127 ? v16f{} + NAN : mag;
+      out[j] = u >= 128 ? -mag : mag;
+    }
+  } else if (bits == 8) {
+    for (int j = 0; j < NV; ++j) out[j] = to_float(load<v16b>(in + 16 * j));
+  } else if (bits == 4) {  // 16 bytes -> 32 codes
+    for (int j = 0; j < NV; j += 2) {
+      const v16h x = widen16(load<v16b>(in + 8 * j));
+      const v16h w = (x & 15) | ((x << 4) & 0xF00);
+      out[j] = to_float(load<v16b>(&w));
+      out[j + 1] = to_float(load<v16b>(reinterpret_cast<const uint8_t*>(&w) + 16));
+    }
+  } else {  // 2 bits: 16 bytes -> 64 codes
+    for (int j = 0; j < NV; j += 4) {
+      const v16u x = reinterpret_cast<const v16u&>(static_cast<const v16i&>(widen32(load<v16b>(in + 4 * j), false)));
+      const v16u w = (x & 3) | ((x << 6) & 0x300) | ((x << 12) & 0x30000) | ((x << 18) & 0x3000000);
+      for (int i = 0; i < 4; ++i)
+        out[j + i] = to_float(load<v16b>(reinterpret_cast<const uint8_t*>(&w) + 16 * i));
     }
   }
-};
-const Fp8Table kFp8;
-
-void decode_fp8(const uint8_t* in, float* out, int d) {
-  for (int c = 0; c < d; ++c) out[c] = kFp8.v[in[c]];
 }
 
-Decode decoder(int64_t kind, int64_t bits) {
-  if (kind == 1) return decode_int8;
-  if (kind == 2) return decode_fp8;
-  return bits == 2 ? decode_uniform<2> : bits == 4 ? decode_uniform<4> : decode_uniform<8>;
-}
-
-// One quantized operand (keys or values) of one head: decodes slot s into a dequantized float row.
+// One quantized operand (keys or values) of one head: slot s as a dequantized row of NV vectors.
+template <int NV>
 struct Rows {
   const uint8_t* codes;  // [S, P] of the head's store row
   const float* scale;    // per token [S, D/group] or per channel [S/group, D]
   const float* zero;     // like scale, or nullptr
-  int d, bytes, group;
+  int kind, bits, bytes, group;
   bool per_channel;
-  Decode decode;
 
-  void row(int64_t s, float* out) const {
-    decode(codes + s * bytes, out, d);
+  void row(int64_t s, v16f* out) const {
+    decode<NV>(kind, bits, codes + s * bytes, out);
     if (per_channel) {
-      const float* sc = scale + (s / group) * d;
-      if (zero) {
-        const float* z = zero + (s / group) * d;
-        for (int c = 0; c < d; ++c) out[c] = out[c] * sc[c] + z[c];
-      } else {
-        for (int c = 0; c < d; ++c) out[c] *= sc[c];
-      }
+      const float* sc = scale + (s / group) * 16 * NV;
+      const float* z = zero ? zero + (s / group) * 16 * NV : nullptr;
+      for (int j = 0; j < NV; ++j) out[j] = out[j] * load<v16f>(sc + 16 * j) + (z ? load<v16f>(z + 16 * j) : v16f{});
       return;
     }
-    const int ng = d / group;
-    for (int j = 0; j < ng; ++j) {
-      const float sc = scale[s * ng + j], z = zero ? zero[s * ng + j] : 0.f;
-      float* o = out + j * group;
-      for (int c = 0; c < group; ++c) o[c] = o[c] * sc + z;
+    const int ng = 16 * NV / group, per = group / 16;  // groups of the row, vectors per group
+    for (int j = 0; j < NV; ++j) {
+      const int gi = j / per;
+      out[j] = out[j] * scale[s * ng + gi] + (zero ? zero[s * ng + gi] : 0.f);
     }
   }
 };
+
+inline float hsum(v16f a) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += a[i];
+  return s;
+}
 
 // exp(x) for x <= 0 and -inf (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial); 0 below -87.
 inline float exp_neg(float x) {
@@ -123,31 +172,36 @@ inline float exp_neg(float x) {
   return tiny ? 0.f : p * two;
 }
 
-// One head: continues the online softmax (m [M], l [M], acc [M, Dv]) over slots [first, first + n).
-void head(const float* q, const int32_t* qpos, const int32_t* pos, const Rows& k, const Rows& v, int64_t first,
-          int64_t n, int mrows, float* m, float* l, float* acc) {
-  const int d = k.d, dv = v.d;
-  std::vector<float> krow(d), vrow(dv), sc(static_cast<size_t>(mrows) * kTile);
+// One head: continues the online softmax (m [M], l [M], acc [M, D]) over slots [first, first + n).
+template <int NV>
+void head(const float* q, const int32_t* qpos, const int32_t* pos, const Rows<NV>& k, const Rows<NV>& v,
+          int64_t first, int64_t n, int mrows, float* m, float* l, float* acc) {
+  std::vector<v16f> qv(static_cast<size_t>(mrows) * NV), av(static_cast<size_t>(mrows) * NV);
+  std::vector<v16f> vt(static_cast<size_t>(kTile) * NV);  // the tile's dequantized values (16 KiB at D = 64)
+  std::vector<float> sc(static_cast<size_t>(mrows) * kTile);
+  for (int i = 0; i < mrows * NV; ++i) {
+    qv[i] = load<v16f>(q + 16 * i);
+    av[i] = load<v16f>(acc + 16 * i);
+  }
+  v16f kr[NV];
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int nt = static_cast<int>(n - t0 < kTile ? n - t0 : kTile);
-    for (int t = 0; t < nt; ++t) {  // scores of the tile
+    for (int t = 0; t < nt; ++t) {  // scores of the tile, and its values dequantized
       const int64_t s = first + t0 + t;
-      k.row(s, krow.data());
+      k.row(s, kr);
       for (int i = 0; i < mrows; ++i) {
-        const float* qi = q + static_cast<int64_t>(i) * d;
-        float dot = 0.f;
-        for (int c = 0; c < d; ++c) dot += qi[c] * krow[c];
-        sc[i * kTile + t] = pos[s] <= qpos[i] ? dot : -INFINITY;
+        const v16f* qi = qv.data() + i * NV;
+        v16f a = qi[0] * kr[0];
+        for (int j = 1; j < NV; ++j) a += qi[j] * kr[j];
+        sc[i * kTile + t] = pos[s] <= qpos[i] ? hsum(a) : -INFINITY;
       }
+      v.row(s, vt.data() + t * NV);
     }
-    for (int i = 0; i < mrows; ++i) {  // online softmax update, probabilities in place of the scores
+    for (int i = 0; i < mrows; ++i) {  // online softmax update, then p . v
       float* si = sc.data() + i * kTile;
       float mx = m[i];
       for (int t = 0; t < nt; ++t) mx = si[t] > mx ? si[t] : mx;
-      if (mx == -INFINITY) {  // nothing visible yet: p = 0
-        for (int t = 0; t < nt; ++t) si[t] = 0.f;
-        continue;
-      }
+      if (mx == -INFINITY) continue;  // nothing visible yet
       const float corr = exp_neg(m[i] - mx);
       float sum = 0.f;
       for (int t = 0; t < nt; ++t) {
@@ -156,16 +210,33 @@ void head(const float* q, const int32_t* qpos, const int32_t* pos, const Rows& k
       }
       l[i] = l[i] * corr + sum;
       m[i] = mx;
-      float* ai = acc + static_cast<int64_t>(i) * dv;
-      for (int c = 0; c < dv; ++c) ai[c] *= corr;
+      v16f a[NV];
+      for (int j = 0; j < NV; ++j) a[j] = av[i * NV + j] * corr;
+      for (int t = 0; t < nt; ++t)
+        for (int j = 0; j < NV; ++j) a[j] += si[t] * vt[t * NV + j];
+      for (int j = 0; j < NV; ++j) av[i * NV + j] = a[j];
     }
-    for (int t = 0; t < nt; ++t) {  // p . v of the tile
-      v.row(first + t0 + t, vrow.data());
-      for (int i = 0; i < mrows; ++i) {
-        const float p = sc[i * kTile + t];
-        float* ai = acc + static_cast<int64_t>(i) * dv;
-        for (int c = 0; c < dv; ++c) ai[c] += p * vrow[c];
-      }
+  }
+  for (int i = 0; i < mrows * NV; ++i) std::memcpy(acc + 16 * i, &av[i], 64);
+}
+
+template <int NV>
+void heads(const float* q, const int32_t* qpos, const int32_t* pos, const int32_t* start, const int32_t* count,
+           const uint8_t* kc, const float* ks, const float* kz, const uint8_t* vc, const float* vs,
+           const float* vz, const int64_t* attr, int64_t b, int64_t nk, int64_t hs, int64_t slots, int64_t mrows,
+           int64_t kp, int64_t vp, int64_t k_row, int64_t v_row, float* m, float* l, float* acc) {
+  constexpr int d = 16 * NV;
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t ki = 0; ki < nk; ++ki) {
+      const int64_t row = bi * hs + (hs == nk ? ki : 0), hd = bi * nk + ki;
+      const Rows<NV> keys{kc + row * slots * kp, ks + row * k_row, attr[0] == 0 ? kz + row * k_row : nullptr,
+                          static_cast<int>(attr[0]), static_cast<int>(attr[1]), static_cast<int>(kp),
+                          static_cast<int>(attr[3]), attr[2] == 2};
+      const Rows<NV> vals{vc + row * slots * vp, vs + row * v_row, attr[4] == 0 ? vz + row * v_row : nullptr,
+                          static_cast<int>(attr[4]), static_cast<int>(attr[5]), static_cast<int>(vp),
+                          static_cast<int>(attr[7]), attr[6] == 2};
+      head<NV>(q + hd * mrows * d, qpos + bi * mrows, pos + row * slots, keys, vals, start[hd], count[hd],
+               static_cast<int>(mrows), m + hd * mrows, l + hd * mrows, acc + hd * mrows * d);
     }
   }
 }
@@ -181,27 +252,22 @@ ffi::Error QuantAttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> qpos, 
   const auto qd = q.dimensions();  // [B, K, M, D]
   const auto cd = kc.dimensions(), vd = vc.dimensions();  // [B, Hs, S, P]
   const int64_t b = qd[0], nk = qd[1], mrows = qd[2], d = qd[3];
-  const int64_t hs = cd[1], slots = cd[2], kp = cd[3], vp = vd[3];
-  const int64_t dv = acc_in.dimensions()[3];
-  const int64_t k_scale_row = ks.element_count() / (b * hs), v_scale_row = vs.element_count() / (b * hs);
+  const int64_t hs = cd[1], slots = cd[2];
+  const int64_t k_row = ks.element_count() / (b * hs), v_row = vs.element_count() / (b * hs);
+  const int64_t attr[8] = {k_kind, k_bits, k_axis, k_group, v_kind, v_bits, v_axis, v_group};
+  if (acc_in.dimensions()[3] != d) return ffi::Error::InvalidArgument("quant_attend: keys and values differ in width");
   std::memcpy(m_out->typed_data(), m_in.typed_data(), m_in.size_bytes());
   std::memcpy(l_out->typed_data(), l_in.typed_data(), l_in.size_bytes());
   std::memcpy(acc_out->typed_data(), acc_in.typed_data(), acc_in.size_bytes());
-  for (int64_t bi = 0; bi < b; ++bi) {
-    for (int64_t ki = 0; ki < nk; ++ki) {
-      const int64_t row = bi * hs + (hs == nk ? ki : 0), hd = bi * nk + ki;
-      const Rows keys{kc.typed_data() + row * slots * kp, ks.typed_data() + row * k_scale_row,
-                      k_kind == 0 ? kz.typed_data() + row * k_scale_row : nullptr, static_cast<int>(d),
-                      static_cast<int>(kp), static_cast<int>(k_group), k_axis == 2, decoder(k_kind, k_bits)};
-      const Rows vals{vc.typed_data() + row * slots * vp, vs.typed_data() + row * v_scale_row,
-                      v_kind == 0 ? vz.typed_data() + row * v_scale_row : nullptr, static_cast<int>(dv),
-                      static_cast<int>(vp), static_cast<int>(v_group), v_axis == 2, decoder(v_kind, v_bits)};
-      head(q.typed_data() + hd * mrows * d, qpos.typed_data() + bi * mrows, pos.typed_data() + row * slots, keys,
-           vals, start.typed_data()[hd], count.typed_data()[hd], static_cast<int>(mrows),
-           m_out->typed_data() + hd * mrows, l_out->typed_data() + hd * mrows,
-           acc_out->typed_data() + hd * mrows * dv);
-    }
-  }
+  auto run = [&](auto fn) {
+    fn(q.typed_data(), qpos.typed_data(), pos.typed_data(), start.typed_data(), count.typed_data(), kc.typed_data(),
+       ks.typed_data(), kz.typed_data(), vc.typed_data(), vs.typed_data(), vz.typed_data(), attr, b, nk, hs, slots,
+       mrows, cd[3], vd[3], k_row, v_row, m_out->typed_data(), l_out->typed_data(), acc_out->typed_data());
+  };
+  if (d == 64) run(heads<4>);
+  else if (d == 128) run(heads<8>);
+  else if (d == 256) run(heads<16>);
+  else return ffi::Error::InvalidArgument("quant_attend: head dim must be 64, 128 or 256");
   return ffi::Error::Success();
 }
 
