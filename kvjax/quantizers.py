@@ -20,7 +20,6 @@ import abc
 import dataclasses
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +28,8 @@ from kvjax.methods.base import _REGISTRY, check_positive, register_quantizer
 from kvjax.methods.base import registry as _registry
 from kvjax.methods.spec import instantiate, resolve
 from kvjax.models.rope import rope_inv_freq
-from kvjax.models.rope import apply_rope, rotate
+from kvjax.models.rope import apply_rope
+from kvjax.models.rope import rotate_block as rope_block
 from kvjax.states.base import EMPTY_POS
 
 _register = register_quantizer  # quantizers share kvjax.methods' registry (kind "quantizer")
@@ -234,10 +234,14 @@ class KVQuant(Quantizer):
     def n_outliers(self, length: int) -> int:
         return max(1, round(self.outliers * length)) if self.outliers else 0
 
-    def rotate(self, k, pos, sign: int):
+    def frequencies(self) -> np.ndarray:
+        """float32 [D/2] the bound layer's RoPE inverse frequencies."""
         if self.inv_freq is None:
             raise ValueError("kvquant quantizes pre-RoPE keys: bind the model with quantizer.for_model(cfg)")
-        return apply_rope(k, sign * pos, np.asarray(self.inv_freq, np.float32))
+        return np.asarray(self.inv_freq, np.float32)
+
+    def rotate(self, k, pos, sign: int):
+        return apply_rope(k, sign * pos, self.frequencies())
 
     def quantize_keys(self, k, pos):
         return quant.quantize(self.rotate(k, pos, -1), self.bits, axis=-2, group=self.group,
@@ -252,24 +256,10 @@ class KVQuant(Quantizer):
         return jnp.einsum("...mc,...sc->...ms", q, self.rotate_block(quant.dequantize(qa, jnp.float32), pos))
 
     def rotate_block(self, k, pos):
-        """RoPE of a block of keys k [B, K, S, D] at pos int32 [B, K, S], without a sin or cos per key
-        where each row's used slots hold consecutive positions p0 + j (a flushed block of the store):
-        the rotation by p0 + j is that by p0 (one sin/cos per row) composed with a constant table of
-        j theta. Other blocks (tokens evicted between them, or slots refilled out of order) rotate per
-        key, as `rotate(k, pos, 1)`. XLA:CPU spends ~2.5 ns per sin or cos: per key, the rotation
-        costs more than the rest of the block's attention."""
-        s = pos.shape[-1]
-        p0 = pos[..., :1]
-        consecutive = jnp.all((pos == p0 + jnp.arange(s, dtype=pos.dtype)) | (pos == EMPTY_POS))
-
-        def run(k):
-            inv = np.asarray(self.inv_freq, np.float32)
-            step = np.arange(s, dtype=np.float64)[:, None] * inv.astype(np.float64)   # [S, D/2]
-            a0 = p0[..., None].astype(jnp.float32) * inv                              # [B, K, 1, D/2]
-            c0, s0, cj, sj = jnp.cos(a0), jnp.sin(a0), np.cos(step).astype(np.float32), np.sin(step).astype(np.float32)
-            return rotate(k, c0 * cj - s0 * sj, s0 * cj + c0 * sj)
-
-        return jax.lax.cond(consecutive, run, lambda k: self.rotate(k, pos, 1), k)
+        """RoPE of a block of keys k [B, K, S, D] at pos int32 [B, K, S] (`models.rope.rotate_block`): one
+        sin/cos per row where the used slots hold consecutive positions (a flushed block of the store),
+        per key where they do not (tokens evicted between them, or slots refilled out of order)."""
+        return rope_block(k, pos, self.frequencies(), pos == EMPTY_POS)
 
     def quantize_values(self, v):
         return quant.quantize(v, self.bits, axis=-1, outliers=self.n_outliers(v.shape[-1]),
