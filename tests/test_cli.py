@@ -56,6 +56,8 @@ def test_info_prints_config_and_kv_bytes(smollm2, capsys):
      "chunked compression: the chunk size must be a positive integer, got 0"),
     (["generate", "--prompt", "hi", "--method", "snapkv", "--compression-interval", "512", "--target-size", "32"],
      "decode-time compression keeps 32 tokens but snapkv always keeps 64 (window/sinks): give target_size >= 64"),
+    (["generate", "--prompt", "hi", "--layout", "paged", "--page-size", "24"],
+     "page size 24 does not tile the kernel's block"),
 ])
 def test_bad_input_is_one_line_and_exit_2(smollm2, capsys, argv, message):
     assert main(argv) == 2
