@@ -112,7 +112,7 @@ def supports(qa: quant.QuantizedArray) -> bool:
 
 
 def _operand(qa: quant.QuantizedArray):
-    codes = qa.codes if qa.codes.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(qa.codes, jnp.uint8)
+    codes = qa.codes  # uint8, int8 or float8 bytes as they are (a bitcast here copies the whole store)
     zero = qa.zero.astype(jnp.float32) if qa.zero is not None else jnp.zeros((1,), jnp.float32)
     attrs = dict(kind=np.int64(_KIND[qa.kind]), bits=np.int64(qa.bits), axis=np.int64(-qa.axis),
                  group=np.int64(qa.group))

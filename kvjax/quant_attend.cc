@@ -263,8 +263,8 @@ void heads(const float* q, const int32_t* qpos, const int32_t* pos, const int32_
 }
 
 ffi::Error QuantAttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::F32> m_in,
-                           ffi::Buffer<ffi::F32> l_in, ffi::Buffer<ffi::F32> acc_in, ffi::Buffer<ffi::U8> kc,
-                           ffi::Buffer<ffi::F32> ks, ffi::Buffer<ffi::F32> kz, ffi::Buffer<ffi::U8> vc,
+                           ffi::Buffer<ffi::F32> l_in, ffi::Buffer<ffi::F32> acc_in, ffi::AnyBuffer kc,
+                           ffi::Buffer<ffi::F32> ks, ffi::Buffer<ffi::F32> kz, ffi::AnyBuffer vc,
                            ffi::Buffer<ffi::F32> vs, ffi::Buffer<ffi::F32> vz, ffi::Buffer<ffi::S32> pos,
                            ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> count, int64_t k_kind, int64_t k_bits,
                            int64_t k_axis, int64_t k_group, int64_t v_kind, int64_t v_bits, int64_t v_axis,
@@ -280,10 +280,12 @@ ffi::Error QuantAttendImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> qpos, 
   std::memcpy(m_out->typed_data(), m_in.typed_data(), m_in.size_bytes());
   std::memcpy(l_out->typed_data(), l_in.typed_data(), l_in.size_bytes());
   std::memcpy(acc_out->typed_data(), acc_in.typed_data(), acc_in.size_bytes());
+  const auto* kbytes = static_cast<const uint8_t*>(kc.untyped_data());
+  const auto* vbytes = static_cast<const uint8_t*>(vc.untyped_data());
   auto run = [&](auto fn) {
-    fn(q.typed_data(), qpos.typed_data(), pos.typed_data(), start.typed_data(), count.typed_data(), kc.typed_data(),
-       ks.typed_data(), kz.typed_data(), vc.typed_data(), vs.typed_data(), vz.typed_data(), attr, b, nk, hs, slots,
-       mrows, cd[3], vd[3], k_row, v_row, m_out->typed_data(), l_out->typed_data(), acc_out->typed_data());
+    fn(q.typed_data(), qpos.typed_data(), pos.typed_data(), start.typed_data(), count.typed_data(), kbytes,
+       ks.typed_data(), kz.typed_data(), vbytes, vs.typed_data(), vz.typed_data(), attr, b, nk, hs, slots, mrows,
+       cd[3], vd[3], k_row, v_row, m_out->typed_data(), l_out->typed_data(), acc_out->typed_data());
   };
   if (d == 64) run(heads<4>);
   else if (d == 128) run(heads<8>);
@@ -301,10 +303,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxQuantAttend, QuantAttendImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // m [B, K, M]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // l [B, K, M]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // acc [B, K, M, Dv]
-                                  .Arg<ffi::Buffer<ffi::U8>>()    // key codes [B, Hs, S, Pk]
+                                  .Arg<ffi::AnyBuffer>()          // key codes [B, Hs, S, Pk], bytes of any type
                                   .Arg<ffi::Buffer<ffi::F32>>()   // key scales
                                   .Arg<ffi::Buffer<ffi::F32>>()   // key zeros (unread unless kind 0)
-                                  .Arg<ffi::Buffer<ffi::U8>>()    // value codes [B, Hs, S, Pv]
+                                  .Arg<ffi::AnyBuffer>()          // value codes [B, Hs, S, Pv]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // value scales
                                   .Arg<ffi::Buffer<ffi::F32>>()   // value zeros
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pos [B, Hs, S]

@@ -350,7 +350,7 @@ class QuantStore:
             if qf.shape[2] > native.MAX_ROWS or not native.enabled():
                 return None
             first = jnp.zeros_like(n_q) if base is None else base
-            return native.quant_attend(qf, qf_pos, carry, kq, vq, self.pos, first, n_q)
+            return native.quant_attend(qf, qf_pos, carry, self.kq, self.vq, self.pos, first, n_q)
 
         parts = [(side(self.k_res, self.v_res, self.pos_res, self.per_head(self.n_r)), None)]
         if s:
