@@ -4,6 +4,8 @@ r, bytes of the latents only; `kvjax convert palu` writes a directory `kvjax.loa
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -13,7 +15,9 @@ from kvjax.eval.runner import Config, cache_bytes
 from kvjax.lm import LM
 from kvjax.methods import palu
 from kvjax.states import PaluKV, cache_nbytes
+from kvjax.states.palu import DECODE_BLOCK
 from kvjax.testing import random_ids, tiny_config, tiny_lm, tiny_params, tiny_tokenizer
+from test_kv_state import naive_attention
 
 IDS = random_ids(40, seed=1).tolist()
 
@@ -112,3 +116,46 @@ def test_convert_palu_on_the_real_model(smollm2, tmp_path, capsys):
         converted.prefill(ids, method="snapkv", ratio=0.5)
     assert main(["convert", "palu", "--rank", "65", "--calib-tokens", "512", "--out", str(tmp_path / "x")]) == 2
     assert "exceeds the group's 64 dims" in capsys.readouterr().err
+
+
+def _palu_state(group: int, positions: np.ndarray, n_valid, seed: int = 0):
+    """A `PaluKV` (batch 2, 4 KV heads of 16 dims, 8 query heads, ranks 5 / 6 per group) holding random
+    tokens at `positions` [2, n], the second row `n_valid[1]` of them (padding past)."""
+    b, n = positions.shape
+    k, h, d = 4, 8, 16
+    rng = np.random.default_rng(seed)
+    basis = lambda r: jnp.asarray(np.linalg.qr(rng.normal(size=(k // group, group * d, group * d)))[0][..., :r],  # noqa: E731
+                                  jnp.float32)
+    state = PaluKV.init(b, n + 8, basis(5), basis(6), 1.0 / 10000.0 ** (np.arange(0, d, 2) / d), jnp.float32)
+    features = jnp.asarray(rng.normal(size=(b, n, (h + 2 * k) * d)), jnp.float32)
+    v = features[..., (h + k) * d:].reshape(b, n, k, d).transpose(0, 2, 1, 3)
+    return state.append(v, v, jnp.asarray(positions, jnp.int32), jnp.asarray(n_valid), features=features)
+
+
+def _whole_cache_attention(state, q, q_pos):
+    """Every key rebuilt at once (`PaluKV.keys`), the values mapped back per head: float64 reference."""
+    g, d = state.group, state.head_dim
+    n_kv = state.uk.shape[0] * g
+    uv = np.asarray(state.uv).reshape(state.uv.shape[0], g, d, -1).reshape(n_kv, d, -1)
+    values = np.einsum("bksr,kdr->bksd", np.repeat(np.asarray(state.store.v, np.float64), g, axis=1), uv)
+    return naive_attention(q, q_pos, state.keys(), values, state.positions(), state.length)
+
+
+@pytest.mark.parametrize("group, layout", [(1, "consecutive"), (2, "gaps")])
+def test_blockwise_keys_equal_the_whole_cache_reconstruction(group, layout):
+    """Keys rebuilt a block at a time inside the online softmax (decode: `DECODE_BLOCK` slots, the last block
+    overlapping; a prefill chunk: `block`) give the attention of the whole-cache reconstruction, batch 2 with
+    padding: in blocks of consecutive positions (the rotation from one sin/cos per row and block), and in a
+    first block with gaps and a slot out of order (tokens evicted or refilled: the per-key rotation) followed
+    by a consecutive one."""
+    n = DECODE_BLOCK + 150
+    positions = np.broadcast_to(np.arange(n), (2, n)).copy()
+    if layout == "gaps":
+        positions[:, 40:] += 25
+        positions[1, 3] = 900
+    state = _palu_state(group, positions, [n, n - 60])
+    for t, block in ((1, None), (5, 64)):
+        q = jax.random.normal(jax.random.key(t), (2, t, 8, 16))
+        q_pos = jnp.asarray(np.full((2, t), 1000) - np.arange(t)[::-1], jnp.int32)
+        got = jax.jit(lambda st, q, q_pos: st.attend_jnp(q, q_pos, block))(state, q, q_pos)
+        np.testing.assert_allclose(np.asarray(got), _whole_cache_attention(state, q, q_pos), rtol=1e-4, atol=2e-5)
