@@ -15,6 +15,14 @@ the pages it holds that hold no token) passes `threshold` and packing would free
 are freed. Everything is one jittable function of arrays with static shapes (the pool, the tables and
 the free stack never change shape); vLLM's RFC for eviction from its paged cache is still open.
 
+**Use**: `LM.generate(ids, method="snapkv", ratio=0.5, layout="paged", page_size=16)` (or `kvjax
+generate --layout paged --page-size 16`) prefills onto `paged_cache` (a pool of exactly the pages the
+prompts and their decode room fill), evicts each layer by the method's `page_keep` (a plain scorer's
+per-head top-k, Ada-KV's pairs) and cuts each pool to the pages held plus the decode room (`shrunk`):
+the same greedy tokens as the padded layout. Room: `has_room(n)` is true exactly when `append` writes
+(without it nothing is written); `with_room` grows the pool and tables host-side. Not wired yet:
+decode-time eviction (`roll`) from `generate(capacity=)`, quantized pages, one pool shared by layers.
+
 **Memory**: `nbytes()` is the allocated pool (capacity: NP pages whether held or not, plus tables);
 `held_bytes()` = pages held x `page_bytes` is what the layout uses (what a shared pool would charge
 this layer).
