@@ -136,13 +136,18 @@ struct Rows {
     if (per_channel) {
       const float* sc = scale + (s / group) * 16 * NV;
       const float* z = zero ? zero + (s / group) * 16 * NV : nullptr;
-      for (int j = 0; j < NV; ++j) out[j] = out[j] * load<v16f>(sc + 16 * j) + (z ? load<v16f>(z + 16 * j) : v16f{});
+      if (z) {
+        for (int j = 0; j < NV; ++j) out[j] = out[j] * load<v16f>(sc + 16 * j) + load<v16f>(z + 16 * j);
+      } else {
+        for (int j = 0; j < NV; ++j) out[j] *= load<v16f>(sc + 16 * j);
+      }
       return;
     }
-    const int ng = 16 * NV / group, per = group / 16;  // groups of the row, vectors per group
-    for (int j = 0; j < NV; ++j) {
-      const int gi = j / per;
-      out[j] = out[j] * scale[s * ng + gi] + (zero ? zero[s * ng + gi] : 0.f);
+    const int ng = 16 * NV / group;  // groups of the row
+    float* o = reinterpret_cast<float*>(out);
+    for (int gi = 0; gi < ng; ++gi) {
+      const float sc = scale[s * ng + gi], z = zero ? zero[s * ng + gi] : 0.f;
+      for (int c = gi * group; c < (gi + 1) * group; ++c) o[c] = o[c] * sc + z;
     }
   }
 };
@@ -150,6 +155,27 @@ struct Rows {
 // r[i] = sum of the 16 lanes of x[i], i < 16: a tree of shuffles and adds (4 levels, halving the lanes
 // per vector and pairing vectors), ~3 instructions per vector instead of a horizontal sum each.
 inline v16f hsum16(const v16f* x) {
+#if !defined(__AVX512F__)  // 8-float registers: halves added, then the tree on 8-lane vectors (two-register
+  // shuffles of 16 lanes are not single instructions there)
+  typedef float v8f __attribute__((vector_size(32)));
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8i l1 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = l1 + 4, l2 = {0, 1, 8, 9, 4, 5, 12, 13}, h2 = l2 + 2;
+  const v8i l3 = {0, 8, 2, 10, 4, 12, 6, 14}, h3 = l3 + 1, rev = {0, 4, 2, 6, 1, 5, 3, 7};
+  float out[16];
+  for (int half = 0; half < 2; ++half) {
+    v8f h[8], y[4], z[2];
+    for (int i = 0; i < 8; ++i) {
+      v8f a[2];
+      std::memcpy(a, &x[8 * half + i], 64);
+      h[i] = a[0] + a[1];
+    }
+    for (int i = 0; i < 4; ++i) y[i] = __builtin_shuffle(h[2 * i], h[2 * i + 1], l1) + __builtin_shuffle(h[2 * i], h[2 * i + 1], h1);
+    for (int i = 0; i < 2; ++i) z[i] = __builtin_shuffle(y[2 * i], y[2 * i + 1], l2) + __builtin_shuffle(y[2 * i], y[2 * i + 1], h2);
+    const v8f r = __builtin_shuffle(__builtin_shuffle(z[0], z[1], l3) + __builtin_shuffle(z[0], z[1], h3), rev);
+    std::memcpy(out + 8 * half, &r, 32);
+  }
+  return load<v16f>(out);
+#else
   const v16i lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
   const v16i hi1 = lo1 + 8;
   const v16i lo2 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
@@ -165,6 +191,7 @@ inline v16f hsum16(const v16f* x) {
   for (int i = 0; i < 2; ++i) w[i] = __builtin_shuffle(z[2 * i], z[2 * i + 1], lo3) + __builtin_shuffle(z[2 * i], z[2 * i + 1], hi3);
   const v16f r = __builtin_shuffle(w[0], w[1], lo4) + __builtin_shuffle(w[0], w[1], hi4);
   return __builtin_shuffle(r, bitrev);  // r holds the sum of x[i] in lane bitrev(i)
+#endif
 }
 
 // exp(x) for x <= 0 and -inf (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial); 0 below -87.
@@ -231,11 +258,13 @@ void head(const float* q, const int32_t* qpos, const int32_t* pos, const Rows<NV
       }
       l[i] = l[i] * corr + sum;
       m[i] = mx;
-      v16f a[NV];
-      for (int j = 0; j < NV; ++j) a[j] = av[i * NV + j] * corr;
+      // float loops over a row (16 NV, a constant): vectorized at the machine's width (as 64-byte
+      // vectors, AVX2 code would go through the stack)
+      float* a = reinterpret_cast<float*>(av.data() + i * NV);
+      const float* vf = reinterpret_cast<const float*>(vt.data());
+      for (int c = 0; c < 16 * NV; ++c) a[c] *= corr;
       for (int t = 0; t < nt; ++t)
-        for (int j = 0; j < NV; ++j) a[j] += si[t] * vt[t * NV + j];
-      for (int j = 0; j < NV; ++j) av[i * NV + j] = a[j];
+        for (int c = 0; c < 16 * NV; ++c) a[c] += si[t] * vf[t * 16 * NV + c];
     }
   }
   for (int i = 0; i < mrows * NV; ++i) std::memcpy(acc + 16 * i, &av[i], 64);
