@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax import compile_cache, hub, interrupt, methods, recompress, sharding, timing, transmla
+from kvjax import clla, compile_cache, hub, interrupt, methods, recompress, sharding, timing, transmla
 from kvjax.methods import expected_attention_stats, kvsharer, palu, qfilter
 from kvjax.eval import command as eval_command
 from kvjax.hub import DEFAULT_MODEL, KNOWN_MODELS
@@ -118,10 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--group", type=int, default=1, help="KV heads per latent (1: per head; G-LRD groups)")
     mc = v_sub.add_parser("mla", help="TransMLA: GQA to multi-head latent attention (RoRoPE + balanced K/V PCA; "
                                        "arXiv 2502.07864); the result is a DeepSeek-format model with an MLA cache")
-    mc.add_argument("--kv-rank", type=int, required=True, help="latent rank (DeepSeek's kv_lora_rank)")
-    mc.add_argument("--rope-dim", type=int, default=None,
-                    help="RoPE dims of the shared key, a multiple of the head dim (default: one head dim)")
-    for conversion in (pc, mc):
+    lc = v_sub.add_parser("clla", help="CLLA: TransMLA, then groups of adjacent layers share one latent (fitted "
+                                        "up-projections; arXiv 2410.15252); int4 with --quant per_token-4")
+    for conversion in (mc, lc):
+        conversion.add_argument("--kv-rank", type=int, required=True, help="latent rank (DeepSeek's kv_lora_rank)")
+        conversion.add_argument("--rope-dim", type=int, default=None,
+                                help="RoPE dims of the shared key, a multiple of the head dim (default: one head dim)")
+    lc.add_argument("--group", type=int, default=2, help="adjacent layers sharing one latent")
+    lc.add_argument("--layers", default="all", help="'all' (default), 'deep' (the deep half) or FIRST,END")
+    lc.add_argument("--remainder", choices=["own", "short"], default=None,
+                    help="when --group does not divide the layers: the leftover layers keep their own latent "
+                         "(own) or form a smaller group (short)")
+    for conversion in (pc, mc, lc):
         conversion.add_argument("--model", default=DEFAULT_MODEL)
         conversion.add_argument("--calib", type=Path, default=None,
                                 help="calibration text file (default: generated prose)")
@@ -337,14 +345,22 @@ def _fields(cls, skip: str = "") -> str:
 
 
 def _convert(args) -> None:
-    """`kvjax convert palu | mla`: checks first, then calibrate and write the directory."""
-    if args.convert_command == "mla":
+    """`kvjax convert palu | mla | clla`: checks first, then calibrate and write the directory."""
+    if args.convert_command in ("mla", "clla"):
         lm = kvjax.load(args.model, dtype=args.dtype)
         rope_dim = args.rope_dim or getattr(lm.cfg, "head_dim", 0)
         transmla.check(lm.cfg, args.kv_rank, rope_dim)
+        if args.convert_command == "clla":
+            layers = args.layers if args.layers in ("all", "deep") else tuple(int(x) for x in args.layers.split(","))
+            route = clla.route_of(lm.cfg, args.group, layers, args.remainder)
         ids = palu.calibration_ids(lm, None if args.calib is None else str(args.calib), args.calib_tokens)
-        out = transmla.save(args.out, lm, ids, args.kv_rank, rope_dim)
-        print(f"wrote {out}: {lm.name} as MLA (latent rank {args.kv_rank}, RoPE dims {rope_dim}); use --model {out}")
+        if args.convert_command == "mla":
+            out = transmla.save(args.out, lm, ids, args.kv_rank, rope_dim)
+            print(f"wrote {out}: {lm.name} as MLA (latent rank {args.kv_rank}, RoPE dims {rope_dim}); use --model {out}")
+            return
+        out = clla.save(args.out, lm, ids, args.kv_rank, rope_dim, args.group, layers, args.remainder)
+        print(f"wrote {out}: {lm.name} as CLLA (latent rank {args.kv_rank}, RoPE dims {rope_dim}, "
+              f"{len(set(route))} latents for {len(route)} layers); use --model {out} [--quant per_token-4]")
         return
     method = palu.Palu(group=args.group, rank_k=args.rank, rank_v=args.rank_v or args.rank, calib=args.calib,
                        calib_tokens=args.calib_tokens)

@@ -32,6 +32,7 @@ dims, P = m D RoPE dims, r = kv_rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -93,76 +94,144 @@ def interleave(d: int) -> np.ndarray:
     return np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
 
 
-def convert_layer(attn: dict, s: np.ndarray, cfg, kv_rank: int, rope_dim: int) -> dict:
-    """One layer's Llama attention params {q_proj, k_proj, v_proj, o_proj} and moment s [2KD, 2KD] ->
-    DeepSeek MLA attention params {q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj} (module docstring)."""
-    h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    g_size, kd, m = h // k, k * d, rope_dim // d
-    w_q, w_k, w_v = (np.asarray(attn[n]["kernel"], np.float64) for n in ("q_proj", "k_proj", "v_proj"))
+@dataclasses.dataclass(frozen=True)
+class LayerMaps:
+    """One layer's conversion as linear maps of u = [k_pre; v], 2KD numbers (a token's pre-RoPE keys and values,
+    KV heads head-major; row vectors, x @ [W_k | W_v] = u), float64.
+
+    Attributes:
+      u_f: [D/2, K, K] RoRoPE's rotation per frequency.
+      weights: [N + KD]: z = (u @ target) * weights = [alpha k~_nope; v], the balanced keys and values.
+      basis: [N + KD, r]: the latent c = z @ basis (applied in this order: alpha may be huge where the
+        NoPE keys are ~0, and folding it into the maps would lose them to cancellation).
+      rope_key: [2KD, P]: the shared key before RoPE, in DeepSeek's interleaved order.
+      target: [2KD, N + KD]: y = [rotated NoPE keys; values], what `up` reconstructs from the latent.
+      up: [r, N + KD]: y ~ c @ up (the NoPE-key columns are shared by every head; each head reads its
+        group's D value columns).
+    """
+
+    u_f: np.ndarray
+    weights: np.ndarray
+    basis: np.ndarray
+    rope_key: np.ndarray
+    target: np.ndarray
+    up: np.ndarray
+
+
+def layer_maps(s: np.ndarray, cfg, kv_rank: int, rope_dim: int) -> LayerMaps:
+    """RoRoPE and balanced KV PCA (module docstring) of one layer from its moment s [2KD, 2KD] of u."""
+    k, d = cfg.n_kv_heads, cfg.head_dim
+    kd, m = k * d, rope_dim // d
+    n = kd - m * d
     u_f = rotations(s[:kd, :kd], k, d)
     t = key_rotation(u_f, k, d)
     rope, nope = slice(0, m * d), slice(m * d, kd)
-    w_kt = w_k @ t.T  # x -> rotated keys [E, KD]
-    # balanced PCA of z = [alpha k~_nope; v]
-    mix = np.zeros((kd - m * d + kd, 2 * kd))
     s_t = t @ s[:kd, :kd] @ t.T
     alpha = np.sqrt(np.trace(s[kd:, kd:]) / max(np.trace(s_t[nope, nope]), 1e-30)) if m < k else 1.0
-    mix[: kd - m * d, :kd] = alpha * t[nope]
-    mix[kd - m * d:, kd:] = np.eye(kd)
-    w, vecs = np.linalg.eigh(mix @ s @ mix.T)
+    target = np.zeros((2 * kd, n + kd))  # u -> [t[nope] k; v]
+    target[:kd, :n] = t[nope].T
+    target[kd:, n:] = np.eye(kd)
+    weights = np.concatenate([np.full(n, alpha), np.ones(kd)])  # u -> z = [alpha k~_nope; v]
+    balanced = target * weights
+    w, vecs = np.linalg.eigh(balanced.T @ s @ balanced)
     p = vecs[:, ::-1][:, :kv_rank]  # [N + KD, r]
-    n = kd - m * d
-    w_down = np.concatenate([alpha * w_kt[:, nope], w_v], axis=1) @ p  # [E, r]
-    w_krope = w_kt[:, rope]
     order = np.concatenate([j * d + interleave(d) for j in range(m)])
-    w_krope = w_krope[:, order]
-    w_uk = p[:n].T / alpha  # [r, N], shared by every head
-    heads_q, heads_b = [], []
+    rope_key = np.zeros((2 * kd, rope_dim))
+    rope_key[:kd] = t.T[:, rope][:, order]
+    return LayerMaps(u_f=u_f, weights=weights, basis=p, rope_key=rope_key, target=target,
+                     up=np.concatenate([p[:n].T / alpha, p[n:].T], axis=1))
+
+
+def query_heads(w_q: np.ndarray, maps: LayerMaps, cfg, rope_dim: int) -> np.ndarray:
+    """q_proj [E, H (N + P)] of the converted layer from the Llama q_proj w_q [E, HD]: per head [q_nope of
+    the NoPE rotated heads; q_rope in interleaved order], pre-multiplied by sqrt(K) (module docstring)."""
+    h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    g_size, kd, m = h // k, k * d, rope_dim // d
+    order = np.concatenate([j * d + interleave(d) for j in range(m)])
+    heads = []
     for head in range(h):
         g = head // g_size
         wq = w_q[:, head * d:(head + 1) * d]  # [E, D]
         # q~_{h,i}[e] = U_{f(e)}[g, i] q_h[e]
-        scale = np.stack([u_f[e % (d // 2)][g, :] for e in range(d)], axis=1)  # [K (i), D (e)]
+        scale = np.stack([maps.u_f[e % (d // 2)][g, :] for e in range(d)], axis=1)  # [K (i), D (e)]
         wqt = (wq[:, None, :] * scale[None]).reshape(-1, kd) * np.sqrt(k)  # [E, KD] rotated-head-major
-        heads_q.append(np.concatenate([wqt[:, nope], wqt[:, rope][:, order]], axis=1))  # [E, N + P]
-        heads_b.append(np.concatenate([w_uk, p[n + g * d: n + (g + 1) * d].T], axis=1))  # [r, N + D]
-    dt = np.asarray(attn["q_proj"]["kernel"]).dtype
-    as_dt = lambda x: jnp.asarray(x, dt)  # noqa: E731
-    return {"q_proj": {"kernel": as_dt(np.concatenate(heads_q, axis=1))},
-            "kv_a_proj_with_mqa": {"kernel": as_dt(np.concatenate([w_down, w_krope], axis=1))},
-            "kv_b_proj": as_dt(np.concatenate(heads_b, axis=1)),
-            "o_proj": {"kernel": jnp.asarray(attn["o_proj"]["kernel"])}}
+        heads.append(np.concatenate([wqt[:, m * d:], wqt[:, :m * d][:, order]], axis=1))  # [E, N + P]
+    return np.concatenate(heads, axis=1)
+
+
+def up_heads(up: np.ndarray, cfg, rope_dim: int) -> np.ndarray:
+    """kv_b_proj [r, H (N + D)] from `LayerMaps.up` [r, N + KD]: per head the shared NoPE-key columns and
+    its group's value columns."""
+    h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    n = k * d - rope_dim
+    return np.concatenate([np.concatenate([up[:, :n], up[:, n + (i // (h // k)) * d: n + (i // (h // k) + 1) * d]],
+                                          axis=1) for i in range(h)], axis=1)
+
+
+def convert_layer(attn: dict, s: np.ndarray, cfg, kv_rank: int, rope_dim: int) -> dict:
+    """One layer's Llama attention params {q_proj, k_proj, v_proj, o_proj} and moment s [2KD, 2KD] ->
+    DeepSeek MLA attention params {q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj} (module docstring)."""
+    maps = layer_maps(s, cfg, kv_rank, rope_dim)
+    w_q, w_k, w_v = (np.asarray(attn[n]["kernel"], np.float64) for n in ("q_proj", "k_proj", "v_proj"))
+    w_kv = np.concatenate([w_k, w_v], axis=1)  # x -> u
+    return layer_params(attn, query_heads(w_q, maps, cfg, rope_dim), up_heads(maps.up, cfg, rope_dim),
+                        np.concatenate([((w_kv @ maps.target) * maps.weights) @ maps.basis,
+                                        w_kv @ maps.rope_key], axis=1))
+
+
+def layer_params(attn: dict, q_proj, kv_b_proj, kv_a_proj=None) -> dict:
+    """The converted layer's attention params in the dtype of `attn` (the Llama layer's), o_proj kept;
+    without `kv_a_proj` a layer that reads another's latent (CLLA)."""
+    as_dt = lambda x: jnp.asarray(x, np.asarray(attn["q_proj"]["kernel"]).dtype)  # noqa: E731
+    out = {"q_proj": {"kernel": as_dt(q_proj)}, "kv_b_proj": as_dt(kv_b_proj),
+           "o_proj": {"kernel": jnp.asarray(attn["o_proj"]["kernel"])}}
+    if kv_a_proj is not None:
+        out["kv_a_proj_with_mqa"] = {"kernel": as_dt(kv_a_proj)}
+    return out
+
+
+def mla_config(cfg, kv_rank: int, rope_dim: int, **kw) -> DeepSeekConfig:
+    """The DeepSeek config of a Llama-family `cfg` converted to MLA (`kw`: more fields, e.g. CLLA's route)."""
+    m = rope_dim // cfg.head_dim
+    return DeepSeekConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                          d_ff=cfg.d_ff, kv_lora_rank=kv_rank, qk_nope_head_dim=(cfg.n_kv_heads - m) * cfg.head_dim,
+                          qk_rope_head_dim=rope_dim, v_head_dim=cfg.head_dim, rms_eps=cfg.rms_eps,
+                          rope_theta=cfg.rope_theta, max_positions=cfg.max_positions,
+                          tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype, latent_norm=False,
+                          rope_period=cfg.head_dim if m > 1 else None, **kw)
+
+
+def with_attention(params: dict, layer: int, attn: dict) -> dict:
+    """`params` with layer `layer`'s attention params replaced (the rest shared, not copied)."""
+    block = dict(params[f"layers_{layer}"])
+    block["attn"] = attn
+    return {**params, f"layers_{layer}": block}
 
 
 def convert(lm, ids: np.ndarray, kv_rank: int, rope_dim: int):
     """(DeepSeekConfig, params) of `lm` (a Llama-family `LM`) converted to MLA on calibration ids [n, T]."""
-    cfg = lm.cfg
-    check(cfg, kv_rank, rope_dim)
-    m = rope_dim // cfg.head_dim
-    new = DeepSeekConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                         d_ff=cfg.d_ff, kv_lora_rank=kv_rank, qk_nope_head_dim=(cfg.n_kv_heads - m) * cfg.head_dim,
-                         qk_rope_head_dim=rope_dim, v_head_dim=cfg.head_dim, rms_eps=cfg.rms_eps,
-                         rope_theta=cfg.rope_theta, max_positions=cfg.max_positions,
-                         tie_embeddings=cfg.tie_embeddings, dtype=cfg.dtype, latent_norm=False,
-                         rope_period=cfg.head_dim if m > 1 else None)
+    check(lm.cfg, kv_rank, rope_dim)
     params = dict(lm.params)
     for i, s in enumerate(kv_moments(lm, ids)):
-        layer = dict(params[f"layers_{i}"])
-        layer["attn"] = convert_layer(layer["attn"], s, cfg, kv_rank, rope_dim)
-        params[f"layers_{i}"] = layer
-    return new, params
+        params = with_attention(params, i, convert_layer(params[f"layers_{i}"]["attn"], s, lm.cfg, kv_rank, rope_dim))
+    return mla_config(lm.cfg, kv_rank, rope_dim), params
+
+
+def write(out_dir, cfg: DeepSeekConfig, params: dict, settings: dict) -> Path:
+    """Write a converted model (`cfg`, `params`) and its `settings` (method "mla": `kvjax.load` opens it)."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
+    save_flat(str(out / WEIGHTS), flat, cfg)
+    (out / "settings.json").write_text(json.dumps(dict(method="mla", **settings), indent=1))
+    return out
 
 
 def save(out_dir, lm, ids: np.ndarray, kv_rank: int, rope_dim: int) -> Path:
     """`kvjax convert mla`: convert and write the model and its settings to `out_dir`."""
     cfg, params = convert(lm, ids, kv_rank, rope_dim)
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
-    save_flat(str(out / WEIGHTS), flat, cfg)
-    (out / "settings.json").write_text(json.dumps(dict(method="mla", model=lm.name, kv_rank=kv_rank, rope_dim=rope_dim,
-                                                       calib_tokens=int(ids.size)), indent=1))
-    return out
+    return write(out_dir, cfg, params, dict(model=lm.name, kv_rank=kv_rank, rope_dim=rope_dim,
+                                            calib_tokens=int(ids.size)))
 
 
 def converted(path) -> dict | None:
@@ -175,4 +244,5 @@ def load_converted(path, dtype: str):
     return load_flat(str(Path(path).expanduser() / WEIGHTS), dtype)
 
 
-__all__ = ["check", "convert", "save", "converted", "load_converted", "rotations", "key_rotation", "interleave"]
+__all__ = ["check", "convert", "save", "write", "converted", "load_converted", "rotations", "key_rotation", "interleave",
+           "LayerMaps", "layer_maps", "query_heads", "up_heads", "layer_params", "mla_config", "with_attention"]

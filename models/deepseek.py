@@ -43,7 +43,7 @@ import numpy as np
 from kvjax.models.decoder import decoder_stack
 from kvjax.models.llama import RMSNorm
 from kvjax.observe import ObsSpec, observe_chunk
-from kvjax.states.cache import KVCache
+from kvjax.states.cache import KVCache, check_route
 
 HF_ARCHITECTURES = ("DeepseekV2ForCausalLM",)
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -87,12 +87,18 @@ class DeepSeekConfig:
     # model's frequencies theta^(-2i/rope_period) (several rotated heads kept positional).
     latent_norm: bool = True
     rope_period: int | None = None
+    # CLLA (`kvjax convert clla`): layer i reads the latent (and RoPE key) of layer latent_route[i], its group's
+    # producer; a consumer layer has no down-projection and stores nothing. None: every layer its own latent.
+    latent_route: tuple | None = None
 
     kv_layout: ClassVar[str] = "mla"  # the empty cache is `MLAKV` latents (`kvjax.states.cache.model_cache`)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, list):  # from JSON
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        if self.latent_route is not None:
+            object.__setattr__(self, "latent_route", tuple(int(r) for r in self.latent_route))
+            check_route(self.latent_route, self.n_layers)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if self.rope_period is not None and (self.rope_period % 2 or self.qk_rope_head_dim % self.rope_period
@@ -136,13 +142,19 @@ class DeepSeekConfig:
     def rope_for(self, layer: int) -> tuple[float, tuple | None]:
         return self.rope_theta, self.rope_scaling
 
+    def writes_latent(self, layer: int) -> bool:
+        """Whether `layer` computes and stores its own latent (False: a CLLA consumer, `latent_route`)."""
+        return self.latent_route is None or self.latent_route[layer] == layer
+
     def is_moe(self, layer: int) -> bool:
         """DeepSeek's rule: routed experts from layer `first_k_dense_replace` on, every `moe_layer_freq`."""
         return bool(self.n_routed_experts) and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes one token occupies in a full-precision MLA cache, over all layers: (R + P) numbers a layer."""
-        return self.n_layers * self.head_dim * np.dtype(self.jnp_dtype).itemsize
+        """Bytes one token occupies in a full-precision MLA cache, over all layers that store a latent:
+        (R + P) numbers a layer."""
+        stored = sum(self.writes_latent(i) for i in range(self.n_layers))
+        return stored * self.head_dim * np.dtype(self.jnp_dtype).itemsize
 
     def replace(self, **kw) -> "DeepSeekConfig":
         return dataclasses.replace(self, **kw)

@@ -88,12 +88,13 @@ def regroup(cfg: DeepSeekConfig, tensors: Iterable[tuple[str, np.ndarray]]) -> I
 def expected_keys(cfg: DeepSeekConfig) -> set[str]:
     keys = {"embed/embedding", "final_norm/scale"} | ({"lm_head/kernel"} if not cfg.tie_embeddings else set())
     for i in range(cfg.n_layers):
-        attn = ["attn/kv_a_proj_with_mqa/kernel", "attn/kv_b_proj", "attn/o_proj/kernel"]
-        attn += ["attn/kv_a_layernorm/scale"] if cfg.latent_norm else []
+        writes = cfg.writes_latent(i)  # a CLLA consumer has no down-projection (it reads its producer's latent)
+        attn = ["attn/kv_b_proj", "attn/o_proj/kernel"] + (["attn/kv_a_proj_with_mqa/kernel"] if writes else [])
+        attn += ["attn/kv_a_layernorm/scale"] if cfg.latent_norm and writes else []
         attn += (["attn/q_proj/kernel"] if cfg.q_lora_rank is None else
                  ["attn/q_a_proj/kernel", "attn/q_a_layernorm/scale", "attn/q_b_proj/kernel"])
         if cfg.attention_bias:
-            attn += ["attn/kv_a_proj_with_mqa/bias", "attn/o_proj/bias"]
+            attn += ["attn/o_proj/bias"] + (["attn/kv_a_proj_with_mqa/bias"] if writes else [])
             attn += ["attn/q_a_proj/bias"] if cfg.q_lora_rank is not None else []
         if cfg.is_moe(i):
             mlp = ["moe/gate", "moe/experts_gate_proj", "moe/experts_up_proj", "moe/experts_down_proj"]

@@ -86,7 +86,7 @@ def test_kvjax_train_distill_command_and_bad_input(setup, tmp_path, capsys):
     assert main(["train", "distill", "--student", str(root / "model"), "--steps", "1", "--out", str(tmp_path / "r2")]) == 2
     assert "not a converted model directory" in capsys.readouterr().err
     assert main(["train", "cla", "--student", str(root / "palu"), "--steps", "1", "--out", str(tmp_path / "r3")]) == 2
-    assert "--student / --teacher are for `kvjax train distill`" in capsys.readouterr().err
+    assert "--student / --teacher / --fake-quant are for `kvjax train distill`" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher and student vocabularies differ"):
         dataclasses.replace(task, teacher_cfg=teacher.cfg.replace(vocab_size=teacher.cfg.vocab_size + 1))
 

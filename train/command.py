@@ -78,9 +78,11 @@ def add_parser(sub) -> None:
     t.add_argument("--context", type=int, default=512, help="kvzap: tokens per text window")
     t.add_argument("--sample", type=int, default=256, help="kvzap: tokens drawn from each window as training rows")
     t.add_argument("--student", default=None,
-                   help="distill: the converted model to heal (`kvjax convert palu|mla --out`)")
+                   help="distill: the converted model to heal (`kvjax convert palu|mla|clla --out`)")
     t.add_argument("--teacher", default=None, help="distill: the teacher (default: the student's base model; the "
                                                    "same vocabulary)")
+    t.add_argument("--fake-quant", default=None, help="distill: an MLA student's latents trained through this "
+                                                      "quantizer's round trip (straight-through), e.g. per_token-4")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -109,8 +111,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--cache-fraction searches MatryoshkaKV ranks: it applies to `kvjax train matryoshka` only")
     if args.cache_fraction is not None and not 1 / args.n_levels <= args.cache_fraction <= 1:
         raise ValueError(f"--cache-fraction must be in [1/{args.n_levels}, 1], got {args.cache_fraction}")
-    if (args.student is not None or args.teacher is not None) != (args.method == "distill"):
-        raise ValueError("--student / --teacher are for `kvjax train distill`, which needs --student")
+    distill_only = (args.student, args.teacher, args.fake_quant)
+    if any(a is not None for a in distill_only) != (args.method == "distill"):
+        raise ValueError("--student / --teacher / --fake-quant are for `kvjax train distill`, which needs --student")
     converted = args.student and (palu.converted(args.student) or transmla.converted(args.student))
     if args.method == "distill" and not converted:
         raise ValueError(f"--student {args.student}: not a converted model directory (`kvjax convert palu|mla --out`)")
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
         if args.method == "distill":
             teacher = kvjax.load(args.teacher or converted["model"], dtype=args.dtype)
             task = DistillTask(lm.cfg, model_name=args.student, student_method=lm.method, teacher=teacher.name,
-                               teacher_cfg=None if teacher.cfg == lm.cfg else teacher.cfg)
+                               teacher_cfg=None if teacher.cfg == lm.cfg else teacher.cfg, fake_quant=args.fake_quant)
             backbone = {"student": lm.params, "teacher": teacher.params}
         elif args.method == "locret":
             task = LocretTask(lm.cfg, model_name=args.model, hidden=1024 if args.hidden is None else args.hidden,

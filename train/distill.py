@@ -13,6 +13,7 @@ positions of KL(teacher || student) (Hinton et al. 2015, T = 1); the student's C
     kvjax eval ppl --model runs/palu16-healed          # the healed model with its Palu cache
     kvjax convert mla --model smollm2-135m --kv-rank 128 --out runs/mla128
     kvjax train distill --student runs/mla128 --steps 100 --out runs/mla128-healed
+    kvjax train distill --student runs/clla --fake-quant per_token-4 --steps 100 --out runs/clla-int4
 
 `kvjax.load(OUT)` opens the result: the student directory's model with the newest checkpoint's
 projections (`load_healed`).
@@ -26,11 +27,12 @@ from typing import ClassVar
 
 import jax
 
-from kvjax import pipeline
+from kvjax import pipeline, quantizers
 from kvjax.checkpoints import model_id
 from kvjax.methods.crosslayer import merge_healed
 from kvjax.methods.palu import Palu
 from kvjax.models.config import LlamaConfig
+from kvjax.states.mla import mla_cache
 from kvjax.train.matryoshka import cross_entropy, kl_divergence
 
 # the attention projections X-EcoMLA heals: a Llama-family student's, an MLA student's
@@ -46,6 +48,9 @@ class DistillTask:
         record it with a hash of `cfg`).  student_method: its cache method (`Palu` with its checkpoint), or
         None for a model with its own latent cache (an MLA conversion).
       teacher: the teacher's name.  teacher_cfg: its config (None: `cfg`, the student's base).
+      fake_quant: None, or a quantizer spec an MLA student's cache fake-quantizes its latents with (a
+        straight-through round trip, `kvjax.states.mla.MLAKV.fake_quant`): training for the quantized
+        cache it will run with (CLLA's int4 latent, `kvjax.clla`).
     The backbone is {"student": the base model's params, "teacher": the teacher's}.
     """
 
@@ -54,6 +59,7 @@ class DistillTask:
     student_method: Palu | None
     teacher: str
     teacher_cfg: LlamaConfig | None = None
+    fake_quant: str | None = None
     name: ClassVar[str] = "distill"
 
     def __post_init__(self):
@@ -63,9 +69,15 @@ class DistillTask:
                              "tokens): distillation compares their next-token distributions")
         if self.student_method is not None:
             self.student_method.check(self.cfg)
+        if self.fake_quant is not None:
+            if getattr(self.cfg, "kv_layout", "dense") != "mla":
+                raise ValueError("--fake-quant trains an MLA student's latents for a quantized cache; this student "
+                                 "is not an MLA model (`kvjax convert mla|clla`)")
+            quantizers.get(self.fake_quant).for_model(self.cfg)  # a bad spec or width fails here
 
     def meta(self) -> dict:
-        return {"method": self.name, "model": model_id(self.model_name, self.cfg)}
+        out = {"method": self.name, "model": model_id(self.model_name, self.cfg)}
+        return out if self.fake_quant is None else {**out, "fake_quant": self.fake_quant}
 
     def init(self, backbone, calib_tokens) -> tuple[dict, dict]:
         """(params: every layer's attention projections, from the student's base; const: the cache's bases)."""
@@ -82,8 +94,12 @@ class DistillTask:
     def student_logits(self, params, const, student, x):
         """Logits [B, T, V] of the student (the healed projections merged into its base) over its cache."""
         b, t = x.shape
-        cache = None if self.student_method is None else self.student_method.cache(self.cfg, const["uk"], const["uv"],
-                                                                                  b, t)
+        if self.fake_quant is not None:
+            cache = mla_cache(self.cfg, b, t, fake_quant=quantizers.get(self.fake_quant).for_model(self.cfg))
+        elif self.student_method is not None:
+            cache = self.student_method.cache(self.cfg, const["uk"], const["uv"], b, t)
+        else:
+            cache = None
         return pipeline.forward(merge_healed(student, params), self.cfg, x, cache)[0]
 
     def loss(self, params, const, backbone, tokens, key):

@@ -169,29 +169,29 @@ def calibration_ids(lm, calib: str | None, tokens: int) -> np.ndarray:
     return np.asarray(ids[: n * window], np.int32).reshape(n, window)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _window_moments(params, tokens, *, cfg):
-    """Per layer, float32 [2KD, 2KD]: sum over the tokens [B, T] of u u^T, u = [k_pre; v] (head-major)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "pairs"))
+def _window_moments(params, tokens, *, cfg, pairs):
+    """Per pair (a, b) of layers, float32 [2KD, 2KD]: sum over the tokens [B, T] of u_a u_b^T, u_i =
+    [k_pre; v] of layer i (head-major)."""
     b, t = tokens.shape
     kd = cfg.n_kv_heads * cfg.head_dim
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     _, state = model_for(cfg)(cfg).apply({"params": params}, tokens, positions, model_cache(cfg, b, t),
                                          mutable=["intermediates"])
-    out = []
-    for i in range(cfg.n_layers):
-        u = state["intermediates"][f"layers_{i}"]["attn"]["qkv"][0][..., -2 * kd:].astype(jnp.float32)
-        u = u.reshape(-1, 2 * kd)
-        out.append(u.T @ u)
-    return out
+    u = [state["intermediates"][f"layers_{i}"]["attn"]["qkv"][0][..., -2 * kd:].astype(jnp.float32).reshape(-1, 2 * kd)
+         for i in range(cfg.n_layers)]
+    return [u[a].T @ u[c] for a, c in pairs]
 
 
-def kv_moments(lm, ids: np.ndarray) -> list[np.ndarray]:
+def kv_moments(lm, ids: np.ndarray, pairs=None) -> list[np.ndarray]:
     """Per layer, float64 [2KD, 2KD]: the second moment of u = [k_pre; v] (pre-RoPE keys then values, KV
-    heads head-major) over the windows ids [n, T], one forward per window (Palu's bases, TransMLA)."""
+    heads head-major) over the windows ids [n, T], one forward per window (Palu's bases, TransMLA); with
+    `pairs` ((a, b), ...), the cross moments sum u_a u_b^T of those pairs of layers instead (CLLA's fits)."""
+    pairs = tuple((i, i) for i in range(lm.cfg.n_layers)) if pairs is None else tuple(map(tuple, pairs))
     total = None
     for window in ids:
         m = [np.asarray(x, np.float64) for x in jax.device_get(_window_moments(lm.params, jnp.asarray(window[None]),
-                                                                                cfg=lm.cfg))]
+                                                                                cfg=lm.cfg, pairs=pairs))]
         total = m if total is None else [a + b for a, b in zip(total, m)]
     return total
 

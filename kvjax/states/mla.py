@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from kvjax.attention import online_attention, score_block, slot_blocks
 from kvjax.states.base import StoreBacked
-from kvjax.states.cache import KVCache, register_layout
+from kvjax.states.cache import KVCache, register_layout, route_share
 from kvjax.states.dense import DenseKV, QuantKV
 
 
@@ -58,14 +58,20 @@ class MLAKV(StoreBacked):
     Attributes:
       store: `DenseKV` with k = k^R [B, K, S, P] (post-RoPE shared key) and v = c [B, K, S, R]
         (normalized latent), or the same stored quantized (`QuantKV`).
+      fake_quant: static; None, or a quantizer whose round trip (quantize, dequantize) `append` applies to
+        what it stores, with a straight-through gradient (identity backward, Bengio et al. 2013): training
+        against the numbers an int4 latent will hold (CLLA's int4 latent, arXiv 2410.15252).
     """
 
     store: DenseKV | QuantKV
+    fake_quant: object = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
-    def init(cls, batch: int, capacity: int, rank: int, rope_dim: int, dtype, n_latent: int = 1) -> "MLAKV":
+    def init(cls, batch: int, capacity: int, rank: int, rope_dim: int, dtype, n_latent: int = 1,
+             fake_quant=None) -> "MLAKV":
         """An empty state of `capacity` slots per row: latent rank R = `rank`, RoPE key dims P = `rope_dim`."""
-        return cls(store=DenseKV.init(batch, n_latent, capacity, rope_dim, dtype, value_dim=rank))
+        return cls(store=DenseKV.init(batch, n_latent, capacity, rope_dim, dtype, value_dim=rank),
+                   fake_quant=fake_quant)
 
     # ------------------------------------------------------------------------ what scorers read
     @property
@@ -94,6 +100,8 @@ class MLAKV(StoreBacked):
     def append(self, k, v, pos, n_valid, features=None) -> "MLAKV":
         """Write T tokens: k = k^R [B, K, T, P] (post-RoPE shared key), v = c [B, K, T, R] (normalized
         latent), pos int32 [B, T], n_valid int32 [B]."""
+        if self.fake_quant is not None:
+            k, v = fake_quantized(self.fake_quant, k, v, pos)
         return dataclasses.replace(self, store=self.store.append(k, v, pos, n_valid))
 
     # ----------------------------------------------------------------------------------- reading
@@ -162,11 +170,27 @@ class MLAKV(StoreBacked):
         return dataclasses.replace(self, store=self.store.quantize(quantizer, tokens, room))
 
 
-def mla_cache(cfg, batch: int, capacity: int, attention_impl: str = "xla") -> KVCache:
-    """An empty cache of `MLAKV` layers for a config with `kv_lora_rank` and `qk_rope_head_dim`."""
-    layers = tuple(MLAKV.init(batch, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.jnp_dtype)
-                   for _ in range(cfg.n_layers))
-    return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32), attention_impl=attention_impl)
+def fake_quantized(quantizer, k, v, pos):
+    """(k, v) [B, K, T, ...] replaced by their quantize-dequantize round trip under `quantizer` in the
+    forward pass, unchanged in the backward pass (straight-through estimator)."""
+    kpos = jnp.broadcast_to(pos[:, None, :], k.shape[:3])
+    k0, v0 = jax.lax.stop_gradient(k), jax.lax.stop_gradient(v)  # rounding has no derivative to trace
+    k_rt = quantizer.dequantize_keys(quantizer.quantize_keys(k0, kpos), kpos, k.dtype)
+    v_rt = quantizer.dequantize_values(quantizer.quantize_values(v0), v.dtype)
+    return k + (k_rt - k0), v + (v_rt - v0)
+
+
+def mla_cache(cfg, batch: int, capacity: int, attention_impl: str = "xla", fake_quant=None) -> KVCache:
+    """An empty cache of `MLAKV` layers for a config with `kv_lora_rank` and `qk_rope_head_dim`; with
+    `cfg.latent_route` (CLLA), one state per producer layer, read by its group (`KVCache.share`).
+    `fake_quant`: a quantizer (`Quantizer.for_model` done) each state fake-quantizes what it stores with
+    (training, `MLAKV.fake_quant`)."""
+    route = getattr(cfg, "latent_route", None)
+    share = None if route is None else route_share(route)
+    n_states = cfg.n_layers if share is None else len(set(share))
+    layers = tuple(MLAKV.init(batch, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.jnp_dtype,
+                              fake_quant=fake_quant) for _ in range(n_states))
+    return KVCache(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32), share=share, attention_impl=attention_impl)
 
 
 register_layout("mla", mla_cache)
