@@ -183,6 +183,8 @@ def test_union_of_observations_and_config_checks(lm):
     spec = runner.union_spec(runner.make_configs(METHODS, [0.5]))
     assert (spec.window, spec.col_sums, spec.qstats_from) == (64, True, 4)
     assert runner.union_spec([runner.Config("full")]) is None
+    # CriticalKV's output-projected value norms are recorded when any configuration needs them
+    assert runner.union_spec([runner.Config("snapkv", ratio=0.5), runner.Config("critical:snapkv", ratio=0.5)]).wov
     with pytest.raises(ValueError, match="different positions"):
         runner.union_spec([runner.Config("expected_attention", ratio=0.5),
                            runner.Config(kvjax.methods.ExpectedAttention(n_sink=8), ratio=0.5)])

@@ -118,7 +118,7 @@ def union_spec(configs: Sequence[Config]) -> ObsSpec | None:
                          "evaluate them in separate runs")
     return ObsSpec(window=max(s.window for s in specs), col_sums=any(s.col_sums for s in specs),
                    qstats_from=starts.pop() if starts else None, nc_chunk=chunks.pop() if chunks else 0,
-                   hidden=any(s.hidden for s in specs))
+                   wov=any(s.wov for s in specs), hidden=any(s.hidden for s in specs))
 
 
 # ------------------------------------------------------------------------------------ memory
