@@ -123,7 +123,7 @@ def convert(lm, ids: np.ndarray, kv_rank: int, rope_dim: int, group: int = 2, la
     for i, r in enumerate(route):
         attn = params[f"layers_{i}"]["attn"]
         if r == i:
-            new = transmla.convert_layer(attn, own[i], cfg, kv_rank, rope_dim)
+            new = transmla.mla_layer(attn, maps[i], cfg)
         else:
             q = transmla.query_heads(np.asarray(attn["q_proj"]["kernel"], np.float64), maps[i], cfg, rope_dim)
             g = fit_rope(own[r], cross[(r, i)], maps[r], maps[i], cfg.head_dim)

@@ -171,7 +171,12 @@ def up_heads(up: np.ndarray, cfg, rope_dim: int) -> np.ndarray:
 def convert_layer(attn: dict, s: np.ndarray, cfg, kv_rank: int, rope_dim: int) -> dict:
     """One layer's Llama attention params {q_proj, k_proj, v_proj, o_proj} and moment s [2KD, 2KD] ->
     DeepSeek MLA attention params {q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj} (module docstring)."""
-    maps = layer_maps(s, cfg, kv_rank, rope_dim)
+    return mla_layer(attn, layer_maps(s, cfg, kv_rank, rope_dim), cfg)
+
+
+def mla_layer(attn: dict, maps: LayerMaps, cfg) -> dict:
+    """The MLA attention params of a Llama layer's `attn` under its conversion `maps`."""
+    rope_dim = maps.rope_key.shape[1]
     w_q, w_k, w_v = (np.asarray(attn[n]["kernel"], np.float64) for n in ("q_proj", "k_proj", "v_proj"))
     w_kv = np.concatenate([w_k, w_v], axis=1)  # x -> u
     return layer_params(attn, query_heads(w_q, maps, cfg, rope_dim), up_heads(maps.up, cfg, rope_dim),
@@ -245,4 +250,4 @@ def load_converted(path, dtype: str):
 
 
 __all__ = ["check", "convert", "save", "write", "converted", "load_converted", "rotations", "key_rotation", "interleave",
-           "LayerMaps", "layer_maps", "query_heads", "up_heads", "layer_params", "mla_config", "with_attention"]
+           "LayerMaps", "layer_maps", "mla_layer", "query_heads", "up_heads", "layer_params", "mla_config", "with_attention"]
