@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -52,13 +53,23 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def _cpu() -> str:
+    """What `-march=native` compiles for: the CPU's flags (a cache shared by machines of other CPUs must
+    not hand one a library built for instructions it lacks)."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def build() -> Path:
     """The compiled library's path, compiling it first unless the cache holds it (RuntimeError if it fails)."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set $CXX or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, jaxlib.__version__]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, jaxlib.__version__, _cpu()]).encode()
+                         ).hexdigest()[:16]
     out = _cache() / key / "quant_attend.so"
     if out.exists():
         return out
